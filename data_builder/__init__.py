@@ -1,0 +1,1 @@
+"""Persona materials -> retrieval-augmented annotation -> persona dialogues and preference pairs."""

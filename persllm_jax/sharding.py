@@ -1,0 +1,118 @@
+"""Logical axis names -> mesh axes: the rules table, mesh construction and sharding helpers.
+
+Every parameter carries logical axis names (metadata `logical_axes`); activations are
+constrained by name too. One table below maps names to the mesh axes `data`, `fsdp`, `tensor`.
+Without an active mesh every constraint is a no-op, so the model runs unchanged on one device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or axes, or None = replicated)
+LOGICAL_RULES: dict[str, Any] = {
+    # parameters
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "layers": None,
+    "norm": None,
+    # activations
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+}
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor}: only one axis may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if known <= 0 or len(devices) % known:
+        raise ValueError(
+            f"mesh data={data} fsdp={fsdp} tensor={tensor} does not divide {len(devices)} devices"
+        )
+    sizes = [len(devices) // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh data x fsdp x tensor = {'x'.join(map(str, sizes))} = {math.prod(sizes)} "
+            f"but {len(devices)} devices are available"
+        )
+    device_grid = np.asarray(devices).reshape(sizes)
+    return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None
+) -> PartitionSpec:
+    """PartitionSpec for logical names; a dimension the mesh axes do not divide stays replicated."""
+    spec, used = [], set()
+    for i, name in enumerate(logical_axes):
+        target = LOGICAL_RULES.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used)
+        if mesh is not None:
+            axes = tuple(a for a in axes if mesh.shape[a] > 1)
+            if shape is not None and axes:
+                size = math.prod(mesh.shape[a] for a in axes)
+                if shape[i] % size:
+                    log.debug("dim %d (%s) of size %d not divisible by %s; replicated", i, name, shape[i], axes)
+                    axes = ()
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def param_logical_axes(variable: nnx.Variable, ndim: int) -> tuple:
+    """A variable's logical axes; stacked layer parameters get a leading 'layers' axis."""
+    axes = tuple(variable.get_metadata().get("logical_axes", ()))
+    if len(axes) == ndim - 1:
+        axes = ("layers",) + axes
+    if len(axes) != ndim:
+        raise ValueError(f"logical axes {axes} do not match a parameter of rank {ndim}")
+    return axes
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """A NamedSharding for every leaf of an (abstract) model state, from its logical axes."""
+
+    def to_sharding(variable):
+        value = variable.get_value() if hasattr(variable, "get_value") else variable.value
+        axes = param_logical_axes(variable, len(value.shape))
+        return variable.replace(NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh)))
+
+    return jax.tree.map(to_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def active_mesh():
+    """The mesh set with `jax.set_mesh`, or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty else mesh
+
+
+def constrain(x, logical_axes: Sequence[str | None]):
+    """Sharding constraint by logical names; does nothing when no mesh is active."""
+    mesh = active_mesh()
+    if mesh is None:
+        return x
+    spec = logical_to_spec(logical_axes, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)

@@ -1,0 +1,40 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="persllm-jax",
+    version="0.1.0",
+    description="PersLLM in JAX: persona data building, sharded SFT and DPO, Hugging Face export",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["persllm_jax", "persllm_jax.*", "data_builder", "data_builder.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.12",
+        "numpy",
+        "ml_dtypes",
+        "pyyaml",
+        "tqdm",
+        "transformers>=5.0",
+        "tokenizers",
+        "safetensors",
+        "matplotlib",
+        "tensorboardX",
+    ],
+    extras_require={
+        # GGUF import goes through transformers' PyTorch loader.
+        "gguf": ["torch==2.13.0", "gguf", "accelerate"],
+        "test": [
+            "torch==2.13.0",
+            "gguf",
+            "accelerate",
+            "pytest",
+            "pytest-timeout",
+            "ruff",
+        ],
+    },
+    entry_points={"console_scripts": ["persllm=persllm_jax.cli:main"]},
+)
