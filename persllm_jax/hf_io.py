@@ -246,6 +246,7 @@ def hf_tensors(state: nnx.State, cfg: ModelConfig):
 def write_safetensors(tensors, out_dir: Path, shard_bytes: int = SHARD_BYTES) -> list[str]:
     """Write tensors in shards of at most `shard_bytes`, each written as soon as it is full,
     with an index when there is more than one."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     written: list[tuple[Path, list[str]]] = []
     weight_sizes: dict[str, int] = {}
     pending: dict[str, np.ndarray] = {}

@@ -231,7 +231,9 @@ def load_model_dir(path: Path, mesh: Mesh | None = None, **model_options) -> tup
 # Export to Hugging Face.
 
 
-def save_pretrained(model: CausalLM, tokenizer, out_dir: str | Path) -> Path:
+def save_pretrained(
+    model: CausalLM, tokenizer, out_dir: str | Path, max_shard_bytes: int = hf_io.SHARD_BYTES
+) -> Path:
     """Write an HF model directory that transformers loads with no missing or unexpected weights:
     config.json, generation_config.json, safetensors (sharded past 2 GB), tokenizer + chat template.
     In a multi-process run every process must call this; process 0 writes."""
@@ -252,7 +254,7 @@ def save_pretrained(model: CausalLM, tokenizer, out_dir: str | Path) -> Path:
             pass
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    hf_io.write_safetensors(tensors, out_dir)
+    hf_io.write_safetensors(tensors, out_dir, max_shard_bytes)
     hf_config.save_pretrained(out_dir)
     transformers.GenerationConfig.from_model_config(hf_config).save_pretrained(out_dir)
     if tokenizer is not None:

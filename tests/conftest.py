@@ -1,0 +1,31 @@
+"""Test setup: 8 fake CPU devices, offline Hugging Face, shared model fixtures."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from tests import hf_fixtures  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    return hf_fixtures.smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct dequantized from the offline GGUF into an HF directory (once)."""
+    return hf_fixtures.gguf_to_hf_dir(hf_fixtures.smollm2_gguf_path(), tmp_path_factory.mktemp("smollm2_hf"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_hf_dir):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(smollm2_hf_dir)

