@@ -16,7 +16,9 @@ def _import_hf(args) -> None:
             raise SystemExit(f"--add-tokens needs a tokenizer, and {args.src} has none")
         model = tokens.add_special_tokens(model, tokenizer, args.add_tokens.split(","))
     out = loading.save_model_dir(model, tokenizer, args.out)
-    print(f"wrote {out} ({loading.count_params(model) / 1e6:.1f}M parameters, vocabulary {model.cfg.vocab_size})")
+    print(
+        f"wrote {out} ({loading.count_params(model) / 1e6:.1f}M parameters, vocabulary {model.cfg.vocab_size})"
+    )
 
 
 def _export_hf(args) -> None:
@@ -35,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("import-hf", help="HF directory or .gguf file -> persllm model directory")
     p.add_argument("src", help="HF model directory or .gguf file")
     p.add_argument("out", help="output persllm model directory")
-    p.add_argument("--add-tokens", default="", help='comma-separated special tokens, e.g. "<TIME-I>,<TIME-II>"')
+    p.add_argument(
+        "--add-tokens", default="", help='comma-separated special tokens, e.g. "<TIME-I>,<TIME-II>"'
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
     p.set_defaults(func=_import_hf)
 

@@ -51,7 +51,9 @@ def key_map(cfg: ModelConfig) -> list[KeyMapEntry]:
     entries = [KeyMapEntry(("embed",), "model.embed_tokens.weight")]
     layer = "model.layers.{layer}."
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        entries.append(KeyMapEntry(("layers", "attn", proj, "kernel"), f"{layer}self_attn.{proj}.weight", True))
+        entries.append(
+            KeyMapEntry(("layers", "attn", proj, "kernel"), f"{layer}self_attn.{proj}.weight", True)
+        )
         has_bias = cfg.o_bias if proj == "o_proj" else cfg.qkv_bias
         if has_bias:
             entries.append(KeyMapEntry(("layers", "attn", proj, "bias"), f"{layer}self_attn.{proj}.bias"))
@@ -60,7 +62,9 @@ def key_map(cfg: ModelConfig) -> list[KeyMapEntry]:
         if cfg.mlp_bias:
             entries.append(KeyMapEntry(("layers", "mlp", proj, "bias"), f"{layer}mlp.{proj}.bias"))
     entries.append(KeyMapEntry(("layers", "input_norm", "weight"), f"{layer}input_layernorm.weight"))
-    entries.append(KeyMapEntry(("layers", "post_attn_norm", "weight"), f"{layer}post_attention_layernorm.weight"))
+    entries.append(
+        KeyMapEntry(("layers", "post_attn_norm", "weight"), f"{layer}post_attention_layernorm.weight")
+    )
     entries.append(KeyMapEntry(("final_norm", "weight"), "model.norm.weight"))
     if not cfg.tie_word_embeddings:
         entries.append(KeyMapEntry(("lm_head",), "lm_head.weight", True))
@@ -89,6 +93,11 @@ class SafetensorsDir:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as err:
                 raise WeightMismatchError(f"{index}: not a valid safetensors index ({err})") from err
+            for filename in sorted(set(weight_map.values())):
+                if not (self.directory / filename).is_file():
+                    raise FileNotFoundError(
+                        f"{self.directory / filename} is listed in {index} but does not exist"
+                    )
         else:
             files = sorted(self.directory.glob("*.safetensors"))
             if not files:
@@ -103,13 +112,7 @@ class SafetensorsDir:
     def _file(self, name: str) -> safetensors_io.SafetensorsFile:
         filename = self._weight_map[name]
         if filename not in self._files:
-            path = self.directory / filename
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"{path} is listed in {self.directory}/model.safetensors.index.json "
-                    f"(for tensor {name!r}) but does not exist"
-                )
-            self._files[filename] = safetensors_io.SafetensorsFile(path)
+            self._files[filename] = safetensors_io.SafetensorsFile(self.directory / filename)
         file = self._files[filename]
         if name not in file.keys():
             raise WeightMismatchError(f"tensor {name!r} is indexed in {file.path} but not stored there")

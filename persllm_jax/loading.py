@@ -131,7 +131,9 @@ def load_pretrained(
         source = hf_io.SafetensorsDir(path)
         tokenizer = _load_tokenizer(path)
     cfg = from_hf_config(hf_config, **model_options)
-    model = assemble(cfg, mesh, lambda abstract, shardings: hf_io.load_state(source, cfg, abstract, shardings))
+    model = assemble(
+        cfg, mesh, lambda abstract, shardings: hf_io.load_state(source, cfg, abstract, shardings)
+    )
     set_source_config(model, hf_config.to_dict())
     return model, tokenizer
 
@@ -139,7 +141,9 @@ def load_pretrained(
 def _load_tokenizer(path: Path):
     import transformers
 
-    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if not any(
+        (path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    ):
         log.warning("%s has no tokenizer files; returning tokenizer=None", path)
         return None
     return transformers.AutoTokenizer.from_pretrained(path)
@@ -151,7 +155,9 @@ def _read_gguf(path: Path):
         import torch
         import transformers
     except ImportError as err:
-        raise ImportError("loading .gguf files needs torch and gguf: pip install 'persllm-jax[gguf]'") from err
+        raise ImportError(
+            "loading .gguf files needs torch and gguf: pip install 'persllm-jax[gguf]'"
+        ) from err
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
     )
@@ -209,9 +215,9 @@ def restore_params(params_dir: Path, abstract_state: nnx.State, shardings: nnx.S
         return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding.get_value())
 
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-    abstract_tree = nnx.to_pure_dict(jax.tree.map(
-        lambda v, s: v.replace(target(v, s)), abstract_state, shardings, is_leaf=is_var
-    ))
+    abstract_tree = nnx.to_pure_dict(
+        jax.tree.map(lambda v, s: v.replace(target(v, s)), abstract_state, shardings, is_leaf=is_var)
+    )
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(params_dir, abstract_tree)
     state = jax.tree.map(lambda x: x, abstract_state)
@@ -222,7 +228,9 @@ def restore_params(params_dir: Path, abstract_state: nnx.State, shardings: nnx.S
 def load_model_dir(path: Path, mesh: Mesh | None = None, **model_options) -> tuple[CausalLM, Any]:
     saved_cfg, hf_config = read_model_meta(path)
     cfg = saved_cfg.replace(**model_options)
-    model = assemble(cfg, mesh, lambda abstract, shardings: restore_params(path / "params", abstract, shardings))
+    model = assemble(
+        cfg, mesh, lambda abstract, shardings: restore_params(path / "params", abstract, shardings)
+    )
     set_source_config(model, hf_config)
     return model, _load_tokenizer(path / "tokenizer") if (path / "tokenizer").is_dir() else None
 

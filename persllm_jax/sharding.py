@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -75,7 +76,9 @@ def logical_to_spec(
             if shape is not None and axes:
                 size = math.prod(mesh.shape[a] for a in axes)
                 if shape[i] % size:
-                    log.debug("dim %d (%s) of size %d not divisible by %s; replicated", i, name, shape[i], axes)
+                    log.debug(
+                        "dim %d (%s) of size %d not divisible by %s; replicated", i, name, shape[i], axes
+                    )
                     axes = ()
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 STAGE_TOKENS = ("<TIME-I>", "<TIME-II>", "<TIME-III>")
 
 
-def add_special_tokens(model: CausalLM, tokenizer, tokens: Sequence[str], mesh: Mesh | None = None) -> CausalLM:
+def add_special_tokens(
+    model: CausalLM, tokenizer, tokens: Sequence[str], mesh: Mesh | None = None
+) -> CausalLM:
     """Register `tokens` as special tokens and give each its own embedding row.
 
     The embedding (and an untied output head) grows to the tokenizer's new length; the rows of
@@ -59,5 +61,7 @@ def add_special_tokens(model: CausalLM, tokenizer, tokens: Sequence[str], mesh: 
         )
     grown = nnx.merge(graphdef, state)
     set_source_config(grown, source_config(model))
-    log.info("added special tokens %s (ids %s); vocabulary %d -> %d", tokens, token_ids, cfg.vocab_size, new_vocab)
+    log.info(
+        "added special tokens %s (ids %s); vocabulary %d -> %d", tokens, token_ids, cfg.vocab_size, new_vocab
+    )
     return grown

@@ -21,7 +21,10 @@ TINY_COMMON = dict(
 )
 TINY_VARIANTS = {
     "llama_tied_gqa": ("llama", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
-    "llama_untied_mqa": ("llama", dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False)),
+    "llama_untied_mqa": (
+        "llama",
+        dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False),
+    ),
     "llama_head_dim_llama3_rope": (
         "llama",
         dict(
@@ -38,25 +41,28 @@ TINY_VARIANTS = {
             },
         ),
     ),
-    "llama_attention_bias": ("llama", dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)),
+    "llama_attention_bias": (
+        "llama",
+        dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True),
+    ),
     "qwen2": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
     "mistral": ("mistral", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=None)),
 }
 
 
-def hf_config(variant: str):
+def hf_config(variant: str, **overrides):
     import transformers
 
     arch, extra = TINY_VARIANTS[variant]
-    return transformers.AutoConfig.for_model(arch, **TINY_COMMON, **extra)
+    return transformers.AutoConfig.for_model(arch, **{**TINY_COMMON, **extra, **overrides})
 
 
-def tiny_hf_model(variant: str, seed: int = 0):
+def tiny_hf_model(variant: str, seed: int = 0, **overrides):
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(variant))
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(variant, **overrides))
     with torch.no_grad():  # biases start at zero in transformers; make them matter
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
@@ -64,8 +70,8 @@ def tiny_hf_model(variant: str, seed: int = 0):
     return model.eval()
 
 
-def save_tiny(variant: str, out_dir: Path, seed: int = 0):
-    model = tiny_hf_model(variant, seed)
+def save_tiny(variant: str, out_dir: Path, seed: int = 0, **overrides):
+    model = tiny_hf_model(variant, seed, **overrides)
     model.save_pretrained(out_dir)
     return model
 
@@ -90,7 +96,9 @@ def gguf_to_hf_dir(gguf: Path, out_dir: Path) -> Path:
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -20,13 +20,21 @@ def _state_dict(directory):
 def _load_hf_quietly(directory, caplog):
     with caplog.at_level(logging.WARNING):
         model = transformers.AutoModelForCausalLM.from_pretrained(directory)
-    bad = [r.getMessage() for r in caplog.records if "newly initialized" in r.getMessage()
-           or "not used" in r.getMessage() or "MISSING" in r.getMessage() or "UNEXPECTED" in r.getMessage()]
+    bad = [
+        r.getMessage()
+        for r in caplog.records
+        if "newly initialized" in r.getMessage()
+        or "not used" in r.getMessage()
+        or "MISSING" in r.getMessage()
+        or "UNEXPECTED" in r.getMessage()
+    ]
     assert not bad, bad
     return model.eval()
 
 
-@pytest.mark.parametrize("variant", ["llama_tied_gqa", "llama_untied_mqa", "qwen2", "mistral", "llama_attention_bias"])
+@pytest.mark.parametrize(
+    "variant", ["llama_tied_gqa", "llama_untied_mqa", "qwen2", "mistral", "llama_attention_bias"]
+)
 def test_round_trip_identical(variant, tmp_path, caplog):
     src, out = tmp_path / "src", tmp_path / "out"
     source_model = hf_fixtures.save_tiny(variant, src)
@@ -42,7 +50,9 @@ def test_round_trip_identical(variant, tmp_path, caplog):
 
     reloaded = _load_hf_quietly(out, caplog)
     ids = np.random.RandomState(0).randint(0, 320, (2, 24))
-    np.testing.assert_array_equal(hf_fixtures.torch_logits(reloaded, ids), hf_fixtures.torch_logits(source_model, ids))
+    np.testing.assert_array_equal(
+        hf_fixtures.torch_logits(reloaded, ids), hf_fixtures.torch_logits(source_model, ids)
+    )
 
 
 def test_sharded_export_loads(tmp_path, caplog):
@@ -62,7 +72,9 @@ def test_sharded_export_loads(tmp_path, caplog):
     reloaded = _load_hf_quietly(out, caplog)
     ours, _ = load_pretrained(out)  # and our loader reads the sharded layout back
     ids = np.random.RandomState(1).randint(0, 320, (1, 16))
-    np.testing.assert_array_equal(hf_fixtures.torch_logits(reloaded, ids), hf_fixtures.torch_logits(source_model, ids))
+    np.testing.assert_array_equal(
+        hf_fixtures.torch_logits(reloaded, ids), hf_fixtures.torch_logits(source_model, ids)
+    )
     np.testing.assert_array_equal(np.asarray(ours.embed[...]), np.asarray(model.embed[...]))
 
 
@@ -78,4 +90,7 @@ def test_bf16_export(tmp_path):
     name = "model.layers.0.mlp.up_proj.weight"
     assert exported.dtype(name).name == "bfloat16"
     source = np.asarray(SafetensorsFile(src / "model.safetensors").get(name))
-    np.testing.assert_array_equal(np.asarray(exported.get(name)).astype(np.float32), source.astype(exported.dtype(name)).astype(np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(exported.get(name)).astype(np.float32),
+        source.astype(exported.dtype(name)).astype(np.float32),
+    )

@@ -47,7 +47,8 @@ def test_load_gguf_directly(smollm2_gguf, smollm2_hf_dir, smollm2_tokenizer):
     from_dir, _ = load_pretrained(smollm2_hf_dir)
     np.testing.assert_array_equal(np.asarray(from_gguf.embed[...]), np.asarray(from_dir.embed[...]))
     np.testing.assert_array_equal(
-        np.asarray(from_gguf.layers.mlp.down_proj.kernel[...]), np.asarray(from_dir.layers.mlp.down_proj.kernel[...])
+        np.asarray(from_gguf.layers.mlp.down_proj.kernel[...]),
+        np.asarray(from_dir.layers.mlp.down_proj.kernel[...]),
     )
     assert tokenizer.apply_chat_template(CHAT, tokenize=False) == smollm2_tokenizer.apply_chat_template(
         CHAT, tokenize=False

@@ -1,0 +1,19 @@
+"""Running the real `persllm` command in a subprocess."""
+
+import os
+import subprocess
+import sys
+
+
+def run_cli(*args, env=None, check=True, timeout=900):
+    full_env = {**os.environ, **(env or {})}
+    result = subprocess.run(
+        [sys.executable, "-m", "persllm_jax.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"persllm {args} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result

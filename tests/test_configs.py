@@ -1,0 +1,59 @@
+"""Every YAML under configs/ parses; bad keys and values are named."""
+
+from pathlib import Path
+
+import pytest
+
+from persllm_jax import configlib
+from persllm_jax.configlib import ConfigError
+from persllm_jax.model_config import ModelConfig, preset
+from persllm_jax.run_config import RunConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def config_class_for(path: Path):
+    return RunConfig
+
+
+def test_there_are_configs():
+    assert CONFIG_FILES
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
+def test_config_parses(path):
+    config = configlib.load(config_class_for(path), path)
+    assert configlib.from_dict(type(config), configlib.to_dict(config)) == config
+
+
+def test_overrides_and_errors(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("run_dir: runs/x\ntrain: {max_steps: 3}\n")
+    config = configlib.load(
+        RunConfig, path, ["train.max_steps=8", "mesh.fsdp=2", "optim.lr=1e-4", "model.add_tokens=<A>,<B>"]
+    )
+    assert (config.train.max_steps, config.mesh.fsdp, config.optim.lr) == (8, 2, 1e-4)
+    assert config.model.add_tokens == ("<A>", "<B>")
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'train\.max_stepz'; valid keys here: max_steps, batch_size"
+    ):
+        configlib.load(RunConfig, path, ["train.max_stepz=8"])
+    with pytest.raises(ConfigError, match=r"train\.batch_size: expected an integer, got 'many'"):
+        configlib.load(RunConfig, path, ["train.batch_size=many"])
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        configlib.load(RunConfig, path, ["train.max_steps"])
+    path.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="run.yaml: not valid YAML"):
+        configlib.load(RunConfig, path)
+
+
+def test_model_presets_and_validation():
+    assert preset("smollm2_135m").num_params == 134_515_008  # SmolLM2-135M's published count
+    assert preset("llama3_8b").num_params == 8_030_261_248  # Llama-3-8B's published count
+    with pytest.raises(ValueError, match="unknown model preset 'gpt5'"):
+        preset("gpt5")
+    with pytest.raises(ValueError, match="num_heads 6 is not a multiple of num_kv_heads 4"):
+        ModelConfig(num_heads=6, num_kv_heads=4)
+    with pytest.raises(ValueError, match=r"unknown model config keys \['hidden'\]"):
+        ModelConfig.from_dict({"hidden": 3})
