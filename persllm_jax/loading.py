@@ -219,7 +219,7 @@ def restore_params(params_dir: Path, abstract_state: nnx.State, shardings: nnx.S
         jax.tree.map(lambda v, s: v.replace(target(v, s)), abstract_state, shardings, is_leaf=is_var)
     )
     with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(params_dir, abstract_tree)
+        restored = checkpointer.restore(Path(params_dir).absolute(), abstract_tree)
     state = jax.tree.map(lambda x: x, abstract_state)
     nnx.replace_by_pure_dict(state, restored)
     return state

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 
-def run_cli(*args, env=None, check=True, timeout=900):
+def run_cli(*args, env=None, check=True, timeout=900, cwd=None):
     full_env = {**os.environ, **(env or {})}
     result = subprocess.run(
         [sys.executable, "-m", "persllm_jax.cli", *map(str, args)],
@@ -13,6 +13,7 @@ def run_cli(*args, env=None, check=True, timeout=900):
         text=True,
         env=full_env,
         timeout=timeout,
+        cwd=cwd,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"persllm {args} exited {result.returncode}\n{result.stdout}\n{result.stderr}")

@@ -21,8 +21,9 @@ def test_added_tokens_round_trip(tied, tmp_path, smollm2_tokenizer):
     smollm2_tokenizer.save_pretrained(src)
     old_vocab = len(smollm2_tokenizer)
 
-    run_cli("import-hf", src, ckpt, "--add-tokens", ",".join(STAGE_TOKENS))
-    run_cli("export-hf", ckpt, out)
+    # relative paths, as a user types them
+    run_cli("import-hf", "src", "ckpt", "--add-tokens", ",".join(STAGE_TOKENS), cwd=tmp_path)
+    run_cli("export-hf", "ckpt", "out", cwd=tmp_path)
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     ids = tokenizer.convert_tokens_to_ids(STAGE_TOKENS)
