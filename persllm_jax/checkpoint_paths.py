@@ -1,4 +1,4 @@
-"""Finding the newest model inside a training run directory."""
+"""Finding a model inside a training run directory (see checkpointing.py for the layout)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,15 @@ def step_dirs(checkpoints_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_model_dir(path: Path) -> Path | None:
-    """The newest step directory holding a model, under `path` or `path/checkpoints`."""
-    for root in (path / "checkpoints", path):
-        candidates = [p for _, p in step_dirs(root) if (p / MODEL_DIR_MARKER).is_file()]
-        if candidates:
-            return candidates[-1]
+def run_model_paths(path: Path) -> tuple[Path, Path, Path] | None:
+    """(run directory, params directory, tokenizer directory) for a run directory or one of its
+    step directories (`run/checkpoints/<step>`); None when `path` is neither."""
+    path = Path(path)
+    if path.name.isdigit() and (path / "params").is_dir():
+        run_dir = path.parent.parent
+        return (run_dir, path / "params", run_dir / "tokenizer") if (run_dir / MODEL_DIR_MARKER).is_file() else None
+    if (path / MODEL_DIR_MARKER).is_file():
+        steps = [p for _, p in step_dirs(path / "checkpoints") if (p / "params").is_dir()]
+        if steps:
+            return path, steps[-1] / "params", path / "tokenizer"
     return None

@@ -19,14 +19,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from persllm_jax import hf_io
+from persllm_jax import checkpoint_paths, hf_io
 from persllm_jax.model import CausalLM, abstract_model
 from persllm_jax.model_config import ModelConfig, architecture_of, from_hf_config, to_hf_config
 from persllm_jax.sharding import state_shardings
 
 log = logging.getLogger(__name__)
 
-MODEL_DIR_MARKER = "persllm_model.json"
+MODEL_DIR_MARKER = checkpoint_paths.MODEL_DIR_MARKER
 MODEL_DIR_FORMAT = "persllm-jax-model/1"
 
 
@@ -80,14 +80,12 @@ def source_config(model: CausalLM) -> dict:
 def detect_format(path: Path) -> str:
     if path.is_file() and path.suffix == ".gguf":
         return "gguf"
+    if checkpoint_paths.run_model_paths(path) is not None:
+        return "run"
     if (path / MODEL_DIR_MARKER).is_file():
         return "persllm"
     if (path / "config.json").is_file():
         return "hf"
-    from persllm_jax import checkpoint_paths
-
-    if checkpoint_paths.latest_model_dir(path) is not None:
-        return "run"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     raise ValueError(
@@ -117,9 +115,8 @@ def load_pretrained(
     if kind == "persllm":
         return load_model_dir(path, mesh=mesh, **model_options)
     if kind == "run":
-        from persllm_jax import checkpoint_paths
-
-        return load_model_dir(checkpoint_paths.latest_model_dir(path), mesh=mesh, **model_options)
+        run_dir, params_dir, tokenizer_dir = checkpoint_paths.run_model_paths(path)
+        return load_model_dir(run_dir, mesh=mesh, params_dir=params_dir, tokenizer_dir=tokenizer_dir, **model_options)
     if kind == "gguf":
         hf_config, source, tokenizer = _read_gguf(path)
     else:

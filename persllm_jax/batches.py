@@ -1,0 +1,30 @@
+"""Batches as they enter the jitted step. Every array's leading axis is the global batch.
+
+Padding is on the right. `targets[b, t]` is the token after `input_ids[b, t]`; `loss_mask[b, t]`
+says that target is trained on (an assistant token, or any token for plain text); padding has
+`attention_mask` False and `loss_mask` False. `persona_ids` / `stage_ids` index the run's
+persona and stage names (-1 = none) and only slice metrics.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import struct
+
+
+@struct.dataclass
+class SFTBatch:
+    input_ids: jax.Array  # [B, T] int32
+    targets: jax.Array  # [B, T] int32
+    loss_mask: jax.Array  # [B, T] bool
+    attention_mask: jax.Array  # [B, T] bool
+    persona_ids: jax.Array  # [B] int32
+    stage_ids: jax.Array  # [B] int32
+
+
+@struct.dataclass
+class DPOBatch:
+    chosen: SFTBatch  # prompt + chosen answer; loss_mask marks the answer
+    rejected: SFTBatch  # prompt + rejected answer
+    ref_chosen_logps: jax.Array  # [B] float32, summed over the answer (cached reference pass)
+    ref_rejected_logps: jax.Array  # [B] float32
