@@ -29,10 +29,32 @@ def _export_hf(args) -> None:
     print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
+def _train(task: str):
+    def run(args) -> None:
+        from persllm_jax import configlib, trainer
+        from persllm_jax.run_config import RunConfig
+
+        cfg = configlib.load(RunConfig, args.config, args.overrides)
+        if task == "sft":
+            from persllm_jax.sft import SFTTask as make_task
+        else:
+            from persllm_jax.dpo import DPOTask as make_task
+        run_dir = trainer.train(cfg, make_task)
+        print(f"{task} finished: {run_dir} (metrics.jsonl, loss.png, checkpoints/)")
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persllm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    for task, text in (("sft", "personified conversational SFT"), ("dpo", "DPO on preference pairs")):
+        p = commands.add_parser(task, help=text)
+        p.add_argument("--config", required=True, help=f"YAML run config (configs/{task}_*.yaml)")
+        p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=8")
+        p.set_defaults(func=_train(task))
 
     p = commands.add_parser("import-hf", help="HF directory or .gguf file -> persllm model directory")
     p.add_argument("src", help="HF model directory or .gguf file")
@@ -61,10 +83,11 @@ def main(argv=None) -> int:
     for noisy in ("jax._src.xla_bridge", "absl", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from persllm_jax.configlib import ConfigError
+    from persllm_jax.trainer import TrainingStopped
 
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, TrainingStopped) as err:
         print(f"persllm {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -222,14 +222,21 @@ def restore_params(params_dir: Path, abstract_state: nnx.State, shardings: nnx.S
     return state
 
 
-def load_model_dir(path: Path, mesh: Mesh | None = None, **model_options) -> tuple[CausalLM, Any]:
+def load_model_dir(
+    path: Path,
+    mesh: Mesh | None = None,
+    params_dir: Path | None = None,
+    tokenizer_dir: Path | None = None,
+    **model_options,
+) -> tuple[CausalLM, Any]:
+    """A persllm model directory, or a run directory with one checkpoint's `params_dir`."""
     saved_cfg, hf_config = read_model_meta(path)
     cfg = saved_cfg.replace(**model_options)
-    model = assemble(
-        cfg, mesh, lambda abstract, shardings: restore_params(path / "params", abstract, shardings)
-    )
+    params_dir = params_dir or path / "params"
+    tokenizer_dir = tokenizer_dir or path / "tokenizer"
+    model = assemble(cfg, mesh, lambda abstract, shardings: restore_params(params_dir, abstract, shardings))
     set_source_config(model, hf_config)
-    return model, _load_tokenizer(path / "tokenizer") if (path / "tokenizer").is_dir() else None
+    return model, _load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
 
 
 # ---------------------------------------------------------------------------------------------

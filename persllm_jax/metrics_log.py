@@ -38,7 +38,7 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                self._writer.add_scalar(key, value, record["step"])
+                self._writer.add_scalar(key.replace("=", "_"), value, record["step"])
 
     def close(self) -> None:
         if self._writer is not None:

@@ -41,6 +41,7 @@ class TrainSection:
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0  # 0 = only at the end
+    logits_chunk: int = 512  # sequence positions per chunk of the vocabulary projection in the loss
     stop_after: int = 0  # leave (with a checkpoint) after this step; the same command resumes
 
 

@@ -84,8 +84,8 @@ def check_batch_layout(cfg: RunConfig, mesh) -> None:
             f"divisible by the data-parallel size data x fsdp = {mesh.shape['data']} x "
             f"{mesh.shape['fsdp']} = {data_parallel}"
         )
-    if batch % jax.process_count():
-        raise ValueError(f"train.batch_size {batch} is not divisible by {jax.process_count()} processes")
+    if micro % jax.process_count():
+        raise ValueError(f"micro-batch size {micro} is not divisible by {jax.process_count()} processes")
 
 
 def load_initial_model(cfg: RunConfig, mesh) -> tuple[CausalLM, object]:

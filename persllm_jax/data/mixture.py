@@ -1,0 +1,147 @@
+"""A deterministic mixture of data sources, and which examples each process loads at each step.
+
+An epoch holds every source `repeats` times: floor(repeats) full copies plus a random subset of
+round(frac(repeats) * n) examples (drawn again each epoch, from seed, epoch and source, so all of
+a partly used source is seen over epochs), shuffled by a permutation derived from seed and epoch.
+Epochs are laid end to end into one stream of (source, index) pairs; the global batch at
+position k (k global batches consumed) is stream[k*B : (k+1)*B], crossing epoch boundaries without
+dropping anything. Process p of P loads rows [p*B/P, (p+1)*B/P) of it. Everything is a pure
+function of (sizes, repeats, seed, position), so resuming at position k yields exactly the batches
+an uninterrupted run would have seen from k on.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """Sources of `sizes[s]` examples, each repeated `repeats[s]` times per epoch, shuffled with `seed`."""
+
+    sizes: tuple[int, ...]
+    repeats: tuple[float, ...]
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "sizes", tuple(int(n) for n in self.sizes))
+        object.__setattr__(self, "repeats", tuple(float(r) for r in self.repeats))
+        if len(self.sizes) != len(self.repeats):
+            raise ValueError(
+                f"{len(self.sizes)} source sizes but {len(self.repeats)} repeats; give one per source"
+            )
+        for s, (n, r) in enumerate(zip(self.sizes, self.repeats)):
+            if n < 0 or not (r >= 0 and math.isfinite(r)):
+                raise ValueError(
+                    f"source {s}: expected size >= 0 and finite repeats >= 0, got size {n}, repeats {r}"
+                )
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.epoch_size == 0:
+            raise ValueError(f"the mixture is empty: sizes {self.sizes} with repeats {self.repeats}")
+
+    @property
+    def epoch_size(self) -> int:
+        """Examples per epoch (the same every epoch)."""
+        return sum(_copies(n, r)[0] * n + _copies(n, r)[1] for n, r in zip(self.sizes, self.repeats))
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The [epoch_size, 2] (source, index) pairs of one epoch, in training order (read-only)."""
+        return _cached_epoch_order(self.sizes, self.repeats, self.seed, int(epoch))
+
+    def examples(self, start: int, stop: int) -> np.ndarray:
+        """Stream positions [start, stop) as [stop - start, 2] (source, index) pairs."""
+        positions = np.arange(start, stop, dtype=np.int64)
+        epochs, offsets = np.divmod(positions, self.epoch_size)
+        out = np.empty((len(positions), 2), dtype=np.int64)
+        for epoch in np.unique(epochs):
+            rows = epochs == epoch
+            out[rows] = self.epoch_order(int(epoch))[offsets[rows]]
+        return out
+
+    def global_batch(self, position: int, batch_size: int) -> np.ndarray:
+        """The [batch_size, 2] examples of the global batch after `position` batches."""
+        return self.examples(position * batch_size, (position + 1) * batch_size)
+
+    def process_batch(
+        self, position: int, batch_size: int, process_index: int = 0, process_count: int = 1
+    ) -> np.ndarray:
+        """The [batch_size / process_count, 2] examples this process loads for the batch at `position`."""
+        per_process = _per_process(batch_size, process_index, process_count)
+        start = position * batch_size + process_index * per_process
+        return self.examples(start, start + per_process)
+
+
+def epoch_order(
+    num_examples_per_source: Sequence[int], repeats: Sequence[float], seed: int, epoch: int
+) -> np.ndarray:
+    """The [N, 2] (source, index) pairs of one epoch of the mixture, in training order."""
+    return Mixture(tuple(num_examples_per_source), tuple(repeats), seed).epoch_order(epoch)
+
+
+def process_batch(
+    num_examples_per_source: Sequence[int],
+    repeats: Sequence[float],
+    seed: int,
+    position: int,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> np.ndarray:
+    """The (source, index) pairs process `process_index` loads for the global batch at `position`."""
+    mixture = Mixture(tuple(num_examples_per_source), tuple(repeats), seed)
+    return mixture.process_batch(position, batch_size, process_index, process_count)
+
+
+def iter_batches(
+    mixture: Mixture, batch_size: int, process_index: int = 0, process_count: int = 1, position: int = 0
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Endless (position, this process's examples) from `position` on; save position + 1 to resume after it."""
+    _per_process(batch_size, process_index, process_count)
+    while True:
+        yield position, mixture.process_batch(position, batch_size, process_index, process_count)
+        position += 1
+
+
+def _per_process(batch_size: int, process_index: int, process_count: int) -> int:
+    """Rows of the global batch per process; the batch must split evenly."""
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process index {process_index} is not in [0, {process_count})")
+    if batch_size < 1 or batch_size % process_count:
+        raise ValueError(
+            f"global batch size {batch_size} must be a positive multiple of the {process_count} processes"
+        )
+    return batch_size // process_count
+
+
+def _copies(size: int, repeats: float) -> tuple[int, int]:
+    """(full copies, size of the extra random subset) for one source; the subset count rounds half up."""
+    whole = math.floor(repeats)
+    return whole, min(size, math.floor((repeats - whole) * size + 0.5))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_epoch_order(
+    sizes: tuple[int, ...], repeats: tuple[float, ...], seed: int, epoch: int
+) -> np.ndarray:
+    """One epoch's order; cached because consecutive batches read the same epoch."""
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    parts = []
+    for source, (size, r) in enumerate(zip(sizes, repeats)):
+        whole, extra = _copies(size, r)
+        # Each source draws its subset from its own stream, so changing one source leaves the others' alone.
+        subset_rng = np.random.default_rng([seed, epoch, 1 + source])
+        indices = np.concatenate(
+            [np.tile(np.arange(size, dtype=np.int64), whole), np.sort(subset_rng.permutation(size)[:extra])]
+        )
+        parts.append(np.stack([np.full(len(indices), source, dtype=np.int64), indices], axis=1))
+    order = np.concatenate(parts)
+    order = order[np.random.default_rng([seed, epoch, 0]).permutation(len(order))]
+    order.flags.writeable = False
+    return order

@@ -1,0 +1,94 @@
+"""Reading records from JSONL, Parquet or a `datasets` directory, each tagged with where it came from.
+
+Every record gets `_source` (the file or directory, with the split for a DatasetDict) and `_index`
+(its 0-based position in that source, counted before any split filtering so it never shifts);
+JSONL records also get `_line`, the 1-based line number, because that is what an editor shows.
+`location(record)` turns these into the text used in error messages.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SPLIT = "train"
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, line or sample and what was expected."""
+
+
+def location(record: dict[str, Any]) -> str:
+    """Where a record came from, e.g. `data/dialogues.jsonl line 7` or `data/pairs.parquet row 3`."""
+    source = record.get("_source", "<memory>")
+    if "_line" in record:
+        return f"{source} line {record['_line']}"
+    if "_index" in record:
+        return f"{source} row {record['_index']}"
+    return str(source)
+
+
+def read_records(path: str | Path, split: str | None = None) -> list[dict[str, Any]]:
+    """All records of a JSONL file, a Parquet file or a `save_to_disk` directory, filtered by `split`."""
+    path = Path(path)
+    if path.is_dir():
+        records = _read_saved_dataset(path, split)
+    elif not path.exists():
+        raise DataError(
+            f"{path}: no such file or directory (expected JSONL, Parquet or a datasets directory)"
+        )
+    elif path.suffix == ".parquet":
+        records = _read_parquet(path)
+    else:
+        records = _read_jsonl(path)
+    if split is None:
+        return records
+    # Our own files carry a `split` field; a record without one belongs to every split.
+    return [r for r in records if r.get("split") is None or r.get("split") == split]
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """One JSON object per line; blank lines are skipped."""
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {line_no}: invalid JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path} line {line_no}: expected a JSON object, got {type(record).__name__}")
+            record.update(_source=str(path), _index=len(records), _line=line_no)
+            records.append(record)
+    return records
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    """Rows of a Parquet file as dicts."""
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: cannot read as Parquet ({e})") from None
+    return [{**row, "_source": str(path), "_index": i} for i, row in enumerate(rows)]
+
+
+def _read_saved_dataset(path: Path, split: str | None) -> list[dict[str, Any]]:
+    """A Dataset, or one split of a DatasetDict, saved with `save_to_disk`."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: not a datasets directory saved with save_to_disk ({e})") from None
+    source = str(path)
+    if isinstance(loaded, datasets.DatasetDict):
+        name = split or DEFAULT_SPLIT
+        if name not in loaded:
+            raise DataError(f"{path}: no split {name!r}; available splits: {', '.join(sorted(loaded))}")
+        loaded, source = loaded[name], f"{path}[{name}]"
+    return [{**row, "_source": source, "_index": i} for i, row in enumerate(loaded.to_list())]

@@ -1,0 +1,263 @@
+"""Stage 2 of PersLLM: DPO on automatically mined persona / stage preference pairs.
+
+The reference model's log-probs are computed once, before training, in a sharded pass over all
+pairs, and cached on disk under `<run_dir>/reference_logps/`, keyed by the data content and the
+reference weights: DPO then holds one model in memory, and a restart reads the cache instead of
+recomputing. `dpo.reference: frozen` keeps a second, frozen copy of the weights and computes the
+reference inside the step instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from persllm_jax import losses, task_common
+from persllm_jax.batches import DPOBatch, SFTBatch
+from persllm_jax.data import chat_tokenize, formats
+from persllm_jax.run_config import RunConfig
+from persllm_jax.sft import pad_id, sequence_nll, tokenized_rows
+
+log = logging.getLogger(__name__)
+
+REFERENCE_TYPES = ("cached", "frozen")
+
+
+def pair_arrays(tokenizer, example, seq_len: int) -> dict[str, np.ndarray]:
+    pair = chat_tokenize.tokenize_preference(tokenizer, example, seq_len, pad_id=pad_id(tokenizer))
+    return {
+        f"{side}_{name}": value
+        for side, arrays in (("chosen", pair.chosen), ("rejected", pair.rejected))
+        for name, value in arrays._asdict().items()
+    }
+
+
+def _side(rows: dict, side: str, persona_ids, stage_ids) -> SFTBatch:
+    return SFTBatch(
+        input_ids=rows[f"{side}_input_ids"], targets=rows[f"{side}_targets"], loss_mask=rows[f"{side}_loss_mask"],
+        attention_mask=rows[f"{side}_attention_mask"], persona_ids=persona_ids, stage_ids=stage_ids,
+    )
+
+
+def weights_fingerprint(params: nnx.State) -> str:
+    """A hash of the weights from per-tensor sums and position-weighted sums (computed on device)."""
+
+    @jax.jit
+    def stats(leaf):
+        x = leaf.astype(jnp.float32).reshape(-1)
+        weights = jnp.sin(jnp.arange(x.size, dtype=jnp.float32) * 0.618)
+        return jnp.stack([x.sum(), (x * weights).sum(), (x * x).sum()])
+
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        digest.update(str(leaf.shape).encode())
+        digest.update(np.asarray(jax.device_get(stats(leaf)), np.float32).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+class DPOTask:
+    name = "dpo"
+
+    def __init__(self, *, cfg: RunConfig, tokenizer, graphdef, mesh, run_dir: Path, initial_params,
+                 params_shardings, **_):
+        if cfg.dpo.reference not in REFERENCE_TYPES:
+            raise ValueError(f"dpo.reference={cfg.dpo.reference!r}; valid: {', '.join(REFERENCE_TYPES)}")
+        zero = jnp.zeros((1,))  # rejects an unknown loss type now, with the valid names
+        losses.dpo_loss(zero, zero, zero, zero, loss_type=cfg.dpo.loss_type)
+        self.cfg, self.tokenizer, self.graphdef, self.mesh = cfg, tokenizer, graphdef, mesh
+        self.examples = task_common.load_sources(cfg.data.sources, formats.preference_example)
+        self.groups = task_common.GroupNames(self.examples)
+        self.order = task_common.DataOrder(
+            [len(s) for s in self.examples], [s.repeats for s in cfg.data.sources], cfg.train.batch_size,
+            cfg.data.shuffle_seed,
+        )
+        self.fingerprint = task_common.fingerprint(
+            self.examples, {"seq_len": cfg.train.seq_len, "repeats": [s.repeats for s in cfg.data.sources]}
+        )
+        sharding = task_common.batch_sharding(mesh)
+        side = SFTBatch(*([sharding] * 6))
+        self.batch_shardings = DPOBatch(chosen=side, rejected=side, ref_chosen_logps=sharding,
+                                        ref_rejected_logps=sharding)
+        self._cache: dict = {}
+        self.reference_computed = False
+        if cfg.dpo.reference == "frozen":
+            self.frozen = initial_params() if callable(initial_params) else initial_params
+            self.frozen_shardings = params_shardings
+            self.reference = None
+        else:
+            self.frozen, self.frozen_shardings = None, None
+            self.reference = self._cached_reference(run_dir, initial_params)
+
+    # -- data ------------------------------------------------------------------------------
+
+    def _rows(self, picked):
+        return tokenized_rows(
+            self.tokenizer, picked, self.cfg.train.seq_len, self._cache,
+            lambda e: pair_arrays(self.tokenizer, e, self.cfg.train.seq_len),
+        )
+
+    def host_batch(self, step: int) -> DPOBatch:
+        keys = self.order.local_examples(step)
+        picked = [((s, i), self.examples[s][i]) for s, i in keys]
+        rows = self._rows(picked)
+        ids = np.asarray([self.groups.ids(e) for _, e in picked], np.int32).reshape(-1, 2)
+        if self.reference is not None:
+            ref_c = np.asarray([self.reference["chosen"][s][i] for s, i in keys], np.float32)
+            ref_r = np.asarray([self.reference["rejected"][s][i] for s, i in keys], np.float32)
+        else:
+            ref_c = ref_r = np.zeros(len(keys), np.float32)
+        return DPOBatch(
+            chosen=_side(rows, "chosen", ids[:, 0], ids[:, 1]),
+            rejected=_side(rows, "rejected", ids[:, 0], ids[:, 1]),
+            ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
+        )
+
+    def global_batch(self, step: int) -> DPOBatch:
+        return task_common.to_global(self.host_batch(step), self.batch_shardings.ref_chosen_logps)
+
+    # -- the reference pass ----------------------------------------------------------------
+
+    def _uses_mean_logps(self) -> bool:
+        return self.cfg.dpo.loss_type == "ipo"
+
+    def _cached_reference(self, run_dir: Path, initial_params) -> dict:
+        cache_dir = run_dir / "reference_logps"
+        pointer = cache_dir / "current.json"
+        if pointer.is_file():  # a restart: the key was fixed when the run began
+            current = json.loads(pointer.read_text())
+            path = cache_dir / f"{current['key']}.npz"
+            if current.get("data_fingerprint") == self.fingerprint and path.is_file():
+                log.info("reference log-probs loaded from cache %s", path)
+                return self._load(path)
+        params = initial_params() if callable(initial_params) else initial_params
+        key = hashlib.sha256(
+            f"{self.fingerprint}:{weights_fingerprint(params)}:{self._uses_mean_logps()}".encode()
+        ).hexdigest()[:20]
+        path = cache_dir / f"{key}.npz"
+        if path.is_file():
+            log.info("reference log-probs loaded from cache %s", path)
+            reference = self._load(path)
+        else:
+            reference = self._compute_reference(params)
+            if jax.process_index() == 0:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                flat = {f"{side}_{s}": np.asarray(v, np.float32)
+                        for side in ("chosen", "rejected") for s, v in enumerate(reference[side])}
+                tmp = cache_dir / f"{key}.tmp.npz"
+                np.savez(tmp, **flat)
+                tmp.replace(path)
+                log.info("reference log-probs computed and cached in %s", path)
+        if jax.process_index() == 0:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            pointer.write_text(json.dumps({"key": key, "data_fingerprint": self.fingerprint}))
+        return reference
+
+    def _load(self, path: Path) -> dict:
+        with np.load(path) as data:
+            return {side: [data[f"{side}_{s}"] for s in range(len(self.examples))] for side in ("chosen", "rejected")}
+
+    def _compute_reference(self, params) -> dict:
+        """One sharded forward pass over every pair, in the micro-batch shape of the train step
+        (chosen and rejected concatenated, as in `loss_fn`), so that at step 0 the policy's
+        log-probs reproduce the reference's."""
+        self.reference_computed = True
+        batch_size = self.cfg.train.batch_size // self.cfg.train.grad_accum_steps
+        chunk, mean, graphdef = self.cfg.train.logits_chunk, self._uses_mean_logps(), self.graphdef
+
+        @jax.jit
+        def reference_logps(params, chosen: SFTBatch, rejected: SFTBatch):
+            both = jax.tree.map(lambda c, r: jnp.concatenate([c, r]), chosen, rejected)
+            nll, count = sequence_nll(nnx.merge(graphdef, params), both, chunk)
+            logps = -nll / jnp.maximum(count, 1.0) if mean else -nll
+            return logps[: chosen.input_ids.shape[0]], logps[chosen.input_ids.shape[0] :]
+
+        keys = [(s, i) for s, source in enumerate(self.examples) for i in range(len(source))]
+        out = {side: [np.zeros(len(source), np.float32) for source in self.examples] for side in ("chosen", "rejected")}
+        per_process = batch_size // jax.process_count()
+        sharding = self.batch_shardings.ref_chosen_logps
+        for start in tqdm(range(0, len(keys), batch_size), desc="reference log-probs",
+                          disable=jax.process_index() != 0):
+            chunk_keys = keys[start : start + batch_size]
+            padded = chunk_keys + [chunk_keys[0]] * (batch_size - len(chunk_keys))
+            local = padded[jax.process_index() * per_process : (jax.process_index() + 1) * per_process]
+            rows = self._rows([(k, self.examples[k[0]][k[1]]) for k in local])
+            ids = np.full(len(local), -1, np.int32)
+            sides = [task_common.to_global(_side(rows, side, ids, ids), sharding) for side in ("chosen", "rejected")]
+            for side, values in zip(("chosen", "rejected"), reference_logps(params, *sides)):
+                for (s, i), value in zip(chunk_keys, _gather(values)[: len(chunk_keys)]):
+                    out[side][s][i] = value
+        return out
+
+    # -- the loss ----------------------------------------------------------------------------
+
+    def loss_fn(self, model, batch: DPOBatch, frozen):
+        cfg = self.cfg
+        both = jax.tree.map(lambda c, r: jnp.concatenate([c, r]), batch.chosen, batch.rejected)
+        nll, count = sequence_nll(model, both, cfg.train.logits_chunk)
+        logps = -nll / jnp.maximum(count, 1.0) if self._uses_mean_logps() else -nll
+        pairs = batch.ref_chosen_logps.shape[0]
+        policy_c, policy_r = logps[:pairs], logps[pairs:]
+        if frozen is not None:
+            ref_nll, _ = sequence_nll(nnx.merge(self.graphdef, frozen), both, cfg.train.logits_chunk)
+            ref = jax.lax.stop_gradient(-ref_nll / jnp.maximum(count, 1.0) if self._uses_mean_logps() else -ref_nll)
+            ref_c, ref_r = ref[:pairs], ref[pairs:]
+        else:
+            ref_c, ref_r = batch.ref_chosen_logps, batch.ref_rejected_logps
+        loss_B, chosen_B, rejected_B = losses.dpo_loss(
+            policy_c, policy_r, ref_c, ref_r, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
+            label_smoothing=cfg.dpo.label_smoothing,
+        )
+        correct_B = (chosen_B > rejected_B).astype(jnp.float32)
+        margin_B = chosen_B - rejected_B
+        ones = jnp.ones_like(loss_B)
+        sums = {
+            "tokens": both.attention_mask.sum().astype(jnp.float32),
+            "rewards/chosen": chosen_B.sum(),
+            "rewards/rejected": rejected_B.sum(),
+            "rewards/accuracies": correct_B.sum(),
+            "rewards/margins": margin_B.sum(),
+            "logps/chosen": jax.lax.stop_gradient(policy_c).sum(),
+            "logps/rejected": jax.lax.stop_gradient(policy_r).sum(),
+        }
+        for kind, ids, names in (("persona", batch.chosen.persona_ids, self.groups.personas),
+                                 ("stage", batch.chosen.stage_ids, self.groups.stages)):
+            sums[f"{kind}_count"] = task_common.segment_sums(ones, ids, len(names))
+            sums[f"{kind}_accuracies"] = task_common.segment_sums(correct_B, ids, len(names))
+            sums[f"{kind}_margins"] = task_common.segment_sums(margin_B, ids, len(names))
+            sums[f"{kind}_loss"] = task_common.segment_sums(jax.lax.stop_gradient(loss_B), ids, len(names))
+        return loss_B.sum(), jnp.asarray(pairs, jnp.float32), sums
+
+    def metrics_record(self, values: dict) -> dict:
+        pairs = float(values["count"])
+        record = {k: float(values[k]) for k in ("loss", "grad_norm", "learning_rate", "tokens")}
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                    "logps/chosen", "logps/rejected"):
+            record[key] = float(values[key]) / pairs
+        for kind, names in (("persona", self.groups.personas), ("stage", self.groups.stages)):
+            for metric in ("accuracies", "margins"):
+                record.update(task_common.sliced_means(
+                    f"rewards/{metric}", values[f"{kind}_{metric}"], values[f"{kind}_count"], names, kind))
+            record.update(task_common.sliced_means("loss", values[f"{kind}_loss"], values[f"{kind}_count"], names, kind))
+        return record
+
+    def data_position(self, step: int) -> dict:
+        return task_common.data_position(step, self.cfg, self.fingerprint)
+
+    def check_resume(self, saved: dict) -> None:
+        task_common.check_resume(saved, self.cfg, self.fingerprint)

@@ -1,0 +1,103 @@
+"""Stage 1 of PersLLM: personified conversational SFT (assistant-only loss, data mixtures)."""
+
+from __future__ import annotations
+
+import logging
+
+import jax.numpy as jnp
+import numpy as np
+
+from persllm_jax import losses, task_common
+from persllm_jax.batches import SFTBatch
+from persllm_jax.data import chat_tokenize, formats
+from persllm_jax.run_config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def tokenized_rows(tokenizer, examples, seq_len: int, cache: dict, tokenize) -> dict[str, np.ndarray]:
+    """Stack the training arrays of `examples` (tokenized once, then cached)."""
+    rows = []
+    for key, example in examples:
+        if key not in cache:
+            cache[key] = tokenize(example)
+        rows.append(cache[key])
+    return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
+
+
+def sft_arrays(tokenizer, example, seq_len: int) -> dict[str, np.ndarray]:
+    tokenized = chat_tokenize.tokenize_sft(tokenizer, example)
+    return chat_tokenize.to_training_arrays(tokenized, seq_len, pad_id(tokenizer))._asdict()
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def sequence_nll(model, batch: SFTBatch, chunk_size: int):
+    """Summed negative log-likelihood of the trained targets per sequence [B], and their count [B]."""
+    hidden = model.hidden_states(batch.input_ids, batch.attention_mask)
+    logps = losses.token_logps(hidden, model.output_kernel(), batch.targets, chunk_size=chunk_size)
+    mask = batch.loss_mask.astype(jnp.float32)
+    return -(logps * mask).sum(-1), mask.sum(-1)
+
+
+class SFTTask:
+    name = "sft"
+
+    def __init__(self, *, cfg: RunConfig, tokenizer, mesh, **_):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.examples = task_common.load_sources(cfg.data.sources, formats.sft_example)
+        self.groups = task_common.GroupNames(self.examples)
+        self.order = task_common.DataOrder(
+            [len(s) for s in self.examples], [s.repeats for s in cfg.data.sources], cfg.train.batch_size,
+            cfg.data.shuffle_seed,
+        )
+        self.fingerprint = task_common.fingerprint(
+            self.examples, {"seq_len": cfg.train.seq_len, "repeats": [s.repeats for s in cfg.data.sources]}
+        )
+        sharding = task_common.batch_sharding(mesh)
+        self.batch_shardings = SFTBatch(*([sharding] * 6))
+        self.frozen, self.frozen_shardings = None, None
+        self._cache: dict = {}
+        log.info(
+            "SFT data: %s examples from %d sources; personas %s; stages %s",
+            [len(s) for s in self.examples], len(self.examples), self.groups.personas, self.groups.stages,
+        )
+
+    def host_batch(self, step: int) -> SFTBatch:
+        picked = [((s, i), self.examples[s][i]) for s, i in self.order.local_examples(step)]
+        rows = tokenized_rows(
+            self.tokenizer, picked, self.cfg.train.seq_len, self._cache,
+            lambda e: sft_arrays(self.tokenizer, e, self.cfg.train.seq_len),
+        )
+        ids = np.asarray([self.groups.ids(e) for _, e in picked], np.int32).reshape(-1, 2)
+        return SFTBatch(**rows, persona_ids=ids[:, 0], stage_ids=ids[:, 1])
+
+    def global_batch(self, step: int) -> SFTBatch:
+        return task_common.to_global(self.host_batch(step), self.batch_shardings.input_ids)
+
+    def loss_fn(self, model, batch: SFTBatch, frozen):
+        nll_B, count_B = sequence_nll(model, batch, self.cfg.train.logits_chunk)
+        num_p, num_s = len(self.groups.personas), len(self.groups.stages)
+        sums = {
+            "tokens": batch.attention_mask.sum().astype(jnp.float32),
+            "persona_nll": task_common.segment_sums(nll_B, batch.persona_ids, num_p),
+            "persona_count": task_common.segment_sums(count_B, batch.persona_ids, num_p),
+            "stage_nll": task_common.segment_sums(nll_B, batch.stage_ids, num_s),
+            "stage_count": task_common.segment_sums(count_B, batch.stage_ids, num_s),
+        }
+        return nll_B.sum(), count_B.sum(), sums
+
+    def metrics_record(self, values: dict) -> dict:
+        record = {k: float(values[k]) for k in ("loss", "grad_norm", "learning_rate", "tokens")}
+        record["trained_tokens"] = float(values["count"])
+        record.update(task_common.sliced_means("loss", values["persona_nll"], values["persona_count"], self.groups.personas, "persona"))
+        record.update(task_common.sliced_means("loss", values["stage_nll"], values["stage_count"], self.groups.stages, "stage"))
+        return record
+
+    def data_position(self, step: int) -> dict:
+        return task_common.data_position(step, self.cfg, self.fingerprint)
+
+    def check_resume(self, saved: dict) -> None:
+        task_common.check_resume(saved, self.cfg, self.fingerprint)

@@ -1,0 +1,212 @@
+"""Our DPO numbers against TRL's DPOTrainer on the same tiny models and pairs (tests/assets/dpo_golden).
+
+The golden file comes from tests/assets/make_dpo_golden.py (TRL 1.16). TRL's conversational DPO
+tokenization, which our trainer must reproduce:
+
+* prompt_ids = apply_chat_template(prompt, add_generation_prompt=True), so the prompt ends with
+  `<|im_start|>assistant\\n`;
+* prompt + chosen = apply_chat_template(prompt + chosen) (no generation prompt); the completion is
+  everything after the common prefix with prompt_ids: the answer's tokens, then the template's own
+  `<|im_end|>` and its trailing `\\n`. Both are completion tokens (scored and counted in IPO's length);
+* TRL appends no extra EOS for conversational data (it does only for plain-text prompts), and adds no
+  BOS unless the template renders one; the sequence fed to the model is prompt_ids + completion ids,
+  right-padded, with the completion mask 1 exactly on the completion ids;
+* log-probs: token t+1 scored from position t, summed over the completion mask (`logps/*` are sums).
+"""
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from persllm_jax import load_pretrained, losses
+
+GOLDEN_DIR = Path(__file__).parent / "assets" / "dpo_golden"
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return json.loads((GOLDEN_DIR / "golden.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(GOLDEN_DIR / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return [json.loads(line) for line in (GOLDEN_DIR / "pairs.jsonl").read_text().splitlines()]
+
+
+def _batch(pairs_ids, pad_id):
+    """[chosen rows; rejected rows] of prompt + completion, right-padded, as TRL's collator builds them."""
+    rows = [(p["prompt_ids"], p[key]) for key in ("chosen_ids", "rejected_ids") for p in pairs_ids]
+    width = max(len(prompt) + len(completion) for prompt, completion in rows)
+    ids_BT = np.full((len(rows), width), pad_id, np.int32)
+    attention_BT = np.zeros((len(rows), width), np.int32)
+    completion_BT = np.zeros((len(rows), width), np.int32)
+    for row, (prompt, completion) in enumerate(rows):
+        n = len(prompt) + len(completion)
+        ids_BT[row, :n] = prompt + completion
+        attention_BT[row, :n] = 1
+        completion_BT[row, len(prompt) : n] = 1
+    return ids_BT, attention_BT, completion_BT
+
+
+def _sequence_logps(model, ids_BT, attention_BT, completion_BT):
+    """(summed, mean) completion log-probs per row, next-token targets, chunked head."""
+    hidden_BTD = model.hidden_states(jnp.asarray(ids_BT), jnp.asarray(attention_BT))
+    logps_BT = losses.token_logps(hidden_BTD[:, :-1], model.output_kernel(), jnp.asarray(ids_BT[:, 1:]), 8)
+    mask_BT = jnp.asarray(completion_BT[:, 1:])
+    return losses.sequence_logps(logps_BT, mask_BT), losses.sequence_mean_logps(logps_BT, mask_BT)
+
+
+@pytest.fixture(scope="module")
+def our_logps(golden, tokenizer):
+    """{policy, reference} -> (summed, mean) log-probs, each split into (chosen [P], rejected [P])."""
+    batch = _batch(golden["pairs"], tokenizer.pad_token_id)
+    out = {}
+    for name in ("policy", "reference"):
+        model, model_tokenizer = load_pretrained(GOLDEN_DIR / name)
+        assert model_tokenizer is None  # the model dirs carry no tokenizer
+        summed, mean = _sequence_logps(model, *batch)
+        out[name] = tuple(np.split(np.asarray(x, np.float64), 2) for x in (summed, mean))
+    return out
+
+
+def _our_label_smoothing(run):
+    # TRL 1.16's sigmoid loss ignores label_smoothing (only robust/exo/aot read it); our sigmoid applies
+    # the cDPO form, so TRL's smoothed-sigmoid run is our plain sigmoid.
+    return 0.0 if run["loss_type"] == "sigmoid" else run["label_smoothing"]
+
+
+def _our_metrics(run, our_logps):
+    (policy_c, policy_r), (policy_mean_c, policy_mean_r) = our_logps["policy"]
+    (ref_c, ref_r), (ref_mean_c, ref_mean_r) = our_logps["reference"]
+    # IPO compares length-normalized log-ratios; every other loss and all logged rewards use sums.
+    loss_inputs = (
+        (policy_mean_c, policy_mean_r, ref_mean_c, ref_mean_r)
+        if run["loss_type"] == "ipo"
+        else (policy_c, policy_r, ref_c, ref_r)
+    )
+    per_pair_loss, _, _ = losses.dpo_loss(
+        *map(jnp.asarray, loss_inputs),
+        beta=run["beta"],
+        loss_type=run["loss_type"],
+        label_smoothing=_our_label_smoothing(run),
+    )
+    chosen, rejected = (
+        np.asarray(x, np.float64)
+        for x in losses.dpo_rewards(*map(jnp.asarray, (policy_c, policy_r, ref_c, ref_r)), beta=run["beta"])
+    )
+    return {
+        "loss": float(np.mean(np.asarray(per_pair_loss, np.float64))),
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/accuracies": (chosen > rejected).mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+        "logps/chosen": policy_c.mean(),
+        "logps/rejected": policy_r.mean(),
+    }
+
+
+def _run_id(run):
+    return f"{run['loss_type']}-ls{run['label_smoothing']}"
+
+
+def test_golden_has_the_expected_runs(golden):
+    assert golden["versions"]["trl"].startswith("1.")
+    assert [_run_id(r) for r in golden["runs"]] == [
+        "sigmoid-ls0.0",
+        "sigmoid-ls0.1",
+        "ipo-ls0.0",
+        "hinge-ls0.0",
+        "robust-ls0.1",
+    ]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_metrics_match_trl(index, golden, our_logps):
+    run = golden["runs"][index]
+    ours = _our_metrics(run, our_logps)
+    for name, trl_value in run["metrics"].items():
+        assert abs(ours[name] - trl_value) <= TOLERANCE, (_run_id(run), name, ours[name], trl_value)
+    assert abs(run["loss_unlogged"] - run["metrics"]["loss"]) <= 1e-7  # TRL logs the loss unrounded
+
+
+def test_per_pair_logps_match_torch(golden, our_logps):
+    """Per sequence (TRL only logs means): our log-probs against a plain transformers forward."""
+    (policy_c, policy_r), _ = our_logps["policy"]
+    (ref_c, ref_r), _ = our_logps["reference"]
+    torch_pairs = golden["torch_per_pair"]
+    for name, ours in (
+        ("policy_chosen_logps", policy_c),
+        ("policy_rejected_logps", policy_r),
+        ("reference_chosen_logps", ref_c),
+        ("reference_rejected_logps", ref_r),
+    ):
+        want = np.asarray([p[name] for p in torch_pairs])
+        np.testing.assert_allclose(ours, want, rtol=0, atol=TOLERANCE, err_msg=name)
+    # Rewards must not be trivially zero or the metric checks above would prove little, and no pair may be
+    # so close to a tie that rewards/accuracies hangs on rounding.
+    assert np.abs(policy_c - ref_c).max() > 1.0
+    assert np.abs((policy_c - ref_c) - (policy_r - ref_r)).min() > 0.1
+
+
+def test_trl_sigmoid_ignores_label_smoothing(golden, our_logps):
+    """TRL 1.16: sigmoid with label_smoothing=0.1 logs the same loss as without; our cDPO form differs."""
+    by_id = {_run_id(r): r for r in golden["runs"]}
+    plain, smoothed = by_id["sigmoid-ls0.0"], by_id["sigmoid-ls0.1"]
+    assert smoothed["metrics"]["loss"] == plain["metrics"]["loss"]
+    (policy_c, policy_r), _ = our_logps["policy"]
+    (ref_c, ref_r), _ = our_logps["reference"]
+    cdpo, _, _ = losses.dpo_loss(*map(jnp.asarray, (policy_c, policy_r, ref_c, ref_r)), label_smoothing=0.1)
+    assert abs(float(np.mean(np.asarray(cdpo))) - plain["metrics"]["loss"]) > 1e-3
+
+
+def test_chat_template_prefix_diff_reproduces_trl_ids(golden, tokenizer, pairs):
+    """apply_chat_template(prompt, generation prompt) is a prefix of apply_chat_template(prompt + answer);
+    the remainder is TRL's completion, ending in <|im_end|> and "\\n", with no extra EOS."""
+    im_end, newline = tokenizer.convert_tokens_to_ids(["<|im_end|>", "\n"])
+    assert tokenizer.eos_token_id == im_end
+    assert len(pairs) == len(golden["pairs"])
+
+    def render(messages, **kwargs):
+        return list(
+            tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"]
+        )
+
+    for pair, trl_ids in zip(pairs, golden["pairs"]):
+        prompt_ids = render(pair["prompt"], add_generation_prompt=True)
+        assert prompt_ids == trl_ids["prompt_ids"]
+        assert tokenizer.convert_ids_to_tokens(prompt_ids[-3:]) == ["<|im_start|>", "assistant", "\n"]
+        for key in ("chosen", "rejected"):
+            full_ids = render(pair["prompt"] + pair[key])
+            assert full_ids[: len(prompt_ids)] == prompt_ids
+            completion_ids = full_ids[len(prompt_ids) :]
+            assert completion_ids == trl_ids[f"{key}_ids"]
+            assert completion_ids[-2:] == [im_end, newline] and im_end not in completion_ids[:-2]
+            answer_ids = tokenizer(pair[key][0]["content"], add_special_tokens=False)["input_ids"]
+            assert completion_ids == answer_ids + [im_end, newline]
+
+
+def test_trl_batch_is_prompt_plus_completion(golden, tokenizer):
+    """The padded batch TRL fed its models holds exactly our rows (in the sampler's order)."""
+    ids_BT, attention_BT, completion_BT = _batch(golden["pairs"], tokenizer.pad_token_id)
+    trl = golden["trl_batch"]
+    ours = {
+        (tuple(i), tuple(a), tuple(c))
+        for i, a, c in zip(ids_BT.tolist(), attention_BT.tolist(), completion_BT.tolist())
+    }
+    theirs = {
+        (tuple(i), tuple(a), tuple(c))
+        for i, a, c in zip(trl["input_ids"], trl["attention_mask"], trl["completion_mask"])
+    }
+    assert ours == theirs
+    assert np.asarray(trl["input_ids"]).shape == ids_BT.shape

@@ -1,0 +1,93 @@
+"""The deterministic data mixture: repeats, seeded order, per-process slices and exact resume."""
+
+import collections
+
+import numpy as np
+import pytest
+
+from persllm_jax.data import Mixture, epoch_order, iter_batches, process_batch
+
+
+def _counts(order: np.ndarray) -> collections.Counter:
+    return collections.Counter(map(tuple, order.tolist()))
+
+
+def test_integer_repeats_give_each_example_that_many_times():
+    order = epoch_order([4, 3], [5, 1], seed=0, epoch=0)
+    assert order.shape == (23, 2)
+    counts = _counts(order)
+    assert all(counts[(0, i)] == 5 for i in range(4)) and all(counts[(1, i)] == 1 for i in range(3))
+    assert len(counts) == 7
+    assert order[:, 0].tolist() != sorted(order[:, 0].tolist())  # shuffled across sources
+
+
+def test_fractional_repeats_take_a_seeded_subset():
+    mixture = Mixture((10, 7), (1.5, 0.3), seed=3)
+    assert mixture.epoch_size == 10 + 5 + 2  # 0.3 * 7 = 2.1 rounds to 2
+    orders = [mixture.epoch_order(e) for e in range(4)]
+    for order in orders:
+        counts = _counts(order)
+        first = [counts[(0, i)] for i in range(10)]
+        assert sorted(first) == [1] * 5 + [2] * 5
+        second = [counts[(1, i)] for i in range(7)]
+        assert sorted(second) == [0] * 5 + [1] * 2
+    # the subset is drawn again each epoch (so over epochs the whole source is used), reproducibly
+    subsets = {tuple(sorted(i for s, i in order.tolist() if s == 1)) for order in orders}
+    assert len(subsets) > 1
+    np.testing.assert_array_equal(Mixture((10, 7), (1.5, 0.3), seed=3).epoch_order(2), orders[2])
+    assert Mixture((10,), (0.25,)).epoch_size == 3  # 2.5 rounds half up
+
+
+def test_same_seed_same_order_and_epochs_differ():
+    a = epoch_order([50, 20], [1, 2], seed=7, epoch=0)
+    np.testing.assert_array_equal(a, epoch_order([50, 20], [1, 2], seed=7, epoch=0))
+    assert not np.array_equal(a, epoch_order([50, 20], [1, 2], seed=8, epoch=0))
+    b = epoch_order([50, 20], [1, 2], seed=7, epoch=1)
+    assert not np.array_equal(a, b) and _counts(a) == _counts(b)
+    assert not a.flags.writeable  # cached; a caller cannot corrupt later epochs
+
+
+def test_stream_crosses_epochs_without_dropping():
+    mixture = Mixture((5, 4), (1.0, 1.0), seed=1)  # 9 per epoch, batches of 4 straddle epochs
+    batches = [mixture.global_batch(k, 4) for k in range(9)]  # 36 examples = 4 epochs
+    stream = np.concatenate(batches)
+    expected = np.concatenate([mixture.epoch_order(e) for e in range(4)])
+    np.testing.assert_array_equal(stream, expected)
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_process_slices_concatenate_to_the_global_batch(process_count):
+    mixture = Mixture((13, 6), (2.0, 0.5), seed=11)  # 29 per epoch
+    for position in range(12):
+        global_batch = mixture.global_batch(position, 8)
+        slices = [mixture.process_batch(position, 8, p, process_count) for p in range(process_count)]
+        assert all(s.shape == (8 // process_count, 2) for s in slices)
+        np.testing.assert_array_equal(np.concatenate(slices), global_batch)
+        np.testing.assert_array_equal(process_batch([13, 6], [2.0, 0.5], 11, position, 8, 0, 1), global_batch)
+
+
+@pytest.mark.parametrize("process_index, process_count", [(0, 1), (1, 2)])
+def test_resume_at_position_equals_uninterrupted_run(process_index, process_count):
+    mixture = Mixture((7, 3), (1.0, 3.0), seed=5)
+    uninterrupted = iter_batches(mixture, 6, process_index, process_count)
+    run = [next(uninterrupted) for _ in range(15)]
+    assert [position for position, _ in run] == list(range(15))
+    # a run stopped after 8 batches saved position 8; a fresh process resumes from it
+    resumed = iter_batches(Mixture((7, 3), (1.0, 3.0), seed=5), 6, process_index, process_count, position=8)
+    for (position, expected), (got_position, got) in zip(run[8:], resumed):
+        assert got_position == position
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_bad_arguments_are_errors():
+    mixture = Mixture((4,), (1.0,))
+    with pytest.raises(ValueError, match="multiple of the 3 processes"):
+        mixture.process_batch(0, 8, 0, 3)
+    with pytest.raises(ValueError, match=r"process index 2 is not in \[0, 2\)"):
+        mixture.process_batch(0, 8, 2, 2)
+    with pytest.raises(ValueError, match="2 source sizes but 1 repeats"):
+        Mixture((4, 5), (1.0,))
+    with pytest.raises(ValueError, match="source 0: expected size >= 0 and finite repeats >= 0"):
+        Mixture((4,), (-1.0,))
+    with pytest.raises(ValueError, match="the mixture is empty"):
+        Mixture((4, 0), (0.0, 3.0))
