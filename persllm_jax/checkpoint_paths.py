@@ -21,7 +21,11 @@ def run_model_paths(path: Path) -> tuple[Path, Path, Path] | None:
     path = Path(path)
     if path.name.isdigit() and (path / "params").is_dir():
         run_dir = path.parent.parent
-        return (run_dir, path / "params", run_dir / "tokenizer") if (run_dir / MODEL_DIR_MARKER).is_file() else None
+        return (
+            (run_dir, path / "params", run_dir / "tokenizer")
+            if (run_dir / MODEL_DIR_MARKER).is_file()
+            else None
+        )
     if (path / MODEL_DIR_MARKER).is_file():
         steps = [p for _, p in step_dirs(path / "checkpoints") if (p / "params").is_dir()]
         if steps:

@@ -71,7 +71,9 @@ class Checkpointer:
         )
         params = jax.tree.map(lambda x: x, abstract_state.params)
         nnx.replace_by_pure_dict(params, restored["params"])
-        opt_state = jax.tree.unflatten(opt_def, [restored["opt_state"][str(i)] for i in range(len(opt_leaves))])
+        opt_state = jax.tree.unflatten(
+            opt_def, [restored["opt_state"][str(i)] for i in range(len(opt_leaves))]
+        )
         data = dict(restored["data"])
         state = TrainState(step=abstract_state.step, params=params, opt_state=opt_state)
         return state, data

@@ -42,9 +42,47 @@ def pair_arrays(tokenizer, example, seq_len: int) -> dict[str, np.ndarray]:
 
 def _side(rows: dict, side: str, persona_ids, stage_ids) -> SFTBatch:
     return SFTBatch(
-        input_ids=rows[f"{side}_input_ids"], targets=rows[f"{side}_targets"], loss_mask=rows[f"{side}_loss_mask"],
-        attention_mask=rows[f"{side}_attention_mask"], persona_ids=persona_ids, stage_ids=stage_ids,
+        input_ids=rows[f"{side}_input_ids"],
+        targets=rows[f"{side}_targets"],
+        loss_mask=rows[f"{side}_loss_mask"],
+        attention_mask=rows[f"{side}_attention_mask"],
+        persona_ids=persona_ids,
+        stage_ids=stage_ids,
     )
+
+
+def pair_logps(model, chosen: SFTBatch, rejected: SFTBatch, chunk_size: int):
+    """Summed answer log-probs and answer lengths, chosen and rejected in one forward pass:
+    (chosen_logps [B], rejected_logps [B], chosen_lengths [B], rejected_lengths [B])."""
+    both = jax.tree.map(lambda c, r: jnp.concatenate([c, r]), chosen, rejected)
+    nll, count = sequence_nll(model, both, chunk_size)
+    pairs = chosen.input_ids.shape[0]
+    return -nll[:pairs], -nll[pairs:], count[:pairs], count[pairs:]
+
+
+def preference_loss(policy_c, policy_r, ref_c, ref_r, len_c, len_r, *, beta, loss_type, label_smoothing):
+    """Per-pair DPO losses and rewards. IPO compares length-normalized log-ratios; the rewards
+    (and every other loss type) use summed log-probs, as TRL logs them."""
+    if loss_type == "ipo":
+        n_c, n_r = jnp.maximum(len_c, 1.0), jnp.maximum(len_r, 1.0)
+        inputs = (policy_c / n_c, policy_r / n_r, ref_c / n_c, ref_r / n_r)
+    else:
+        inputs = (policy_c, policy_r, ref_c, ref_r)
+    loss_B, _, _ = losses.dpo_loss(*inputs, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    chosen_B, rejected_B = losses.dpo_rewards(policy_c, policy_r, ref_c, ref_r, beta=beta)
+    return loss_B, chosen_B, rejected_B
+
+
+def metric_sums(loss_B, chosen_B, rejected_B, policy_c, policy_r) -> dict:
+    """TRL's DPO metrics, summed over pairs (divide by the number of pairs for TRL's means)."""
+    return {
+        "rewards/chosen": chosen_B.sum(),
+        "rewards/rejected": rejected_B.sum(),
+        "rewards/accuracies": (chosen_B > rejected_B).astype(jnp.float32).sum(),
+        "rewards/margins": (chosen_B - rejected_B).sum(),
+        "logps/chosen": jax.lax.stop_gradient(policy_c).sum(),
+        "logps/rejected": jax.lax.stop_gradient(policy_r).sum(),
+    }
 
 
 def weights_fingerprint(params: nnx.State) -> str:
@@ -74,8 +112,18 @@ def _gather(x: jax.Array) -> np.ndarray:
 class DPOTask:
     name = "dpo"
 
-    def __init__(self, *, cfg: RunConfig, tokenizer, graphdef, mesh, run_dir: Path, initial_params,
-                 params_shardings, **_):
+    def __init__(
+        self,
+        *,
+        cfg: RunConfig,
+        tokenizer,
+        graphdef,
+        mesh,
+        run_dir: Path,
+        initial_params,
+        params_shardings,
+        **_,
+    ):
         if cfg.dpo.reference not in REFERENCE_TYPES:
             raise ValueError(f"dpo.reference={cfg.dpo.reference!r}; valid: {', '.join(REFERENCE_TYPES)}")
         zero = jnp.zeros((1,))  # rejects an unknown loss type now, with the valid names
@@ -84,7 +132,9 @@ class DPOTask:
         self.examples = task_common.load_sources(cfg.data.sources, formats.preference_example)
         self.groups = task_common.GroupNames(self.examples)
         self.order = task_common.DataOrder(
-            [len(s) for s in self.examples], [s.repeats for s in cfg.data.sources], cfg.train.batch_size,
+            [len(s) for s in self.examples],
+            [s.repeats for s in cfg.data.sources],
+            cfg.train.batch_size,
             cfg.data.shuffle_seed,
         )
         self.fingerprint = task_common.fingerprint(
@@ -92,8 +142,9 @@ class DPOTask:
         )
         sharding = task_common.batch_sharding(mesh)
         side = SFTBatch(*([sharding] * 6))
-        self.batch_shardings = DPOBatch(chosen=side, rejected=side, ref_chosen_logps=sharding,
-                                        ref_rejected_logps=sharding)
+        self.batch_shardings = DPOBatch(
+            chosen=side, rejected=side, ref_chosen_logps=sharding, ref_rejected_logps=sharding
+        )
         self._cache: dict = {}
         self.reference_computed = False
         if cfg.dpo.reference == "frozen":
@@ -108,7 +159,10 @@ class DPOTask:
 
     def _rows(self, picked):
         return tokenized_rows(
-            self.tokenizer, picked, self.cfg.train.seq_len, self._cache,
+            self.tokenizer,
+            picked,
+            self.cfg.train.seq_len,
+            self._cache,
             lambda e: pair_arrays(self.tokenizer, e, self.cfg.train.seq_len),
         )
 
@@ -125,16 +179,14 @@ class DPOTask:
         return DPOBatch(
             chosen=_side(rows, "chosen", ids[:, 0], ids[:, 1]),
             rejected=_side(rows, "rejected", ids[:, 0], ids[:, 1]),
-            ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
+            ref_chosen_logps=ref_c,
+            ref_rejected_logps=ref_r,
         )
 
     def global_batch(self, step: int) -> DPOBatch:
         return task_common.to_global(self.host_batch(step), self.batch_shardings.ref_chosen_logps)
 
     # -- the reference pass ----------------------------------------------------------------
-
-    def _uses_mean_logps(self) -> bool:
-        return self.cfg.dpo.loss_type == "ipo"
 
     def _cached_reference(self, run_dir: Path, initial_params) -> dict:
         cache_dir = run_dir / "reference_logps"
@@ -146,9 +198,7 @@ class DPOTask:
                 log.info("reference log-probs loaded from cache %s", path)
                 return self._load(path)
         params = initial_params() if callable(initial_params) else initial_params
-        key = hashlib.sha256(
-            f"{self.fingerprint}:{weights_fingerprint(params)}:{self._uses_mean_logps()}".encode()
-        ).hexdigest()[:20]
+        key = hashlib.sha256(f"{self.fingerprint}:{weights_fingerprint(params)}".encode()).hexdigest()[:20]
         path = cache_dir / f"{key}.npz"
         if path.is_file():
             log.info("reference log-probs loaded from cache %s", path)
@@ -157,8 +207,11 @@ class DPOTask:
             reference = self._compute_reference(params)
             if jax.process_index() == 0:
                 cache_dir.mkdir(parents=True, exist_ok=True)
-                flat = {f"{side}_{s}": np.asarray(v, np.float32)
-                        for side in ("chosen", "rejected") for s, v in enumerate(reference[side])}
+                flat = {
+                    f"{side}_{s}": np.asarray(v, np.float32)
+                    for side in ("chosen", "rejected")
+                    for s, v in enumerate(reference[side])
+                }
                 tmp = cache_dir / f"{key}.tmp.npz"
                 np.savez(tmp, **flat)
                 tmp.replace(path)
@@ -170,7 +223,10 @@ class DPOTask:
 
     def _load(self, path: Path) -> dict:
         with np.load(path) as data:
-            return {side: [data[f"{side}_{s}"] for s in range(len(self.examples))] for side in ("chosen", "rejected")}
+            return {
+                side: [data[f"{side}_{s}"] for s in range(len(self.examples))]
+                for side in ("chosen", "rejected")
+            }
 
     def _compute_reference(self, params) -> dict:
         """One sharded forward pass over every pair, in the micro-batch shape of the train step
@@ -178,27 +234,31 @@ class DPOTask:
         log-probs reproduce the reference's."""
         self.reference_computed = True
         batch_size = self.cfg.train.batch_size // self.cfg.train.grad_accum_steps
-        chunk, mean, graphdef = self.cfg.train.logits_chunk, self._uses_mean_logps(), self.graphdef
+        chunk, graphdef = self.cfg.train.logits_chunk, self.graphdef
 
         @jax.jit
         def reference_logps(params, chosen: SFTBatch, rejected: SFTBatch):
-            both = jax.tree.map(lambda c, r: jnp.concatenate([c, r]), chosen, rejected)
-            nll, count = sequence_nll(nnx.merge(graphdef, params), both, chunk)
-            logps = -nll / jnp.maximum(count, 1.0) if mean else -nll
-            return logps[: chosen.input_ids.shape[0]], logps[chosen.input_ids.shape[0] :]
+            return pair_logps(nnx.merge(graphdef, params), chosen, rejected, chunk)[:2]
 
         keys = [(s, i) for s, source in enumerate(self.examples) for i in range(len(source))]
-        out = {side: [np.zeros(len(source), np.float32) for source in self.examples] for side in ("chosen", "rejected")}
+        out = {
+            side: [np.zeros(len(source), np.float32) for source in self.examples]
+            for side in ("chosen", "rejected")
+        }
         per_process = batch_size // jax.process_count()
         sharding = self.batch_shardings.ref_chosen_logps
-        for start in tqdm(range(0, len(keys), batch_size), desc="reference log-probs",
-                          disable=jax.process_index() != 0):
+        for start in tqdm(
+            range(0, len(keys), batch_size), desc="reference log-probs", disable=jax.process_index() != 0
+        ):
             chunk_keys = keys[start : start + batch_size]
             padded = chunk_keys + [chunk_keys[0]] * (batch_size - len(chunk_keys))
             local = padded[jax.process_index() * per_process : (jax.process_index() + 1) * per_process]
             rows = self._rows([(k, self.examples[k[0]][k[1]]) for k in local])
             ids = np.full(len(local), -1, np.int32)
-            sides = [task_common.to_global(_side(rows, side, ids, ids), sharding) for side in ("chosen", "rejected")]
+            sides = [
+                task_common.to_global(_side(rows, side, ids, ids), sharding)
+                for side in ("chosen", "rejected")
+            ]
             for side, values in zip(("chosen", "rejected"), reference_logps(params, *sides)):
                 for (s, i), value in zip(chunk_keys, _gather(values)[: len(chunk_keys)]):
                     out[side][s][i] = value
@@ -207,53 +267,64 @@ class DPOTask:
     # -- the loss ----------------------------------------------------------------------------
 
     def loss_fn(self, model, batch: DPOBatch, frozen):
-        cfg = self.cfg
-        both = jax.tree.map(lambda c, r: jnp.concatenate([c, r]), batch.chosen, batch.rejected)
-        nll, count = sequence_nll(model, both, cfg.train.logits_chunk)
-        logps = -nll / jnp.maximum(count, 1.0) if self._uses_mean_logps() else -nll
-        pairs = batch.ref_chosen_logps.shape[0]
-        policy_c, policy_r = logps[:pairs], logps[pairs:]
+        cfg, chunk = self.cfg, self.cfg.train.logits_chunk
+        policy_c, policy_r, len_c, len_r = pair_logps(model, batch.chosen, batch.rejected, chunk)
         if frozen is not None:
-            ref_nll, _ = sequence_nll(nnx.merge(self.graphdef, frozen), both, cfg.train.logits_chunk)
-            ref = jax.lax.stop_gradient(-ref_nll / jnp.maximum(count, 1.0) if self._uses_mean_logps() else -ref_nll)
-            ref_c, ref_r = ref[:pairs], ref[pairs:]
+            ref_c, ref_r, _, _ = jax.lax.stop_gradient(
+                pair_logps(nnx.merge(self.graphdef, frozen), batch.chosen, batch.rejected, chunk)
+            )
         else:
             ref_c, ref_r = batch.ref_chosen_logps, batch.ref_rejected_logps
-        loss_B, chosen_B, rejected_B = losses.dpo_loss(
-            policy_c, policy_r, ref_c, ref_r, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
+        loss_B, chosen_B, rejected_B = preference_loss(
+            policy_c,
+            policy_r,
+            ref_c,
+            ref_r,
+            len_c,
+            len_r,
+            beta=cfg.dpo.beta,
+            loss_type=cfg.dpo.loss_type,
             label_smoothing=cfg.dpo.label_smoothing,
         )
-        correct_B = (chosen_B > rejected_B).astype(jnp.float32)
-        margin_B = chosen_B - rejected_B
-        ones = jnp.ones_like(loss_B)
+        tokens = batch.chosen.attention_mask.sum() + batch.rejected.attention_mask.sum()
         sums = {
-            "tokens": both.attention_mask.sum().astype(jnp.float32),
-            "rewards/chosen": chosen_B.sum(),
-            "rewards/rejected": rejected_B.sum(),
-            "rewards/accuracies": correct_B.sum(),
-            "rewards/margins": margin_B.sum(),
-            "logps/chosen": jax.lax.stop_gradient(policy_c).sum(),
-            "logps/rejected": jax.lax.stop_gradient(policy_r).sum(),
+            "tokens": tokens.astype(jnp.float32),
+            **metric_sums(loss_B, chosen_B, rejected_B, policy_c, policy_r),
         }
-        for kind, ids, names in (("persona", batch.chosen.persona_ids, self.groups.personas),
-                                 ("stage", batch.chosen.stage_ids, self.groups.stages)):
+        correct_B = (chosen_B > rejected_B).astype(jnp.float32)
+        margin_B, ones = chosen_B - rejected_B, jnp.ones_like(loss_B)
+        for kind, ids, names in (
+            ("persona", batch.chosen.persona_ids, self.groups.personas),
+            ("stage", batch.chosen.stage_ids, self.groups.stages),
+        ):
             sums[f"{kind}_count"] = task_common.segment_sums(ones, ids, len(names))
             sums[f"{kind}_accuracies"] = task_common.segment_sums(correct_B, ids, len(names))
             sums[f"{kind}_margins"] = task_common.segment_sums(margin_B, ids, len(names))
             sums[f"{kind}_loss"] = task_common.segment_sums(jax.lax.stop_gradient(loss_B), ids, len(names))
-        return loss_B.sum(), jnp.asarray(pairs, jnp.float32), sums
+        return loss_B.sum(), jnp.asarray(loss_B.shape[0], jnp.float32), sums
 
     def metrics_record(self, values: dict) -> dict:
         pairs = float(values["count"])
         record = {k: float(values[k]) for k in ("loss", "grad_norm", "learning_rate", "tokens")}
-        for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                    "logps/chosen", "logps/rejected"):
+        for key in (
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+        ):
             record[key] = float(values[key]) / pairs
         for kind, names in (("persona", self.groups.personas), ("stage", self.groups.stages)):
             for metric in ("accuracies", "margins"):
-                record.update(task_common.sliced_means(
-                    f"rewards/{metric}", values[f"{kind}_{metric}"], values[f"{kind}_count"], names, kind))
-            record.update(task_common.sliced_means("loss", values[f"{kind}_loss"], values[f"{kind}_count"], names, kind))
+                record.update(
+                    task_common.sliced_means(
+                        f"rewards/{metric}", values[f"{kind}_{metric}"], values[f"{kind}_count"], names, kind
+                    )
+                )
+            record.update(
+                task_common.sliced_means("loss", values[f"{kind}_loss"], values[f"{kind}_count"], names, kind)
+            )
         return record
 
     def data_position(self, step: int) -> dict:

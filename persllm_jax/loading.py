@@ -116,7 +116,9 @@ def load_pretrained(
         return load_model_dir(path, mesh=mesh, **model_options)
     if kind == "run":
         run_dir, params_dir, tokenizer_dir = checkpoint_paths.run_model_paths(path)
-        return load_model_dir(run_dir, mesh=mesh, params_dir=params_dir, tokenizer_dir=tokenizer_dir, **model_options)
+        return load_model_dir(
+            run_dir, mesh=mesh, params_dir=params_dir, tokenizer_dir=tokenizer_dir, **model_options
+        )
     if kind == "gguf":
         hf_config, source, tokenizer = _read_gguf(path)
     else:

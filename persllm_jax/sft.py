@@ -50,7 +50,9 @@ class SFTTask:
         self.examples = task_common.load_sources(cfg.data.sources, formats.sft_example)
         self.groups = task_common.GroupNames(self.examples)
         self.order = task_common.DataOrder(
-            [len(s) for s in self.examples], [s.repeats for s in cfg.data.sources], cfg.train.batch_size,
+            [len(s) for s in self.examples],
+            [s.repeats for s in cfg.data.sources],
+            cfg.train.batch_size,
             cfg.data.shuffle_seed,
         )
         self.fingerprint = task_common.fingerprint(
@@ -62,13 +64,19 @@ class SFTTask:
         self._cache: dict = {}
         log.info(
             "SFT data: %s examples from %d sources; personas %s; stages %s",
-            [len(s) for s in self.examples], len(self.examples), self.groups.personas, self.groups.stages,
+            [len(s) for s in self.examples],
+            len(self.examples),
+            self.groups.personas,
+            self.groups.stages,
         )
 
     def host_batch(self, step: int) -> SFTBatch:
         picked = [((s, i), self.examples[s][i]) for s, i in self.order.local_examples(step)]
         rows = tokenized_rows(
-            self.tokenizer, picked, self.cfg.train.seq_len, self._cache,
+            self.tokenizer,
+            picked,
+            self.cfg.train.seq_len,
+            self._cache,
             lambda e: sft_arrays(self.tokenizer, e, self.cfg.train.seq_len),
         )
         ids = np.asarray([self.groups.ids(e) for _, e in picked], np.int32).reshape(-1, 2)
@@ -92,8 +100,16 @@ class SFTTask:
     def metrics_record(self, values: dict) -> dict:
         record = {k: float(values[k]) for k in ("loss", "grad_norm", "learning_rate", "tokens")}
         record["trained_tokens"] = float(values["count"])
-        record.update(task_common.sliced_means("loss", values["persona_nll"], values["persona_count"], self.groups.personas, "persona"))
-        record.update(task_common.sliced_means("loss", values["stage_nll"], values["stage_count"], self.groups.stages, "stage"))
+        record.update(
+            task_common.sliced_means(
+                "loss", values["persona_nll"], values["persona_count"], self.groups.personas, "persona"
+            )
+        )
+        record.update(
+            task_common.sliced_means(
+                "loss", values["stage_nll"], values["stage_count"], self.groups.stages, "stage"
+            )
+        )
         return record
 
     def data_position(self, step: int) -> dict:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -59,9 +60,7 @@ def segment_sums(values_B, ids_B, num_groups: int):
 
 
 def sliced_means(prefix: str, sums: np.ndarray, counts: np.ndarray, names: list[str], kind: str) -> dict:
-    return {
-        f"{prefix}/{kind}={name}": float(s / c) for name, s, c in zip(names, sums, counts) if c > 0
-    }
+    return {f"{prefix}/{kind}={name}": float(s / c) for name, s, c in zip(names, sums, counts) if c > 0}
 
 
 class DataOrder:
@@ -72,7 +71,13 @@ class DataOrder:
 
     def local_examples(self, step: int) -> list[tuple[int, int]]:
         rows = mixture.process_batch(
-            self.sizes, self.repeats, self.seed, step, self.batch_size, jax.process_index(), jax.process_count()
+            self.sizes,
+            self.repeats,
+            self.seed,
+            step,
+            self.batch_size,
+            jax.process_index(),
+            jax.process_count(),
         )
         return [(int(s), int(i)) for s, i in rows]
 

@@ -8,7 +8,8 @@ update as one large batch.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +65,9 @@ def make_train_step(
                 (loss_sum, (count, sums)), grads = grad_fn(state.params, one, frozen)
                 return jax.tree.map(jnp.add, carry, (loss_sum, count, sums, grads)), None
 
-            (loss_sum, (count, sums)), grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), frozen)
+            (loss_sum, (count, sums)), grads = grad_fn(
+                state.params, jax.tree.map(lambda x: x[0], micro), frozen
+            )
             rest = jax.tree.map(lambda x: x[1:], micro)
             (loss_sum, count, sums, grads), _ = jax.lax.scan(accumulate, (loss_sum, count, sums, grads), rest)
         denominator = jnp.maximum(count.astype(jnp.float32), 1.0)

@@ -13,8 +13,8 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -136,7 +136,9 @@ def _state_shardings(optimizer, abstract_params: nnx.State, params_shardings: nn
     them (as XLA propagates through `optimizer.init`), the step counter replicated."""
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     abstract_sharded = jax.tree.map(
-        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s.get_value())),
+        lambda v, s: v.replace(
+            jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s.get_value())
+        ),
         abstract_params,
         params_shardings,
         is_leaf=is_var,
@@ -196,12 +198,20 @@ def train(cfg: RunConfig, make_task: Callable) -> Path:
     params_shardings = loading.state_shardings_for(abstract_params, mesh)
     optimizer = make_optimizer(cfg.optim, cfg.train.max_steps)
     schedule = learning_rate_schedule(cfg.optim, cfg.train.max_steps)
-    state_shardings, abstract_sharded_params = _state_shardings(optimizer, abstract_params, params_shardings, mesh)
+    state_shardings, abstract_sharded_params = _state_shardings(
+        optimizer, abstract_params, params_shardings, mesh
+    )
 
     with jax.set_mesh(mesh):
         task = make_task(
-            cfg=cfg, tokenizer=tokenizer, model_cfg=model_cfg, graphdef=graphdef, mesh=mesh, run_dir=run_dir,
-            initial_params=initial_params, params_shardings=params_shardings,
+            cfg=cfg,
+            tokenizer=tokenizer,
+            model_cfg=model_cfg,
+            graphdef=graphdef,
+            mesh=mesh,
+            run_dir=run_dir,
+            initial_params=initial_params,
+            params_shardings=params_shardings,
         )
         if resume_step is None:
             state = jax.jit(lambda p: init_state(p, optimizer), out_shardings=state_shardings)(params)
@@ -209,7 +219,9 @@ def train(cfg: RunConfig, make_task: Callable) -> Path:
         else:
             abstract_state = _abstract_state(optimizer, abstract_sharded_params, state_shardings)
             state, data = checkpointer.restore(resume_step, abstract_state)
-            state = state.replace(step=jax.device_put(jnp.asarray(data["step"], jnp.int32), state_shardings.step))
+            state = state.replace(
+                step=jax.device_put(jnp.asarray(data["step"], jnp.int32), state_shardings.step)
+            )
             task.check_resume(data)
             log.info("resumed from step %d in %s", resume_step, checkpointer.directory)
 

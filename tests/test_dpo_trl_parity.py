@@ -21,7 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from persllm_jax import load_pretrained, losses
+from persllm_jax import load_pretrained
+from persllm_jax.batches import SFTBatch
+from persllm_jax.dpo import metric_sums, pair_logps, preference_loss
+from persllm_jax.losses import dpo_loss
 
 GOLDEN_DIR = Path(__file__).parent / "assets" / "dpo_golden"
 TOLERANCE = 1e-4
@@ -59,24 +62,35 @@ def _batch(pairs_ids, pad_id):
     return ids_BT, attention_BT, completion_BT
 
 
-def _sequence_logps(model, ids_BT, attention_BT, completion_BT):
-    """(summed, mean) completion log-probs per row, next-token targets, chunked head."""
-    hidden_BTD = model.hidden_states(jnp.asarray(ids_BT), jnp.asarray(attention_BT))
-    logps_BT = losses.token_logps(hidden_BTD[:, :-1], model.output_kernel(), jnp.asarray(ids_BT[:, 1:]), 8)
-    mask_BT = jnp.asarray(completion_BT[:, 1:])
-    return losses.sequence_logps(logps_BT, mask_BT), losses.sequence_mean_logps(logps_BT, mask_BT)
+def _side(ids_BT, attention_BT, completion_BT) -> SFTBatch:
+    """TRL's rows in our batch layout: targets are the next tokens, loss_mask marks completion targets."""
+    pad = lambda x: np.concatenate([x[:, 1:], np.zeros_like(x[:, :1])], axis=1)  # noqa: E731
+    rows = ids_BT.shape[0]
+    return SFTBatch(
+        input_ids=jnp.asarray(ids_BT),
+        targets=jnp.asarray(pad(ids_BT)),
+        loss_mask=jnp.asarray(pad(completion_BT).astype(bool)),
+        attention_mask=jnp.asarray(attention_BT.astype(bool)),
+        persona_ids=jnp.full((rows,), -1, jnp.int32),
+        stage_ids=jnp.full((rows,), -1, jnp.int32),
+    )
 
 
 @pytest.fixture(scope="module")
 def our_logps(golden, tokenizer):
-    """{policy, reference} -> (summed, mean) log-probs, each split into (chosen [P], rejected [P])."""
-    batch = _batch(golden["pairs"], tokenizer.pad_token_id)
+    """{policy, reference} -> (chosen, rejected, chosen lengths, rejected lengths), computed by the
+    trainer's own `pair_logps` (chunked head, one forward for both answers)."""
+    ids_BT, attention_BT, completion_BT = _batch(golden["pairs"], tokenizer.pad_token_id)
+    half = ids_BT.shape[0] // 2
+    chosen = _side(ids_BT[:half], attention_BT[:half], completion_BT[:half])
+    rejected = _side(ids_BT[half:], attention_BT[half:], completion_BT[half:])
     out = {}
     for name in ("policy", "reference"):
         model, model_tokenizer = load_pretrained(GOLDEN_DIR / name)
         assert model_tokenizer is None  # the model dirs carry no tokenizer
-        summed, mean = _sequence_logps(model, *batch)
-        out[name] = tuple(np.split(np.asarray(x, np.float64), 2) for x in (summed, mean))
+        out[name] = tuple(
+            np.asarray(x, np.float64) for x in pair_logps(model, chosen, rejected, chunk_size=8)
+        )
     return out
 
 
@@ -87,33 +101,23 @@ def _our_label_smoothing(run):
 
 
 def _our_metrics(run, our_logps):
-    (policy_c, policy_r), (policy_mean_c, policy_mean_r) = our_logps["policy"]
-    (ref_c, ref_r), (ref_mean_c, ref_mean_r) = our_logps["reference"]
-    # IPO compares length-normalized log-ratios; every other loss and all logged rewards use sums.
-    loss_inputs = (
-        (policy_mean_c, policy_mean_r, ref_mean_c, ref_mean_r)
-        if run["loss_type"] == "ipo"
-        else (policy_c, policy_r, ref_c, ref_r)
-    )
-    per_pair_loss, _, _ = losses.dpo_loss(
-        *map(jnp.asarray, loss_inputs),
+    """The trainer's per-pair losses and TRL-named metric sums, divided by the number of pairs."""
+    policy_c, policy_r, len_c, len_r = map(jnp.asarray, our_logps["policy"])
+    ref_c, ref_r, _, _ = map(jnp.asarray, our_logps["reference"])
+    loss_B, chosen_B, rejected_B = preference_loss(
+        policy_c,
+        policy_r,
+        ref_c,
+        ref_r,
+        len_c,
+        len_r,
         beta=run["beta"],
         loss_type=run["loss_type"],
         label_smoothing=_our_label_smoothing(run),
     )
-    chosen, rejected = (
-        np.asarray(x, np.float64)
-        for x in losses.dpo_rewards(*map(jnp.asarray, (policy_c, policy_r, ref_c, ref_r)), beta=run["beta"])
-    )
-    return {
-        "loss": float(np.mean(np.asarray(per_pair_loss, np.float64))),
-        "rewards/chosen": chosen.mean(),
-        "rewards/rejected": rejected.mean(),
-        "rewards/accuracies": (chosen > rejected).mean(),
-        "rewards/margins": (chosen - rejected).mean(),
-        "logps/chosen": policy_c.mean(),
-        "logps/rejected": policy_r.mean(),
-    }
+    pairs = loss_B.shape[0]
+    sums = metric_sums(loss_B, chosen_B, rejected_B, policy_c, policy_r)
+    return {"loss": float(loss_B.sum()) / pairs, **{k: float(v) / pairs for k, v in sums.items()}}
 
 
 def _run_id(run):
@@ -142,8 +146,8 @@ def test_metrics_match_trl(index, golden, our_logps):
 
 def test_per_pair_logps_match_torch(golden, our_logps):
     """Per sequence (TRL only logs means): our log-probs against a plain transformers forward."""
-    (policy_c, policy_r), _ = our_logps["policy"]
-    (ref_c, ref_r), _ = our_logps["reference"]
+    policy_c, policy_r, _, _ = our_logps["policy"]
+    ref_c, ref_r, _, _ = our_logps["reference"]
     torch_pairs = golden["torch_per_pair"]
     for name, ours in (
         ("policy_chosen_logps", policy_c),
@@ -164,9 +168,9 @@ def test_trl_sigmoid_ignores_label_smoothing(golden, our_logps):
     by_id = {_run_id(r): r for r in golden["runs"]}
     plain, smoothed = by_id["sigmoid-ls0.0"], by_id["sigmoid-ls0.1"]
     assert smoothed["metrics"]["loss"] == plain["metrics"]["loss"]
-    (policy_c, policy_r), _ = our_logps["policy"]
-    (ref_c, ref_r), _ = our_logps["reference"]
-    cdpo, _, _ = losses.dpo_loss(*map(jnp.asarray, (policy_c, policy_r, ref_c, ref_r)), label_smoothing=0.1)
+    policy_c, policy_r, _, _ = our_logps["policy"]
+    ref_c, ref_r, _, _ = our_logps["reference"]
+    cdpo, _, _ = dpo_loss(*map(jnp.asarray, (policy_c, policy_r, ref_c, ref_r)), label_smoothing=0.1)
     assert abs(float(np.mean(np.asarray(cdpo))) - plain["metrics"]["loss"]) > 1e-3
 
 

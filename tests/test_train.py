@@ -1,7 +1,6 @@
 """`persllm sft` / `persllm dpo` end to end in real subprocesses: resume, preemption, meshes,
 multiple processes, reference caching, errors."""
 
-import json
 import math
 import os
 import signal
@@ -25,7 +24,6 @@ ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 
-
 def train(kind, run_dir, *overrides, env=None, check=True):
     config = SFT if kind == "sft" else DPO
     return run_cli(kind, "--config", config, f"run_dir={run_dir}", *overrides, env=env, check=check, cwd=ROOT)
@@ -36,12 +34,16 @@ def losses(run_dir):
 
 
 def final_params(run_dir):
-    from persllm_jax import load_pretrained
-    from persllm_jax.loading import params_tree
     import jax
 
+    from persllm_jax import load_pretrained
+    from persllm_jax.loading import params_tree
+
     model, _ = load_pretrained(run_dir)
-    return {"/".join(map(str, k)): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(params_tree(model))[0]}
+    return {
+        "/".join(map(str, k)): np.asarray(v)
+        for k, v in jax.tree_util.tree_flatten_with_path(params_tree(model))[0]
+    }
 
 
 def assert_same_params(a, b):
@@ -64,7 +66,13 @@ def test_sft_run_outputs(sft_reference_run):
     assert [r["step"] for r in records] == list(range(1, 9))
     assert all(math.isfinite(r["loss"]) for r in records)
     assert records[-1]["loss"] < records[0]["loss"]
-    assert {"grad_norm", "learning_rate", "tokens_per_s", "loss/persona=holmes", "loss/stage=early"} <= records[0].keys()
+    assert {
+        "grad_norm",
+        "learning_rate",
+        "tokens_per_s",
+        "loss/persona=holmes",
+        "loss/stage=early",
+    } <= records[0].keys()
     assert [s for s, _ in step_dirs(sft_reference_run / "checkpoints")] == [4, 8]
     assert (sft_reference_run / "loss.png").stat().st_size > 1000
     assert list((sft_reference_run / "tensorboard").glob("events.out.tfevents.*"))
@@ -97,8 +105,21 @@ def _wait_for(predicate, process, timeout=600):
 def _start(kind, run_dir, *overrides):
     config = SFT if kind == "sft" else DPO
     return subprocess.Popen(
-        [sys.executable, "-m", "persllm_jax.cli", kind, "--config", str(config), f"run_dir={run_dir}", *overrides],
-        cwd=ROOT, env={**os.environ, **EIGHT_DEVICES}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "persllm_jax.cli",
+            kind,
+            "--config",
+            str(config),
+            f"run_dir={run_dir}",
+            *overrides,
+        ],
+        cwd=ROOT,
+        env={**os.environ, **EIGHT_DEVICES},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -152,10 +173,23 @@ def test_two_processes_equal_one(sft_reference_run, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "persllm_jax.cli", "sft", "--config", str(SFT), f"run_dir={run_dir}",
-             f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
-             f"distributed.process_id={pid}"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "persllm_jax.cli",
+                "sft",
+                "--config",
+                str(SFT),
+                f"run_dir={run_dir}",
+                f"distributed.coordinator_address=127.0.0.1:{port}",
+                "distributed.num_processes=2",
+                f"distributed.process_id={pid}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for pid in range(2)
     ]
@@ -185,7 +219,11 @@ def test_dpo_step0_is_log2_and_metrics_named_like_trl(dpo_run):
         assert abs(first[key]) < 1e-6, key
     # (accuracy compares rewards that are equal up to float rounding, so it is not asserted)
     assert first["logps/chosen"] < 0 and first["logps/rejected"] < 0
-    assert {"rewards/accuracies/persona=holmes", "rewards/margins/stage=late", "loss/persona=darwin"} <= first.keys()
+    assert {
+        "rewards/accuracies/persona=holmes",
+        "rewards/margins/stage=late",
+        "loss/persona=darwin",
+    } <= first.keys()
     assert "reference log-probs computed and cached" in result.stderr
 
 
@@ -242,7 +280,15 @@ def test_unknown_key_named(tmp_path):
 
 
 def test_batch_not_divisible_named(tmp_path):
-    result = train("sft", tmp_path / "run", "train.batch_size=6", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
-                   check=False, env=EIGHT_DEVICES)
+    result = train(
+        "sft",
+        tmp_path / "run",
+        "train.batch_size=6",
+        "mesh.data=2",
+        "mesh.fsdp=2",
+        "mesh.tensor=2",
+        check=False,
+        env=EIGHT_DEVICES,
+    )
     assert result.returncode == 2
     assert "micro-batch size 6" in result.stderr and "data x fsdp = 2 x 2 = 4" in result.stderr
