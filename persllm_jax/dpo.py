@@ -23,7 +23,7 @@ from tqdm import tqdm
 from persllm_jax import losses, task_common
 from persllm_jax.batches import DPOBatch, SFTBatch
 from persllm_jax.data import chat_tokenize, formats
-from persllm_jax.run_config import RunConfig
+from persllm_jax.run_config import DPOSection, RunConfig
 from persllm_jax.sft import pad_id, sequence_nll, tokenized_rows
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,54 @@ def metric_sums(loss_B, chosen_B, rejected_B, policy_c, policy_r) -> dict:
         "logps/chosen": jax.lax.stop_gradient(policy_c).sum(),
         "logps/rejected": jax.lax.stop_gradient(policy_r).sum(),
     }
+
+
+def dpo_batch_loss(
+    model,
+    batch: DPOBatch,
+    reference,
+    *,
+    dpo: DPOSection,
+    chunk_size: int,
+    num_personas: int = 0,
+    num_stages: int = 0,
+):
+    """(summed per-pair losses, number of pairs, metric sums incl. per-persona/stage slices).
+    `reference` is a frozen model, or None to use the cached log-probs carried by the batch."""
+    policy_c, policy_r, len_c, len_r = pair_logps(model, batch.chosen, batch.rejected, chunk_size)
+    if reference is not None:
+        ref_c, ref_r, _, _ = jax.lax.stop_gradient(
+            pair_logps(reference, batch.chosen, batch.rejected, chunk_size)
+        )
+    else:
+        ref_c, ref_r = batch.ref_chosen_logps, batch.ref_rejected_logps
+    loss_B, chosen_B, rejected_B = preference_loss(
+        policy_c,
+        policy_r,
+        ref_c,
+        ref_r,
+        len_c,
+        len_r,
+        beta=dpo.beta,
+        loss_type=dpo.loss_type,
+        label_smoothing=dpo.label_smoothing,
+    )
+    tokens = batch.chosen.attention_mask.sum() + batch.rejected.attention_mask.sum()
+    sums = {
+        "tokens": tokens.astype(jnp.float32),
+        **metric_sums(loss_B, chosen_B, rejected_B, policy_c, policy_r),
+    }
+    correct_B = (chosen_B > rejected_B).astype(jnp.float32)
+    margin_B, ones = chosen_B - rejected_B, jnp.ones_like(loss_B)
+    for kind, ids, count in (
+        ("persona", batch.chosen.persona_ids, num_personas),
+        ("stage", batch.chosen.stage_ids, num_stages),
+    ):
+        sums[f"{kind}_count"] = task_common.segment_sums(ones, ids, count)
+        sums[f"{kind}_accuracies"] = task_common.segment_sums(correct_B, ids, count)
+        sums[f"{kind}_margins"] = task_common.segment_sums(margin_B, ids, count)
+        sums[f"{kind}_loss"] = task_common.segment_sums(jax.lax.stop_gradient(loss_B), ids, count)
+    return loss_B.sum(), jnp.asarray(loss_B.shape[0], jnp.float32), sums
 
 
 def weights_fingerprint(params: nnx.State) -> str:
@@ -267,41 +315,16 @@ class DPOTask:
     # -- the loss ----------------------------------------------------------------------------
 
     def loss_fn(self, model, batch: DPOBatch, frozen):
-        cfg, chunk = self.cfg, self.cfg.train.logits_chunk
-        policy_c, policy_r, len_c, len_r = pair_logps(model, batch.chosen, batch.rejected, chunk)
-        if frozen is not None:
-            ref_c, ref_r, _, _ = jax.lax.stop_gradient(
-                pair_logps(nnx.merge(self.graphdef, frozen), batch.chosen, batch.rejected, chunk)
-            )
-        else:
-            ref_c, ref_r = batch.ref_chosen_logps, batch.ref_rejected_logps
-        loss_B, chosen_B, rejected_B = preference_loss(
-            policy_c,
-            policy_r,
-            ref_c,
-            ref_r,
-            len_c,
-            len_r,
-            beta=cfg.dpo.beta,
-            loss_type=cfg.dpo.loss_type,
-            label_smoothing=cfg.dpo.label_smoothing,
+        reference = None if frozen is None else nnx.merge(self.graphdef, frozen)
+        return dpo_batch_loss(
+            model,
+            batch,
+            reference,
+            dpo=self.cfg.dpo,
+            chunk_size=self.cfg.train.logits_chunk,
+            num_personas=len(self.groups.personas),
+            num_stages=len(self.groups.stages),
         )
-        tokens = batch.chosen.attention_mask.sum() + batch.rejected.attention_mask.sum()
-        sums = {
-            "tokens": tokens.astype(jnp.float32),
-            **metric_sums(loss_B, chosen_B, rejected_B, policy_c, policy_r),
-        }
-        correct_B = (chosen_B > rejected_B).astype(jnp.float32)
-        margin_B, ones = chosen_B - rejected_B, jnp.ones_like(loss_B)
-        for kind, ids, names in (
-            ("persona", batch.chosen.persona_ids, self.groups.personas),
-            ("stage", batch.chosen.stage_ids, self.groups.stages),
-        ):
-            sums[f"{kind}_count"] = task_common.segment_sums(ones, ids, len(names))
-            sums[f"{kind}_accuracies"] = task_common.segment_sums(correct_B, ids, len(names))
-            sums[f"{kind}_margins"] = task_common.segment_sums(margin_B, ids, len(names))
-            sums[f"{kind}_loss"] = task_common.segment_sums(jax.lax.stop_gradient(loss_B), ids, len(names))
-        return loss_B.sum(), jnp.asarray(loss_B.shape[0], jnp.float32), sums
 
     def metrics_record(self, values: dict) -> dict:
         pairs = float(values["count"])

@@ -42,6 +42,19 @@ def sequence_nll(model, batch: SFTBatch, chunk_size: int):
     return -(logps * mask).sum(-1), mask.sum(-1)
 
 
+def sft_loss(model, batch: SFTBatch, *, chunk_size: int, num_personas: int = 0, num_stages: int = 0):
+    """(summed NLL of trained tokens, their count, metric sums incl. per-persona/stage slices)."""
+    nll_B, count_B = sequence_nll(model, batch, chunk_size)
+    sums = {
+        "tokens": batch.attention_mask.sum().astype(jnp.float32),
+        "persona_nll": task_common.segment_sums(nll_B, batch.persona_ids, num_personas),
+        "persona_count": task_common.segment_sums(count_B, batch.persona_ids, num_personas),
+        "stage_nll": task_common.segment_sums(nll_B, batch.stage_ids, num_stages),
+        "stage_count": task_common.segment_sums(count_B, batch.stage_ids, num_stages),
+    }
+    return nll_B.sum(), count_B.sum(), sums
+
+
 class SFTTask:
     name = "sft"
 
@@ -86,16 +99,13 @@ class SFTTask:
         return task_common.to_global(self.host_batch(step), self.batch_shardings.input_ids)
 
     def loss_fn(self, model, batch: SFTBatch, frozen):
-        nll_B, count_B = sequence_nll(model, batch, self.cfg.train.logits_chunk)
-        num_p, num_s = len(self.groups.personas), len(self.groups.stages)
-        sums = {
-            "tokens": batch.attention_mask.sum().astype(jnp.float32),
-            "persona_nll": task_common.segment_sums(nll_B, batch.persona_ids, num_p),
-            "persona_count": task_common.segment_sums(count_B, batch.persona_ids, num_p),
-            "stage_nll": task_common.segment_sums(nll_B, batch.stage_ids, num_s),
-            "stage_count": task_common.segment_sums(count_B, batch.stage_ids, num_s),
-        }
-        return nll_B.sum(), count_B.sum(), sums
+        return sft_loss(
+            model,
+            batch,
+            chunk_size=self.cfg.train.logits_chunk,
+            num_personas=len(self.groups.personas),
+            num_stages=len(self.groups.stages),
+        )
 
     def metrics_record(self, values: dict) -> dict:
         record = {k: float(values[k]) for k in ("loss", "grad_norm", "learning_rate", "tokens")}
