@@ -65,10 +65,6 @@ def plot_loss(metrics_path: Path, out_png: Path, title: str) -> Path | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
     for ax, key in zip(axes[0], panels):
         ax.plot([r["step"] for r in records if key in r], [r[key] for r in records if key in r])
-        if key == "loss" and any("eval/loss" in r for r in records):
-            evals = [r for r in records if "eval/loss" in r]
-            ax.plot([r["step"] for r in evals], [r["eval/loss"] for r in evals], "o-", label="held-out")
-            ax.legend()
         ax.set_xlabel("step")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)

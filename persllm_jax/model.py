@@ -57,12 +57,16 @@ class RMSNorm(nnx.Module):
         return self.weight[...].astype(self.compute_dtype) * normed.astype(self.compute_dtype)
 
 
-def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, impl: str = "xla"):
-    """Grouped-query attention; N query heads share K key/value heads. Returns [B, T, N, H]."""
+def attend(q_BTNH, k_BSKH, v_BSKH, mask, impl: str = "xla"):
+    """Grouped-query attention; N query heads share K key/value heads. Returns [B, T, N, H].
+
+    `mask` is a boolean [B, T, S] (xla), or for cudnn the number of real keys per row [B]
+    (causal, right padding: cuDNN's fused kernel takes lengths, not a dense mask)."""
     if impl == "cudnn":
         return jax.nn.dot_product_attention(
-            q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None, :, :], implementation="cudnn"
+            q_BTNH, k_BSKH, v_BSKH, is_causal=True, key_value_seq_lengths=mask, implementation="cudnn"
         )
+    mask_BTS = mask
     b, t, n, h = q_BTNH.shape
     k = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
@@ -87,7 +91,7 @@ class Attention(nnx.Module):
         )
         self.o_proj = Linear(cfg.num_heads * hd, d, ("heads", "embed"), bias=cfg.o_bias, cfg=cfg, rngs=rngs)
 
-    def __call__(self, x_BTD, cos, sin, mask_BTS):
+    def __call__(self, x_BTD, cos, sin, mask):
         cfg = self.cfg
         b, t, _ = x_BTD.shape
         q = self.q_proj(x_BTD).reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -95,7 +99,7 @@ class Attention(nnx.Module):
         v = self.v_proj(x_BTD).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         q = constrain(rope.apply_rotary(q, cos, sin), ("batch", "length", "act_heads", None))
         k = constrain(rope.apply_rotary(k, cos, sin), ("batch", "length", "act_heads", None))
-        out = attend(q, k, v, mask_BTS, cfg.attention_impl)
+        out = attend(q, k, v, mask, cfg.attention_impl)
         return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim))
 
 
@@ -120,8 +124,8 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_BTD, cos, sin, mask_BTS):
-        x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), cos, sin, mask_BTS)
+    def __call__(self, x_BTD, cos, sin, mask):
+        x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), cos, sin, mask)
         x_BTD = x_BTD + self.mlp(self.post_attn_norm(x_BTD))
         return constrain(x_BTD, ("batch", "length", "act_embed"))
 
@@ -153,10 +157,16 @@ class CausalLM(nnx.Module):
         b, t = input_ids_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        causal_TT = jnp.tril(jnp.ones((t, t), dtype=bool))
-        mask_BTS = jnp.broadcast_to(causal_TT, (b, t, t))
-        if attention_mask_BT is not None:
-            mask_BTS = mask_BTS & attention_mask_BT.astype(bool)[:, None, :]
+        if cfg.attention_impl == "cudnn":
+            mask = (
+                jnp.full((b,), t, jnp.int32)
+                if attention_mask_BT is None
+                else attention_mask_BT.astype(jnp.int32).sum(-1)
+            )
+        else:
+            mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), dtype=bool)), (b, t, t))
+            if attention_mask_BT is not None:
+                mask = mask & attention_mask_BT.astype(bool)[:, None, :]
         cos, sin = rope.cos_sin(cfg, positions_BT)
 
         x_BTD = jnp.take(self.embed[...], input_ids_BT, axis=0).astype(cfg.compute_dtype)
@@ -166,7 +176,7 @@ class CausalLM(nnx.Module):
 
         def one_layer(x, layer_state):
             layer = nnx.merge(graphdef, layer_state)
-            return layer(x, cos, sin, mask_BTS), None
+            return layer(x, cos, sin, mask), None
 
         if cfg.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)

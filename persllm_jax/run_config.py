@@ -28,7 +28,6 @@ class DataSource:
 @dataclasses.dataclass(frozen=True)
 class DataSection:
     sources: tuple[DataSource, ...] = ()
-    eval_sources: tuple[DataSource, ...] = ()
     shuffle_seed: int = 0
 
 
@@ -40,7 +39,6 @@ class TrainSection:
     grad_accum_steps: int = 1
     seed: int = 0
     log_every: int = 1
-    eval_every: int = 0  # 0 = only at the end
     logits_chunk: int = 512  # sequence positions per chunk of the vocabulary projection in the loss
     stop_after: int = 0  # leave (with a checkpoint) after this step; the same command resumes
 

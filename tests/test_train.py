@@ -292,3 +292,26 @@ def test_batch_not_divisible_named(tmp_path):
     )
     assert result.returncode == 2
     assert "micro-batch size 6" in result.stderr and "data x fsdp = 2 x 2 = 4" in result.stderr
+
+
+@pytest.mark.slow
+def test_resume_onto_another_mesh(sft_reference_run, tmp_path):
+    """Checkpoint written on (1, 8, 1), training resumed on (2, 2, 2): same losses (1e-4 relative)."""
+    run_dir = tmp_path / "run"
+    train("sft", run_dir, "train.stop_after=4", env=EIGHT_DEVICES)
+    train("sft", run_dir, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", env=EIGHT_DEVICES)
+    np.testing.assert_allclose(losses(run_dir), losses(sft_reference_run), rtol=1e-4)
+
+
+def test_load_checkpoint_onto_a_mesh(sft_reference_run):
+    import jax
+
+    from persllm_jax import load_pretrained
+    from persllm_jax.sharding import make_mesh
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    sharded, _ = load_pretrained(sft_reference_run, mesh=mesh)
+    single, _ = load_pretrained(sft_reference_run)
+    kernel = sharded.layers.mlp.up_proj.kernel[...]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(single.layers.mlp.up_proj.kernel[...]))
