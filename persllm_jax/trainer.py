@@ -256,9 +256,11 @@ def _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step) -> None
         values = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
         loss = float(values["loss"])
         if not math.isfinite(loss):
+            last = checkpointer.latest_step()
+            where = f"step {last} in {checkpointer.directory}" if last is not None else "none yet"
             raise TrainingStopped(
-                f"loss is {loss} at step {step}; stopping. The last checkpoint is step "
-                f"{checkpointer.latest_step()} in {checkpointer.directory}"
+                f"loss is {loss} at step {step}; stopping (lower optim.lr or check the data). "
+                f"Last checkpoint: {where}"
             )
         now = time.perf_counter()
         elapsed, last_time = now - last_time, now
