@@ -1,5 +1,17 @@
 from setuptools import find_packages, setup
 
+DATA_REQUIRES = [
+    "torch==2.13.0",  # the CPU wheel; sentence-transformers needs torch
+    "sentence-transformers",
+    "openai>=1.40",
+    "datasets",
+    "pyarrow",
+    "tensorflow-datasets",
+    "array-record",
+    "importlib_resources",
+    "sacrebleu",
+]
+
 setup(
     name="persllm-jax",
     version="0.1.0",
@@ -27,10 +39,14 @@ setup(
     extras_require={
         # GGUF import goes through transformers' PyTorch loader.
         "gguf": ["torch==2.13.0", "gguf", "accelerate"],
+        # persllm build-data: embeddings, the annotator client, dataset outputs, BLEU.
+        "data": DATA_REQUIRES,
         "test": [
-            "torch==2.13.0",
+            *DATA_REQUIRES,
             "gguf",
             "accelerate",
+            "transformers[serving]",
+            "trl",
             "pytest",
             "pytest-timeout",
             "ruff",

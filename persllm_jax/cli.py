@@ -45,10 +45,29 @@ def _train(task: str):
     return run
 
 
+def _build_data(args) -> None:
+    from data_builder.build import build
+    from data_builder.config import BuildConfig
+    from persllm_jax import configlib
+
+    cfg = configlib.load(BuildConfig, args.config, args.overrides)
+    stats = build(cfg)
+    print(
+        f"build-data finished: {cfg.out_dir}: {stats['dialogues']} dialogues, {stats['pairs']} pairs, "
+        f"{stats['dropped']} seeds dropped, {stats['llm'].get('requests', 0)} requests, "
+        f"{stats['llm'].get('cache_hits', 0)} cache hits"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persllm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("build-data", help="persona materials -> persona dialogues and preference pairs")
+    p.add_argument("--config", required=True, help="YAML build config (configs/data_*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. limits.seeds_per_stage=2")
+    p.set_defaults(func=_build_data)
 
     for task, text in (("sft", "personified conversational SFT"), ("dpo", "DPO on preference pairs")):
         p = commands.add_parser(task, help=text)

@@ -14,6 +14,10 @@ CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
 def config_class_for(path: Path):
+    if path.name.startswith("data_"):
+        from data_builder.config import BuildConfig
+
+        return BuildConfig
     return RunConfig
 
 

@@ -1,0 +1,166 @@
+"""Parsing, cleaning, splitting, retrieval budgets and pair mining on known inputs."""
+
+import zlib
+
+import numpy as np
+import pytest
+
+from data_builder import cleaning, pairs, parsing
+from data_builder.build import Item, _check_kinds
+from data_builder.retrieval import fill_budget, nearest
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("[Analysis] A false premise.\n[Response] I never went to Paris.", ("A false premise.", "I never went to Paris.")),
+        ("**Analysis:** hmm\n**Response:** Quite so, Watson.", ("hmm", "Quite so, Watson.")),
+        ("Analysis: the user asks.\nResponse: Elementary.", ("the user asks.", "Elementary.")),
+        ("### Analysis\nx\n### Response\nWell then.", ("x", "Well then.")),
+        ("[ANALYSIS]: a\n[RESPONSE]: b", ("a", "b")),
+        ("[Analysis] I must craft a response here.\n[Response] Indeed.", ("I must craft a response here.", "Indeed.")),
+    ],
+)
+def test_parse_response_variants(text, expected):
+    assert parsing.parse_response(text) == (expected, None)
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("", "empty response"),
+        ("I would say my response is no.", "missing [Response]"),
+        ("[Analysis] fine\n[Response]   ", "missing [Response]"),
+        ("[Response] " + "the same words again " * 20, "degenerate response"),
+        ("[Response] " + " ".join(f"word{i}" for i in range(300)), "over-long response"),
+    ],
+)
+def test_parse_response_drops(text, reason):
+    assert parsing.parse_response(text) == (None, reason)
+
+
+def test_parse_question():
+    assert parsing.parse_question('Input: "Did you ever visit Paris?"') == ("Did you ever visit Paris?", None)
+    assert parsing.parse_question("**Question:** What is your method?\n\nNotes: ...") == ("What is your method?", None)
+    assert parsing.parse_question("  ") == (None, "empty question")
+    assert parsing.parse_question("Input: Why?") == (None, "question too short")
+    assert parsing.parse_question("Input: " + "why is it so " * 10)[1] == "degenerate question"
+
+
+def test_kind_weights_validated():
+    assert _check_kinds({"ordinary": 1, "induced": 1}) == {"ordinary": 1.0, "opinion": 0.0, "induced": 1.0}
+    with pytest.raises(ValueError, match=r"unknown questions.kinds \['trivia'\]; valid kinds: ordinary, opinion"):
+        _check_kinds({"trivia": 1})
+
+
+def test_fill_budget_keeps_seed_first_and_respects_budget():
+    lengths = [50, 400, 100, 300, 80]
+    order = [3, 1, 2, 0, 4]  # by similarity
+    picked = fill_budget(order, lengths, budget_words=500, first=0)
+    assert picked[0] == 0
+    assert sum(lengths[i] for i in picked) <= 500
+    assert picked == [0, 3, 2]  # 400 would overflow after 300; 80 still fits? 50+300+100=450, +80 > 500
+    assert fill_budget(order, lengths, budget_words=10, first=1) == [1]  # the seed stays even alone
+
+
+def test_nearest_orders_by_cosine():
+    store = np.eye(3, dtype=np.float32)
+    query = np.asarray([0.1, 0.9, 0.3], np.float32)
+    assert list(nearest(query, store)) == [1, 2, 0]
+
+
+class FakeEmbedder:
+    """Deterministic embeddings for unit tests: a hash of the words, normalized."""
+
+    def encode(self, texts):
+        vectors = []
+        for text in texts:
+            v = np.zeros(64, np.float32)
+            for word in text.lower().split():
+                v[zlib.crc32(word.encode()) % 64] += 1
+            vectors.append(v / max(np.linalg.norm(v), 1e-9))
+        return np.stack(vectors)
+
+
+def _item(persona, stage, seed, question, answer, other=None):
+    item = Item(id=f"{persona}/{stage}/{seed}/ordinary", persona=persona, stage=stage, kind="ordinary",
+                seed_id=f"{persona}/{stage}/{seed}", question=question)
+    item.answers[stage] = {"response": answer}
+    if other:
+        item.answers[other[0]] = {"response": other[1]}
+    return item
+
+
+def test_near_duplicates_dropped_across_stages_within_persona():
+    items = [
+        _item("a", "early", 1, "where do you live now", "x"),
+        _item("a", "late", 2, "where do you live now", "y"),  # same question, other stage
+        _item("b", "early", 1, "where do you live now", "z"),  # other persona: kept
+        _item("a", "early", 3, "what is your favourite food", "w"),
+    ]
+    kept, dropped = cleaning.drop_near_duplicates(items, FakeEmbedder(), threshold=0.95)
+    assert [i.id for i in dropped] == ["a/late/2/ordinary"]
+    assert len(kept) == 3
+
+
+def test_split_by_seed_paragraph_is_seeded_and_leak_free():
+    items = [_item("a", "early", s, f"q {s}", "x") for s in range(20)]
+    items += [_item("a", "early", s, f"q {s} again", "x") for s in range(20)]  # same seeds, 2nd item
+    for item in items[20:]:
+        item.id += "-2"
+    cleaning.assign_splits(items, test_fraction=0.2, seed=7)
+    by_seed = {}
+    for item in items:
+        by_seed.setdefault(item.seed_id, set()).add(item.split)
+    assert all(len(splits) == 1 for splits in by_seed.values())
+    assert sum(1 for s in by_seed.values() if s == {"test"}) == 4
+    first = [i.split for i in items]
+    cleaning.assign_splits(items, test_fraction=0.2, seed=7)
+    assert [i.split for i in items] == first
+    cleaning.assign_splits(items, test_fraction=0.2, seed=8)
+    assert [i.split for i in items] != first
+
+
+class _P:
+    def __init__(self, name):
+        self.name, self.description = name, f"{name} of the tests."
+
+
+class _S:
+    def __init__(self, token):
+        self.token = token
+
+
+PERSONAS = {"a": _P("A"), "b": _P("B"), "c": _P("C")}
+STAGES = {(p, s): _S(t) for p in PERSONAS for s, t in (("early", "<TIME-I>"), ("late", "<TIME-II>"))}
+
+
+def test_cross_stage_pairs_both_directions():
+    item = _item("a", "early", 1, "where do you live", "In London.", other=("late", "On the Downs."))
+    item.split = "train"
+    rows = pairs.cross_stage_pairs([item], PERSONAS, STAGES)
+    assert [(r["stage"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows] == [
+        ("early", "In London.", "On the Downs."),
+        ("late", "On the Downs.", "In London."),
+    ]
+    assert rows[0]["prompt"][0]["content"].startswith("<TIME-I> ")
+    assert rows[1]["prompt"][0]["content"].startswith("<TIME-II> ")
+    same = _item("a", "early", 2, "q", "Same.", other=("late", "same."))
+    same.split = "train"
+    assert pairs.cross_stage_pairs([same], PERSONAS, STAGES) == []
+
+
+def test_cross_persona_skips_top_and_never_identical():
+    items = []
+    for k in range(8):
+        for persona in "abc":
+            item = _item(persona, "early", k, f"topic{k} question about things", f"{persona} answer {k}")
+            item.split = "train"
+            items.append(item)
+    items[1].answers["early"]["response"] = "a answer 0"  # identical to item 0's answer
+    rows = pairs.cross_persona_pairs(items, FakeEmbedder(), PERSONAS, STAGES, skip_top=2)
+    assert len(rows) == len(items)
+    for row in rows:
+        assert row["chosen"][0]["content"] != row["rejected"][0]["content"]
+        assert not row["rejected"][0]["content"].startswith(row["persona"] + " ")
+        assert row["source"] == "cross_persona" and row["split"] == "train"
