@@ -20,8 +20,10 @@ class MetricsLog:
             self._drop_after(resume_step)
         elif self.path.exists():
             self.path.unlink()
-        from tensorboardX import SummaryWriter
-
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:  # TensorBoard events are optional; metrics.jsonl is always written
+            return
         self._writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=(resume_step or 0) + 1)
 
     def _drop_after(self, step: int) -> None:
@@ -38,7 +40,7 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        for key, value in record.items():
+        for key, value in record.items() if self._writer is not None else ():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                 self._writer.add_scalar(key.replace("=", "_"), value, record["step"])
 
