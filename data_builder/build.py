@@ -85,11 +85,14 @@ class Builder:
         self.client = LLMClient(
             base_url=cfg.llm.base_url,
             model=cfg.llm.model,
+            cache_dir=self.out_dir / "cache",
             api_key=cfg.llm.api_key or None,
             concurrency=cfg.llm.concurrency,
             max_retries=cfg.llm.max_retries,
-            timeout_s=cfg.llm.timeout_s,
-            cache_dir=self.out_dir / "cache",
+            timeout=cfg.llm.timeout_s,
+            temperature=cfg.llm.temperature,
+            max_tokens=cfg.llm.max_tokens,
+            seed=cfg.llm.seed,
         )
         self.drops: Counter = Counter()
 
@@ -240,7 +243,13 @@ class Builder:
         return stats
 
     def run(self) -> dict:
-        return asyncio.run(self.run_async())
+        async def main():
+            try:
+                return await self.run_async()
+            finally:
+                await self.client.aclose()
+
+        return asyncio.run(main())
 
 
 def build(cfg: BuildConfig) -> dict:

@@ -15,7 +15,9 @@ _MARKER = (
 )
 _ANALYSIS = re.compile(_MARKER.format(name="analysis"), re.IGNORECASE | re.MULTILINE)
 _RESPONSE = re.compile(_MARKER.format(name="response"), re.IGNORECASE | re.MULTILINE)
-_INPUT_PREFIX = re.compile(r"^\s*[\[\(*#]*\s*(?:input|question|opinion|user)\s*[\]\)*]*\s*[:\-]\s*", re.IGNORECASE)
+_INPUT_PREFIX = re.compile(
+    r"^\s*[\[\(*#]*\s*(?:input|question|opinion|user)\s*[\]\)*]*\s*[:\-]\s*[\]\)*]*\s*", re.IGNORECASE
+)
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 

@@ -54,7 +54,7 @@ def _build_data(args) -> None:
     stats = build(cfg)
     print(
         f"build-data finished: {cfg.out_dir}: {stats['dialogues']} dialogues, {stats['pairs']} pairs, "
-        f"{stats['dropped']} seeds dropped, {stats['llm'].get('requests', 0)} requests, "
+        f"{stats['dropped']} seeds dropped, {stats['llm'].get('requests_sent', 0)} requests, "
         f"{stats['llm'].get('cache_hits', 0)} cache hits"
     )
 
