@@ -137,7 +137,7 @@ class Builder:
                 if result.error:
                     item.drop_reason = f"question request failed: {result.error}"
                     continue
-                question, reason = parsing.parse_question(result.text)
+                question, reason = parsing.parse_question(result.text, material=self.paragraphs[item.seed_id].text)
                 if question is None:
                     item.drop_reason = reason
                     retry.append(item)

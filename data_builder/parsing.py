@@ -41,7 +41,17 @@ def _clean(text: str) -> str:
     return re.sub(r"[ \t]+", " ", text)
 
 
-def parse_question(text: str, max_words: int = 80) -> tuple[str | None, str | None]:
+def copies_material(question: str, material: str, n: int = 5) -> bool:
+    """Most of the question's word 5-grams appear in the material: the model copied its input."""
+    q, m = words(question), words(material)
+    grams = {tuple(q[i : i + n]) for i in range(len(q) - n + 1)}
+    if not grams:
+        return False
+    source = {tuple(m[i : i + n]) for i in range(len(m) - n + 1)}
+    return len(grams & source) / len(grams) >= 0.5
+
+
+def parse_question(text: str, max_words: int = 80, material: str = "") -> tuple[str | None, str | None]:
     """The generated input: the text after an optional 'Input:' label, first paragraph only."""
     if not text or not text.strip():
         return None, "empty question"
@@ -56,6 +66,8 @@ def parse_question(text: str, max_words: int = 80) -> tuple[str | None, str | No
         return None, "question too long"
     if is_degenerate(body):
         return None, "degenerate question"
+    if material and copies_material(body, material):
+        return None, "question copies the material"
     return body, None
 
 
@@ -63,11 +75,13 @@ def parse_response(text: str, max_words: int = 250) -> tuple[tuple[str, str] | N
     """(analysis, response) from '[Analysis] ... [Response] ...' and its variations."""
     if not text or not text.strip():
         return None, "empty response"
-    found = list(_RESPONSE.finditer(text))
-    if not found:
+    marker = _RESPONSE.search(text)
+    if marker is None:
         return None, "missing [Response]"
-    marker = found[-1]  # the last one: models sometimes mention "response" in the analysis
-    response = _clean(text[marker.end() :])
+    # The response ends where a model that loops starts a new "[Analysis]" / "[Response]" block.
+    rest = text[marker.end() :]
+    cut = [m.start() for m in (_RESPONSE.search(rest), _ANALYSIS.search(rest)) if m is not None]
+    response = _clean(rest[: min(cut)] if cut else rest)
     head = text[: marker.start()]
     analysis_marker = _ANALYSIS.search(head)
     analysis = _clean(head[analysis_marker.end() :] if analysis_marker else head)

@@ -72,10 +72,31 @@ FEW_SHOT = [
 ]
 
 
+# One worked example, so that small annotators see the expected shape: a new sentence, not the
+# material copied back.
+QUESTION_EXAMPLE = [
+    {
+        "role": "user",
+        "content": QUESTION_USER.format(
+            name="Captain Ahab",
+            description="captain of the whaler Pequod",
+            when="1851, at sea",
+            seed="I lost my leg to the white whale off the coast of Japan, and I have sworn to hunt him down.",
+            kind_instruction=QUESTION_KINDS["ordinary"],
+        ),
+    },
+    {"role": "assistant", "content": "Input: Captain, where exactly did you first meet the white whale?"},
+]
+
+
 def question_messages(*, name: str, description: str, when: str, seed: str, kind: str, stance_index: int = 0):
     instruction = QUESTION_KINDS[kind].format(stance=OPINION_STANCES[stance_index % len(OPINION_STANCES)])
     user = QUESTION_USER.format(name=name, description=description, when=when, seed=seed, kind_instruction=instruction)
-    return [{"role": "system", "content": QUESTION_SYSTEM}, {"role": "user", "content": user}]
+    return [
+        {"role": "system", "content": QUESTION_SYSTEM},
+        *QUESTION_EXAMPLE,
+        {"role": "user", "content": user},
+    ]
 
 
 def response_messages(*, name: str, description: str, when: str, objective: list[str], subjective: list[str],

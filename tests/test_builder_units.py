@@ -19,6 +19,7 @@ from data_builder.retrieval import fill_budget, nearest
         ("### Analysis\nx\n### Response\nWell then.", ("x", "Well then.")),
         ("[ANALYSIS]: a\n[RESPONSE]: b", ("a", "b")),
         ("[Analysis] I must craft a response here.\n[Response] Indeed.", ("I must craft a response here.", "Indeed.")),
+        ("[Analysis] a\n[Response] Yes.\n[Analysis] a again\n[Response] Yes again", ("a", "Yes.")),
     ],
 )
 def test_parse_response_variants(text, expected):
@@ -45,6 +46,10 @@ def test_parse_question():
     assert parsing.parse_question("  ") == (None, "empty question")
     assert parsing.parse_question("Input: Why?") == (None, "question too short")
     assert parsing.parse_question("Input: " + "why is it so " * 10)[1] == "degenerate question"
+    material = "I am a complete gaucho, drinking my mate and smoking my cigar, and sleeping outdoors."
+    copied = "Input: I am a complete gaucho, drinking my mate and smoking my cigar."
+    assert parsing.parse_question(copied, material=material) == (None, "question copies the material")
+    assert parsing.parse_question("Input: Do you still drink mate every day?", material=material)[1] is None
 
 
 def test_kind_weights_validated():
