@@ -135,7 +135,7 @@ class Builder:
             retry = []
             for item, result in zip(pending, results):
                 if result.error:
-                    item.drop_reason = f"question request failed: {result.error}"
+                    item.drop_reason = f"question request failed ({result.error.reason})"
                     continue
                 question, reason = parsing.parse_question(result.text, material=self.paragraphs[item.seed_id].text)
                 if question is None:
@@ -197,7 +197,8 @@ class Builder:
                     "finish_reason": result.finish_reason,
                 }
                 if result.error:
-                    record["drop_reason"] = f"response request failed: {result.error}"
+                    record["drop_reason"] = f"response request failed ({result.error.reason})"
+                    record["error"] = str(result.error)
                 else:
                     parsed, reason = parsing.parse_response(result.text, self.cfg.limits.max_response_words)
                     if parsed is None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
