@@ -177,17 +177,8 @@ class DPOTask:
         zero = jnp.zeros((1,))  # rejects an unknown loss type now, with the valid names
         losses.dpo_loss(zero, zero, zero, zero, loss_type=cfg.dpo.loss_type)
         self.cfg, self.tokenizer, self.graphdef, self.mesh = cfg, tokenizer, graphdef, mesh
-        self.examples = task_common.load_sources(cfg.data.sources, formats.preference_example)
-        self.groups = task_common.GroupNames(self.examples)
-        self.order = task_common.DataOrder(
-            [len(s) for s in self.examples],
-            [s.repeats for s in cfg.data.sources],
-            cfg.train.batch_size,
-            cfg.data.shuffle_seed,
-        )
-        self.fingerprint = task_common.fingerprint(
-            self.examples, {"seq_len": cfg.train.seq_len, "repeats": [s.repeats for s in cfg.data.sources]}
-        )
+        self.data = task_common.TaskData(cfg, formats.preference_example)
+        self.examples, self.groups = self.data.examples, self.data.groups
         sharding = task_common.batch_sharding(mesh)
         side = SFTBatch(*([sharding] * 6))
         self.batch_shardings = DPOBatch(
@@ -215,10 +206,10 @@ class DPOTask:
         )
 
     def host_batch(self, step: int) -> DPOBatch:
-        keys = self.order.local_examples(step)
-        picked = [((s, i), self.examples[s][i]) for s, i in keys]
+        picked = self.data.local_picks(step)
+        keys = [key for key, _ in picked]
         rows = self._rows(picked)
-        ids = np.asarray([self.groups.ids(e) for _, e in picked], np.int32).reshape(-1, 2)
+        ids = self.data.group_ids(picked)
         if self.reference is not None:
             ref_c = np.asarray([self.reference["chosen"][s][i] for s, i in keys], np.float32)
             ref_r = np.asarray([self.reference["rejected"][s][i] for s, i in keys], np.float32)
@@ -242,11 +233,13 @@ class DPOTask:
         if pointer.is_file():  # a restart: the key was fixed when the run began
             current = json.loads(pointer.read_text())
             path = cache_dir / f"{current['key']}.npz"
-            if current.get("data_fingerprint") == self.fingerprint and path.is_file():
+            if current.get("data_fingerprint") == self.data.fingerprint and path.is_file():
                 log.info("reference log-probs loaded from cache %s", path)
                 return self._load(path)
         params = initial_params() if callable(initial_params) else initial_params
-        key = hashlib.sha256(f"{self.fingerprint}:{weights_fingerprint(params)}".encode()).hexdigest()[:20]
+        key = hashlib.sha256(f"{self.data.fingerprint}:{weights_fingerprint(params)}".encode()).hexdigest()[
+            :20
+        ]
         path = cache_dir / f"{key}.npz"
         if path.is_file():
             log.info("reference log-probs loaded from cache %s", path)
@@ -266,7 +259,7 @@ class DPOTask:
                 log.info("reference log-probs computed and cached in %s", path)
         if jax.process_index() == 0:
             cache_dir.mkdir(parents=True, exist_ok=True)
-            pointer.write_text(json.dumps({"key": key, "data_fingerprint": self.fingerprint}))
+            pointer.write_text(json.dumps({"key": key, "data_fingerprint": self.data.fingerprint}))
         return reference
 
     def _load(self, path: Path) -> dict:
@@ -351,7 +344,7 @@ class DPOTask:
         return record
 
     def data_position(self, step: int) -> dict:
-        return task_common.data_position(step, self.cfg, self.fingerprint)
+        return self.data.position(step)
 
     def check_resume(self, saved: dict) -> None:
-        task_common.check_resume(saved, self.cfg, self.fingerprint)
+        self.data.check_resume(saved)

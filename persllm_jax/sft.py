@@ -60,17 +60,8 @@ class SFTTask:
 
     def __init__(self, *, cfg: RunConfig, tokenizer, mesh, **_):
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.examples = task_common.load_sources(cfg.data.sources, formats.sft_example)
-        self.groups = task_common.GroupNames(self.examples)
-        self.order = task_common.DataOrder(
-            [len(s) for s in self.examples],
-            [s.repeats for s in cfg.data.sources],
-            cfg.train.batch_size,
-            cfg.data.shuffle_seed,
-        )
-        self.fingerprint = task_common.fingerprint(
-            self.examples, {"seq_len": cfg.train.seq_len, "repeats": [s.repeats for s in cfg.data.sources]}
-        )
+        self.data = task_common.TaskData(cfg, formats.sft_example)
+        self.examples, self.groups = self.data.examples, self.data.groups
         sharding = task_common.batch_sharding(mesh)
         self.batch_shardings = SFTBatch(*([sharding] * 6))
         self.frozen, self.frozen_shardings = None, None
@@ -84,7 +75,7 @@ class SFTTask:
         )
 
     def host_batch(self, step: int) -> SFTBatch:
-        picked = [((s, i), self.examples[s][i]) for s, i in self.order.local_examples(step)]
+        picked = self.data.local_picks(step)
         rows = tokenized_rows(
             self.tokenizer,
             picked,
@@ -92,7 +83,7 @@ class SFTTask:
             self._cache,
             lambda e: sft_arrays(self.tokenizer, e, self.cfg.train.seq_len),
         )
-        ids = np.asarray([self.groups.ids(e) for _, e in picked], np.int32).reshape(-1, 2)
+        ids = self.data.group_ids(picked)
         return SFTBatch(**rows, persona_ids=ids[:, 0], stage_ids=ids[:, 1])
 
     def global_batch(self, step: int) -> SFTBatch:
@@ -123,7 +114,7 @@ class SFTTask:
         return record
 
     def data_position(self, step: int) -> dict:
-        return task_common.data_position(step, self.cfg, self.fingerprint)
+        return self.data.position(step)
 
     def check_resume(self, saved: dict) -> None:
-        task_common.check_resume(saved, self.cfg, self.fingerprint)
+        self.data.check_resume(saved)

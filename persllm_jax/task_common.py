@@ -82,6 +82,34 @@ class DataOrder:
         return [(int(s), int(i)) for s, i in rows]
 
 
+class TaskData:
+    """A task's examples, metric groups, data order and fingerprint, from `data.sources`."""
+
+    def __init__(self, cfg: RunConfig, convert: Callable[[dict], Any]):
+        self.cfg = cfg
+        self.examples = load_sources(cfg.data.sources, convert)
+        self.groups = GroupNames(self.examples)
+        repeats = [s.repeats for s in cfg.data.sources]
+        self.order = DataOrder(
+            [len(s) for s in self.examples], repeats, cfg.train.batch_size, cfg.data.shuffle_seed
+        )
+        self.fingerprint = fingerprint(self.examples, {"seq_len": cfg.train.seq_len, "repeats": repeats})
+
+    def local_picks(self, step: int) -> list[tuple[tuple[int, int], Any]]:
+        """((source, index), example) of the rows this process loads at `step`."""
+        return [((s, i), self.examples[s][i]) for s, i in self.order.local_examples(step)]
+
+    def group_ids(self, picks) -> np.ndarray:
+        """[rows, 2] persona and stage ids of picked examples."""
+        return np.asarray([self.groups.ids(e) for _, e in picks], np.int32).reshape(-1, 2)
+
+    def position(self, step: int) -> dict:
+        return data_position(step, self.cfg, self.fingerprint)
+
+    def check_resume(self, saved: dict) -> None:
+        check_resume(saved, self.cfg, self.fingerprint)
+
+
 def batch_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
