@@ -76,7 +76,9 @@ def test_outputs_written_and_valid(built):
         assert row["prompt"][0]["content"].startswith(STAGE_TOKENS[row["stage"]] + " ")
         assert row["chosen"][0]["content"].strip() != row["rejected"][0]["content"].strip()
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["dialogues"] == len(persona_rows) + stats["general_dialogues"] or stats["dialogues"] == len(dialogues)
+    assert stats["dialogues"] == len(persona_rows)
+    assert stats["general_dialogues"] == len(dialogues) - len(persona_rows)
+    assert stats["pairs"] == len(pairs)
     assert stats["llm"]["requests_sent"] > 0 and stats["seeds"] == 12
     assert sum(stats["drop_reasons"].values()) == stats["dropped"]
     annotations = read_jsonl(out / "annotations.jsonl")
