@@ -113,31 +113,46 @@ class Builder:
             for paragraph in seeds:
                 rng = _rng(split_seed, "kind", paragraph.id)
                 kind = str(rng.choice(kind_names, p=probabilities))
-                items.append(Item(id=f"{paragraph.id}/{kind}", persona=persona, stage=stage_id, kind=kind,
-                                  seed_id=paragraph.id, stance=int(rng.integers(3))))
+                items.append(
+                    Item(
+                        id=f"{paragraph.id}/{kind}",
+                        persona=persona,
+                        stage=stage_id,
+                        kind=kind,
+                        seed_id=paragraph.id,
+                        stance=int(rng.integers(3)),
+                    )
+                )
         return items
 
     async def ask_questions(self, items: list[Item]) -> None:
-        cfg = self.cfg
         pending = list(items)
-        for attempt in range(cfg.questions.max_attempts):
+        for attempt in range(self._attempts()):
             if not pending:
                 break
             requests = []
             for item in pending:
                 persona, stage = self.personas[item.persona], self.stages[(item.persona, item.stage)]
                 messages = prompts.question_messages(
-                    name=persona.name, description=persona.description, when=stage.when,
-                    seed=self.paragraphs[item.seed_id].text, kind=item.kind, stance_index=item.stance,
+                    name=persona.name,
+                    description=persona.description,
+                    when=stage.when,
+                    seed=self.paragraphs[item.seed_id].text,
+                    kind=item.kind,
+                    stance_index=item.stance,
                 )
-                requests.append(self._request(messages, tag=f"question:{item.id}:{attempt}"))
-            results = await self.client.complete_many(requests, progress_desc=f"inputs (attempt {attempt + 1})")
+                requests.append(self._request(messages, tag=f"question:{item.id}:{attempt}", attempt=attempt))
+            results = await self.client.complete_many(
+                requests, progress_desc=f"inputs (attempt {attempt + 1})"
+            )
             retry = []
             for item, result in zip(pending, results):
                 if result.error:
                     item.drop_reason = f"question request failed ({result.error.reason})"
                     continue
-                question, reason = parsing.parse_question(result.text, material=self.paragraphs[item.seed_id].text)
+                question, reason = parsing.parse_question(
+                    result.text, material=self.paragraphs[item.seed_id].text
+                )
                 if question is None:
                     item.drop_reason = reason
                     retry.append(item)
@@ -151,7 +166,10 @@ class Builder:
         """Objective and subjective materials of `stage_id` for the item's question."""
         stage = self.stages[(item.persona, stage_id)]
         query = self.embedder.encode([item.question])[0]
-        budgets = {"objective": self.cfg.retrieval.objective_words, "subjective": self.cfg.retrieval.subjective_words}
+        budgets = {
+            "objective": self.cfg.retrieval.objective_words,
+            "subjective": self.cfg.retrieval.subjective_words,
+        }
         picked = {}
         for category, budget in budgets.items():
             store = [p for p in stage.paragraphs if p.category == category]
@@ -172,7 +190,7 @@ class Builder:
                 stages += [s.id for s in self.personas[item.persona].stages if s.id != item.stage]
             jobs += [(item, stage_id) for stage_id in stages]
         pending = jobs
-        for attempt in range(self.cfg.questions.max_attempts):
+        for attempt in range(self._attempts()):
             if not pending:
                 break
             requests, contexts = [], []
@@ -180,18 +198,28 @@ class Builder:
                 persona, stage = self.personas[item.persona], self.stages[(item.persona, stage_id)]
                 objective, subjective = self.retrieve(item, stage_id)
                 messages = prompts.response_messages(
-                    name=persona.name, description=persona.description, when=stage.when,
-                    objective=[p.text for p in objective], subjective=[p.text for p in subjective],
+                    name=persona.name,
+                    description=persona.description,
+                    when=stage.when,
+                    objective=[p.text for p in objective],
+                    subjective=[p.text for p in subjective],
                     question=item.question,
                 )
-                requests.append(self._request(messages, tag=f"response:{item.id}:{stage_id}:{attempt}"))
+                requests.append(
+                    self._request(messages, tag=f"response:{item.id}:{stage_id}:{attempt}", attempt=attempt)
+                )
                 contexts.append((objective, subjective))
-            results = await self.client.complete_many(requests, progress_desc=f"answers (attempt {attempt + 1})")
+            results = await self.client.complete_many(
+                requests, progress_desc=f"answers (attempt {attempt + 1})"
+            )
             retry = []
             for (item, stage_id), (objective, subjective), result in zip(pending, contexts, results):
                 record = {
                     "stage": stage_id,
-                    "retrieved": {"objective": [p.id for p in objective], "subjective": [p.id for p in subjective]},
+                    "retrieved": {
+                        "objective": [p.id for p in objective],
+                        "subjective": [p.id for p in subjective],
+                    },
                     "raw": result.text,
                     "usage": result.usage,
                     "finish_reason": result.finish_reason,
@@ -213,10 +241,20 @@ class Builder:
             if item.question is not None and (own is None or "response" not in own):
                 item.drop_reason = (own or {}).get("drop_reason", "no response")
 
-    def _request(self, messages, tag: str) -> dict:
+    def _request(self, messages, tag: str, attempt: int) -> dict:
+        # A new attempt samples with a new seed: the same body would get the same answer again.
         llm = self.cfg.llm
-        return {"messages": messages, "tag": tag, "temperature": llm.temperature, "max_tokens": llm.max_tokens,
-                "seed": llm.seed}
+        return {
+            "messages": messages,
+            "tag": tag,
+            "temperature": llm.temperature,
+            "max_tokens": llm.max_tokens,
+            "seed": llm.seed + attempt,
+        }
+
+    def _attempts(self) -> int:
+        # Greedy decoding answers a repeated prompt identically, so asking again cannot help.
+        return 1 if self.cfg.llm.temperature == 0 else self.cfg.questions.max_attempts
 
     # -- the whole build -------------------------------------------------------------------
 

@@ -28,7 +28,9 @@ class RetrievalSection:
 @dataclasses.dataclass(frozen=True)
 class QuestionsSection:
     # relative weights of the three inputs the annotator raises per seed paragraph
-    kinds: dict = dataclasses.field(default_factory=lambda: {"ordinary": 0.5, "opinion": 0.25, "induced": 0.25})
+    kinds: dict = dataclasses.field(
+        default_factory=lambda: {"ordinary": 0.5, "opinion": 0.25, "induced": 0.25}
+    )
     max_attempts: int = 3  # unparsable questions are asked again, then dropped
 
 

@@ -1,12 +1,12 @@
 """What `persllm build-data` writes into `out_dir`.
 
-    annotations.jsonl   every seed's record: kind, question, retrieved paragraph ids, analysis,
-                        response per answering stage, usage, and the drop reason if dropped
-    dialogues.jsonl     SFT dialogues (DESIGN.md format), persona items then general chats
-    pairs.jsonl         preference pairs (DESIGN.md format)
-    stats.json          counts per persona / stage / kind, drop reasons, requests, cache hits, tokens
-    hf/dialogues, hf/pairs   `datasets` DatasetDict directories with train / test splits
-    tfds/               a TFDS dataset (array_record) readable with tfds.data_source
+annotations.jsonl   every seed's record: kind, question, retrieved paragraph ids, analysis,
+                    response per answering stage, usage, and the drop reason if dropped
+dialogues.jsonl     SFT dialogues (DESIGN.md format), persona items then general chats
+pairs.jsonl         preference pairs (DESIGN.md format)
+stats.json          counts per persona / stage / kind, drop reasons, requests, cache hits, tokens
+hf/dialogues, hf/pairs   `datasets` DatasetDict directories with train / test splits
+tfds/               a TFDS dataset (array_record) readable with tfds.data_source
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 def system_message(persona_id: str, stage_id: str, personas, stages) -> dict:
     persona, stage = personas[persona_id], stages[(persona_id, stage_id)]
-    text = prompts.persona_system_prompt(token=stage.token, name=persona.name, description=persona.description)
+    text = prompts.persona_system_prompt(
+        token=stage.token, name=persona.name, description=persona.description
+    )
     return {"role": "system", "content": text}
 
 
@@ -68,7 +70,9 @@ def general_rows(cfg, num_persona_dialogues: int, seed: int) -> list[dict]:
     if fraction > 0:
         rng = np.random.default_rng(seed)
         count = int(round(fraction * len(conversational)))
-        copies += [(conversational[i], whole) for i in sorted(rng.choice(len(conversational), count, replace=False))]
+        copies += [
+            (conversational[i], whole) for i in sorted(rng.choice(len(conversational), count, replace=False))
+        ]
     return [
         {
             "id": f"general/{e.id}/{c}",

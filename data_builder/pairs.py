@@ -26,7 +26,10 @@ def _pair(item, stage_id, source, chosen, rejected, personas, stages, suffix):
         "persona": item.persona,
         "stage": stage_id,
         "source": source,
-        "prompt": [system_message(item.persona, stage_id, personas, stages), {"role": "user", "content": item.question}],
+        "prompt": [
+            system_message(item.persona, stage_id, personas, stages),
+            {"role": "user", "content": item.question},
+        ],
         "chosen": [{"role": "assistant", "content": chosen}],
         "rejected": [{"role": "assistant", "content": rejected}],
         "split": item.split,
@@ -42,7 +45,9 @@ def cross_stage_pairs(items, personas, stages) -> list[dict]:
             if stage_id == item.stage or other is None or _same(own, other):
                 continue
             rows.append(_pair(item, item.stage, "cross_stage", own, other, personas, stages, stage_id))
-            rows.append(_pair(item, stage_id, "cross_stage", other, own, personas, stages, f"{stage_id}-chosen"))
+            rows.append(
+                _pair(item, stage_id, "cross_stage", other, own, personas, stages, f"{stage_id}-chosen")
+            )
     return rows
 
 
@@ -52,7 +57,9 @@ def cross_persona_pairs(items, embedder, personas, stages, skip_top: int) -> lis
         return rows
     vectors = embedder.encode([i.question for i in items])
     for index, item in enumerate(items):
-        candidates = [j for j, other in enumerate(items) if other.persona != item.persona and other.split == item.split]
+        candidates = [
+            j for j, other in enumerate(items) if other.persona != item.persona and other.split == item.split
+        ]
         if not candidates:
             continue
         similarity = vectors[candidates] @ vectors[index]
@@ -63,6 +70,17 @@ def cross_persona_pairs(items, embedder, personas, stages, skip_top: int) -> lis
         for j in ranked[skip:]:
             rejected = items[j].answers[items[j].stage]["response"]
             if not _same(chosen, rejected):
-                rows.append(_pair(item, item.stage, "cross_persona", chosen, rejected, personas, stages, items[j].persona))
+                rows.append(
+                    _pair(
+                        item,
+                        item.stage,
+                        "cross_persona",
+                        chosen,
+                        rejected,
+                        personas,
+                        stages,
+                        items[j].persona,
+                    )
+                )
                 break
     return rows

@@ -91,7 +91,9 @@ QUESTION_EXAMPLE = [
 
 def question_messages(*, name: str, description: str, when: str, seed: str, kind: str, stance_index: int = 0):
     instruction = QUESTION_KINDS[kind].format(stance=OPINION_STANCES[stance_index % len(OPINION_STANCES)])
-    user = QUESTION_USER.format(name=name, description=description, when=when, seed=seed, kind_instruction=instruction)
+    user = QUESTION_USER.format(
+        name=name, description=description, when=when, seed=seed, kind_instruction=instruction
+    )
     return [
         {"role": "system", "content": QUESTION_SYSTEM},
         *QUESTION_EXAMPLE,
@@ -99,8 +101,9 @@ def question_messages(*, name: str, description: str, when: str, seed: str, kind
     ]
 
 
-def response_messages(*, name: str, description: str, when: str, objective: list[str], subjective: list[str],
-                      question: str):
+def response_messages(
+    *, name: str, description: str, when: str, objective: list[str], subjective: list[str], question: str
+):
     system = RESPONSE_SYSTEM.format(
         name=name,
         description=description,

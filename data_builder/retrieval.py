@@ -68,7 +68,9 @@ class Embedder:
         tmp.replace(self.cache_path)
 
 
-def fill_budget(order: Sequence[int], lengths: Sequence[int], budget_words: int, first: int | None = None) -> list[int]:
+def fill_budget(
+    order: Sequence[int], lengths: Sequence[int], budget_words: int, first: int | None = None
+) -> list[int]:
     """Indices in `order` (with `first` leading) whose word counts fit in `budget_words`; a
     paragraph that does not fit is skipped and smaller later ones may still fit. The seed is
     always kept, even alone over budget."""

@@ -37,8 +37,18 @@ def server(smollm2_hf_dir):
 
 
 def build(out_dir, base_url, model, *overrides, check=True):
-    return run_cli("build-data", "--config", CONFIG, f"out_dir={out_dir}", f"llm.base_url={base_url}",
-                   f"llm.model={model}", *SMALL, *overrides, check=check, cwd=ROOT)
+    return run_cli(
+        "build-data",
+        "--config",
+        CONFIG,
+        f"out_dir={out_dir}",
+        f"llm.base_url={base_url}",
+        f"llm.model={model}",
+        *SMALL,
+        *overrides,
+        check=check,
+        cwd=ROOT,
+    )
 
 
 def read_jsonl(path):
@@ -122,22 +132,44 @@ def test_outputs_load_into_trl_and_train(built, tmp_path):
         assert is_conversational(row)
         rendered = maybe_apply_chat_template(row, tokenizer)
         assert all(isinstance(v, str) and v for v in rendered.values())
-    common = ["model.preset=tiny", f"model.tokenizer={ROOT}/tests/data/tokenizer", "train.max_steps=2",
-              "train.batch_size=2", "train.seq_len=512", "mesh.fsdp=1"]
-    run_cli("sft", "--config", ROOT / "configs" / "sft_tiny.yaml", f"run_dir={tmp_path}/sft",
-            f"data.sources=[{{path: {out}/dialogues.jsonl, split: train}}]", *common,
-            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    common = [
+        "model.preset=tiny",
+        f"model.tokenizer={ROOT}/tests/data/tokenizer",
+        "train.max_steps=2",
+        "train.batch_size=2",
+        "train.seq_len=512",
+        "mesh.fsdp=1",
+    ]
+    run_cli(
+        "sft",
+        "--config",
+        ROOT / "configs" / "sft_tiny.yaml",
+        f"run_dir={tmp_path}/sft",
+        f"data.sources=[{{path: {out}/dialogues.jsonl, split: train}}]",
+        *common,
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+    )
     pairs = read_jsonl(out / "pairs.jsonl")
     assert pairs, "no preference pair was mined: see stats.json"
-    run_cli("dpo", "--config", ROOT / "configs" / "dpo_tiny.yaml", f"run_dir={tmp_path}/dpo",
-            f"data.sources=[{{path: {out}/pairs.jsonl, split: ''}}]", *common,
-            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    run_cli(
+        "dpo",
+        "--config",
+        ROOT / "configs" / "dpo_tiny.yaml",
+        f"run_dir={tmp_path}/dpo",
+        f"data.sources=[{{path: {out}/pairs.jsonl, split: ''}}]",
+        *common,
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+    )
     assert len(read_jsonl(tmp_path / "dpo" / "metrics.jsonl")) == 2
 
 
 def _annotation_set(out):
     return sorted(
-        (a["id"], a["question"], json.dumps({s: x.get("raw") for s, x in a["answers"].items()}, sort_keys=True))
+        (
+            a["id"],
+            a["question"],
+            json.dumps({s: x.get("raw") for s, x in a["answers"].items()}, sort_keys=True),
+        )
         for a in read_jsonl(out / "annotations.jsonl")
     )
 
@@ -149,10 +181,23 @@ def test_killed_build_resumes_with_the_same_records(server, tmp_path):
         build(tmp_path / "whole", proxy.url, server.model, *greedy)
     with FaultProxy(server.base_url) as proxy:
         out = tmp_path / "killed"
-        args = ["build-data", "--config", str(CONFIG), f"out_dir={out}", f"llm.base_url={proxy.url}",
-                f"llm.model={server.model}", *SMALL, *greedy]
-        process = subprocess.Popen([sys.executable, "-m", "persllm_jax.cli", *args], cwd=ROOT,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        args = [
+            "build-data",
+            "--config",
+            str(CONFIG),
+            f"out_dir={out}",
+            f"llm.base_url={proxy.url}",
+            f"llm.model={server.model}",
+            *SMALL,
+            *greedy,
+        ]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "persllm_jax.cli", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         cache = out / "cache" / "cache.jsonl"
         deadline = time.time() + 600
         while not (cache.is_file() and len(cache.read_text().splitlines()) >= 3):
@@ -161,7 +206,9 @@ def test_killed_build_resumes_with_the_same_records(server, tmp_path):
             time.sleep(0.2)
         process.send_signal(signal.SIGKILL)
         process.wait()
-        answered = [json.loads(line)["request"]["messages"] for line in cache.read_text().splitlines() if line]
+        answered = [
+            json.loads(line)["request"]["messages"] for line in cache.read_text().splitlines() if line
+        ]
         result = run_cli(*args, cwd=ROOT)
         # Nothing answered before the kill reaches the server again (a request still in flight at
         # the kill had no answer to keep, so it is sent once more).
@@ -177,14 +224,30 @@ def test_killed_build_resumes_with_the_same_records(server, tmp_path):
 
 @pytest.mark.slow
 def test_faults_are_retried_and_failures_counted(server, tmp_path):
-    faults = {"429": 0.1, "500": 0.1, "503": 0.05, "truncate": 0.05, "nonjson": 0.05, "drop": 0.05, "empty": 0.05}
+    faults = {
+        "429": 0.1,
+        "500": 0.1,
+        "503": 0.05,
+        "truncate": 0.05,
+        "nonjson": 0.05,
+        "drop": 0.05,
+        "empty": 0.05,
+    }
     with FaultProxy(server.base_url, probabilities=faults, seed=3, retry_after=0.5) as proxy:
         # every request for an induced question fails forever; the rest must complete through the faults
         proxy.fail_always("Kind: a question with a false premise", "500")
         out = tmp_path / "out"
-        result = build(out, proxy.url, server.model, "personas=[holmes]", "limits.seeds_per_stage=3",
-                       "questions.kinds={ordinary: 1, induced: 1}", "questions.max_attempts=1",
-                       "llm.max_retries=8", "general_data.path=")
+        result = build(
+            out,
+            proxy.url,
+            server.model,
+            "personas=[holmes]",
+            "limits.seeds_per_stage=3",
+            "questions.kinds={ordinary: 1, induced: 1}",
+            "questions.max_attempts=1",
+            "llm.max_retries=8",
+            "general_data.path=",
+        )
         assert sum(proxy.faults.values()) > 0
     stats = json.loads((out / "stats.json").read_text())
     assert stats["llm"]["retries_total"] > 0
@@ -198,9 +261,18 @@ def test_faults_are_retried_and_failures_counted(server, tmp_path):
 def test_malformed_materials_named(tmp_path):
     personas = tmp_path / "personas"
     (personas / "x" / "early").mkdir(parents=True)
-    (personas / "x" / "persona.yaml").write_text("name: X\nstages:\n  - {id: early, token: '<TIME-I>'}\n  - {id: late}\n")
-    result = run_cli("build-data", "--config", CONFIG, f"personas_dir={personas}", f"out_dir={tmp_path}/out",
-                     check=False, cwd=ROOT)
+    (personas / "x" / "persona.yaml").write_text(
+        "name: X\nstages:\n  - {id: early, token: '<TIME-I>'}\n  - {id: late}\n"
+    )
+    result = run_cli(
+        "build-data",
+        "--config",
+        CONFIG,
+        f"personas_dir={personas}",
+        f"out_dir={tmp_path}/out",
+        check=False,
+        cwd=ROOT,
+    )
     assert result.returncode == 2
     assert "persona.yaml" in result.stderr and "token" in result.stderr
 
@@ -209,4 +281,3 @@ def test_unknown_build_key_named(tmp_path):
     result = run_cli("build-data", "--config", CONFIG, "llm.modle=x", check=False, cwd=ROOT)
     assert result.returncode == 2
     assert "unknown config key 'llm.modle'" in result.stderr and "base_url" in result.stderr
-

@@ -13,12 +13,18 @@ from data_builder.retrieval import fill_budget, nearest
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("[Analysis] A false premise.\n[Response] I never went to Paris.", ("A false premise.", "I never went to Paris.")),
+        (
+            "[Analysis] A false premise.\n[Response] I never went to Paris.",
+            ("A false premise.", "I never went to Paris."),
+        ),
         ("**Analysis:** hmm\n**Response:** Quite so, Watson.", ("hmm", "Quite so, Watson.")),
         ("Analysis: the user asks.\nResponse: Elementary.", ("the user asks.", "Elementary.")),
         ("### Analysis\nx\n### Response\nWell then.", ("x", "Well then.")),
         ("[ANALYSIS]: a\n[RESPONSE]: b", ("a", "b")),
-        ("[Analysis] I must craft a response here.\n[Response] Indeed.", ("I must craft a response here.", "Indeed.")),
+        (
+            "[Analysis] I must craft a response here.\n[Response] Indeed.",
+            ("I must craft a response here.", "Indeed."),
+        ),
         ("[Analysis] a\n[Response] Yes.\n[Analysis] a again\n[Response] Yes again", ("a", "Yes.")),
     ],
 )
@@ -42,7 +48,10 @@ def test_parse_response_drops(text, reason):
 
 def test_parse_question():
     assert parsing.parse_question('Input: "Did you ever visit Paris?"') == ("Did you ever visit Paris?", None)
-    assert parsing.parse_question("**Question:** What is your method?\n\nNotes: ...") == ("What is your method?", None)
+    assert parsing.parse_question("**Question:** What is your method?\n\nNotes: ...") == (
+        "What is your method?",
+        None,
+    )
     assert parsing.parse_question("  ") == (None, "empty question")
     assert parsing.parse_question("Input: Why?") == (None, "question too short")
     assert parsing.parse_question("Input: " + "why is it so " * 10)[1] == "degenerate question"
@@ -54,7 +63,9 @@ def test_parse_question():
 
 def test_kind_weights_validated():
     assert _check_kinds({"ordinary": 1, "induced": 1}) == {"ordinary": 1.0, "opinion": 0.0, "induced": 1.0}
-    with pytest.raises(ValueError, match=r"unknown questions.kinds \['trivia'\]; valid kinds: ordinary, opinion"):
+    with pytest.raises(
+        ValueError, match=r"unknown questions.kinds \['trivia'\]; valid kinds: ordinary, opinion"
+    ):
         _check_kinds({"trivia": 1})
 
 
@@ -88,8 +99,14 @@ class FakeEmbedder:
 
 
 def _item(persona, stage, seed, question, answer, other=None):
-    item = Item(id=f"{persona}/{stage}/{seed}/ordinary", persona=persona, stage=stage, kind="ordinary",
-                seed_id=f"{persona}/{stage}/{seed}", question=question)
+    item = Item(
+        id=f"{persona}/{stage}/{seed}/ordinary",
+        persona=persona,
+        stage=stage,
+        kind="ordinary",
+        seed_id=f"{persona}/{stage}/{seed}",
+        question=question,
+    )
     item.answers[stage] = {"response": answer}
     if other:
         item.answers[other[0]] = {"response": other[1]}

@@ -318,7 +318,14 @@ def test_load_checkpoint_onto_a_mesh(sft_reference_run):
 
 
 def test_nan_loss_stops_with_message(tmp_path):
-    result = train("sft", tmp_path / "run", "optim.lr=1e30", "optim.grad_clip=0", "optim.warmup_steps=0",
-                   check=False, env=ONE_DEVICE)
+    result = train(
+        "sft",
+        tmp_path / "run",
+        "optim.lr=1e30",
+        "optim.grad_clip=0",
+        "optim.warmup_steps=0",
+        check=False,
+        env=ONE_DEVICE,
+    )
     assert result.returncode == 2
     assert "loss is nan at step" in result.stderr and "Last checkpoint" in result.stderr
