@@ -90,6 +90,8 @@ def main() -> None:
         server = TransformersServer(model_dir).start()
         args.base_url, args.model = server.base_url, server.model
     try:
+        # warm the server up (first requests pay one-off costs) before anything is timed
+        asyncio.run(direct(args.base_url, args.model, 2, 1, args.max_tokens))
         rows = []
         for round_id, concurrency in enumerate(int(c) for c in args.concurrency.split(",")):
             # alternate the order so neither side always meets a warmer server

@@ -54,6 +54,7 @@ GB = 1e9
 TARGET_SFT_VS_MINIMAL = 1.10
 TARGET_DPO_VS_SFT = 1.15
 TARGET_MEMORY_VS_TRL = 1 / 3
+BUSY = 0.05  # a step during which other processes used more of the CPU than this is disturbed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,24 +212,28 @@ class OtherLoad:
         return self.other
 
 
-def load_result(load: OtherLoad, steps: int) -> dict:
+def load_result(load: OtherLoad, steps: int, per_step: list) -> dict:
     cpu = None if load.own_cpu_s is None else load.own_cpu_s / steps
-    return {"other_cpu_load": load.other, "cpu_s_per_step": cpu}
+    return {"other_cpu_load": load.other, "cpu_s_per_step": cpu, "step_other_load": per_step}
 
 
 def time_steps(run_step, state, warmup: int, steps: int, block):
-    """Run warmup + steps steps; returns (state, per-step seconds, losses, the timed steps' OtherLoad)."""
-    times, losses, load = [], [], OtherLoad()
+    """Run warmup + steps steps; returns (state, per-step seconds, losses, (the timed steps'
+    OtherLoad, each step's share of the CPU used by other processes))."""
+    times, losses, load, per_step = [], [], OtherLoad(), []
     for i in range(warmup + steps):
         if i == warmup:
             load.start()
+        step_load = OtherLoad()
+        step_load.start()
         start = time.perf_counter()
         state, loss = run_step(state)
         block(state, loss)
         times.append(time.perf_counter() - start)
+        per_step.append(step_load.stop())
         losses.append(float(loss))
     load.stop()
-    return state, times, losses, load
+    return state, times, losses, (load, per_step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +441,7 @@ def child_ours(args, kind: str) -> dict:
         "tokens_per_step": args.batch * args.seq,
         "setup_s": setup_s,
         "compile_s": compile_s,
-        **load_result(load, args.steps),
+        **load_result(load[0], args.steps, load[1]),
     }
 
 
@@ -534,7 +539,7 @@ def child_minimal(args) -> dict:
         "tokens_per_step": args.batch * args.seq,
         "setup_s": setup_s,
         "compile_s": compile_s,
-        **load_result(load, args.steps),
+        **load_result(load[0], args.steps, load[1]),
     }
 
 
@@ -590,17 +595,20 @@ def child_trl(args, kind: str) -> dict:
 
     class StepTimer(transformers.TrainerCallback):
         def __init__(self):
-            self.times, self.load = [], OtherLoad()
+            self.times, self.load, self.step_load, self.per_step = [], OtherLoad(), OtherLoad(), []
 
         def on_step_begin(self, args_, state, control, **kwargs):
             sync()
             if len(self.times) == args.warmup:
                 self.load.start()
+            self.step_load = OtherLoad()
+            self.step_load.start()
             self.start = time.perf_counter()
 
         def on_step_end(self, args_, state, control, **kwargs):
             sync()
             self.times.append(time.perf_counter() - self.start)
+            self.per_step.append(self.step_load.stop())
             if len(self.times) == args.warmup + args.steps:
                 self.load.stop()
 
@@ -681,7 +689,7 @@ def child_trl(args, kind: str) -> dict:
         "optimizer": str(config.optim),
         "attention": model.config._attn_implementation,
         "gradient_checkpointing": args.trl_gradient_checkpointing,
-        **load_result(timer.load, args.steps),
+        **load_result(timer.load, args.steps, timer.per_step),
     }
     if cuda:
         out["peak_memory_bytes"] = max(torch.cuda.max_memory_allocated(), setup_peak)
@@ -795,6 +803,16 @@ def derive(result: dict, probe: dict, warmup: int) -> None:
     if result.get("status") != "ok":
         return
     timed = result["step_times_s"][warmup:] or result["step_times_s"]
+    if result.get("step_other_load"):
+        others = result["step_other_load"][-len(timed) :]
+        result["timing_disturbed"] = any(o is not None and o > BUSY for o in others)
+    else:
+        others = [None] * len(timed)
+        result["timing_disturbed"] = (result.get("other_cpu_load") or 0) > BUSY
+    clean = [t for t, o in zip(timed, others) if o is not None and o <= BUSY]
+    if result["timing_disturbed"] and clean:  # a shared host: average the undisturbed steps
+        result["clean_steps"] = f"{len(clean)} of {len(timed)}"
+        result["timing_disturbed"], timed = False, clean
     step = statistics.mean(timed)
     result["mean_step_s"] = step
     result["tokens_per_s"] = result["tokens_per_step"] / step
@@ -845,8 +863,10 @@ def report(results: dict, probe: dict, torch_probe: dict | None, args) -> str:
                 notes.append("setup incl. ref precompute")
         if "xla_memory" in r:
             notes.append(f"XLA temp {r['xla_memory']['temp'] / GB:.2f} GB")
-        if (r.get("other_cpu_load") or 0) > 0.05:
-            notes.append(f"other processes used {r['other_cpu_load']:.0%} of the CPU")
+        if r.get("clean_steps"):
+            notes.append(f"mean of the {r['clean_steps']} steps that other processes left alone")
+        elif r.get("timing_disturbed") or (r.get("other_cpu_load") or 0) > BUSY:
+            notes.append(f"timing disturbed: other processes used {r['other_cpu_load']:.0%} of the CPU")
         if r.get("note"):
             notes.append(r["note"])
         lines.append(
@@ -860,14 +880,16 @@ def report(results: dict, probe: dict, torch_probe: dict | None, args) -> str:
     def ok(name):
         return results.get(name, {}).get("status") == "ok"
 
-    def ratio(label, a, b, key, target=None, lower_is_better=True):
+    def ratio(label, a, b, key, target=None):
         if not (ok(a) and ok(b)):
             return
         value = results[a][key] / results[b][key]
         verdict = ""
         if target is not None:
-            good = value <= target if lower_is_better else value >= target
-            verdict = f" (target <= {target:.2f}: {'met' if good else 'MISSED'})"
+            verdict = f" (target <= {target:.2f}: {'met' if value <= target else 'MISSED'})"
+        busy = [n for n in (a, b) if results[n].get("timing_disturbed")]
+        if busy and key in ("mean_step_s", "tokens_per_s"):
+            verdict += f" [timing of {', '.join(busy)} disturbed by other processes]"
         lines.append(f"- {label}: {value:.3f}{verdict}")
 
     before = len(lines)
