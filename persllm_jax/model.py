@@ -91,7 +91,10 @@ class Attention(nnx.Module):
         )
         self.o_proj = Linear(cfg.num_heads * hd, d, ("heads", "embed"), bias=cfg.o_bias, cfg=cfg, rngs=rngs)
 
-    def __call__(self, x_BTD, cos, sin, mask):
+    def __call__(self, x_BTD, cos, sin, mask, cache=None):
+        """With `cache` = (k [L, B, S, K, H], v, layer, write_index), this step's keys and values
+        are written into `layer` at `write_index` and attention runs over that layer's whole cache
+        (`mask` is then [B, T, S]); the updated (k, v) is returned alongside the output."""
         cfg = self.cfg
         b, t, _ = x_BTD.shape
         q = self.q_proj(x_BTD).reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -99,8 +102,19 @@ class Attention(nnx.Module):
         v = self.v_proj(x_BTD).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         q = constrain(rope.apply_rotary(q, cos, sin), ("batch", "length", "act_heads", None))
         k = constrain(rope.apply_rotary(k, cos, sin), ("batch", "length", "act_heads", None))
-        out = attend(q, k, v, mask, cfg.attention_impl)
-        return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim))
+        if cache is None:
+            out = attend(q, k, v, mask, cfg.attention_impl)
+            return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim))
+        # The cache holds every layer ([L, B, S, K, H]) and stays in the scan carry, so each step
+        # writes only its new slots in place instead of copying the layer's whole cache.
+        k_all, v_all, layer, write_index = cache
+        at = (layer, 0, write_index, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
+        v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
+        k_layer = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
+        v_layer = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
+        out = attend(q, k_layer, v_layer, mask, "xla")
+        return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim)), (k_all, v_all)
 
 
 class MLP(nnx.Module):
@@ -124,10 +138,15 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_BTD, cos, sin, mask):
-        x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), cos, sin, mask)
+    def __call__(self, x_BTD, cos, sin, mask, cache=None):
+        if cache is None:
+            attn_out, new_cache = self.attn(self.input_norm(x_BTD), cos, sin, mask), None
+        else:
+            attn_out, new_cache = self.attn(self.input_norm(x_BTD), cos, sin, mask, cache)
+        x_BTD = x_BTD + attn_out
         x_BTD = x_BTD + self.mlp(self.post_attn_norm(x_BTD))
-        return constrain(x_BTD, ("batch", "length", "act_embed"))
+        x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
+        return x_BTD if cache is None else (x_BTD, new_cache)
 
 
 class CausalLM(nnx.Module):
@@ -168,10 +187,7 @@ class CausalLM(nnx.Module):
             if attention_mask_BT is not None:
                 mask = mask & attention_mask_BT.astype(bool)[:, None, :]
         cos, sin = rope.cos_sin(cfg, positions_BT)
-
-        x_BTD = jnp.take(self.embed[...], input_ids_BT, axis=0).astype(cfg.compute_dtype)
-        x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
-
+        x_BTD = self._embed(input_ids_BT)
         graphdef, stacked_state = nnx.split(self.layers)
 
         def one_layer(x, layer_state):
@@ -182,6 +198,43 @@ class CausalLM(nnx.Module):
             one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
         x_BTD, _ = jax.lax.scan(one_layer, x_BTD, stacked_state)
         return self.final_norm(x_BTD)
+
+    def _embed(self, input_ids_BT):
+        x_BTD = jnp.take(self.embed[...], input_ids_BT, axis=0).astype(self.cfg.compute_dtype)
+        return constrain(x_BTD, ("batch", "length", "act_embed"))
+
+    def init_cache(self, batch: int, length: int):
+        """An empty KV cache: (k, v), each [layers, B, S, kv_heads, head_dim] in compute dtype."""
+        cfg = self.cfg
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype)
+
+    def cached_hidden_states(self, input_ids_BT, positions_BT, key_valid_BS, cache, write_index):
+        """Hidden states of T new tokens written into the cache at slots write_index..+T-1.
+
+        `key_valid_BS` marks the cache slots holding real tokens (False for left padding); a
+        query sees a slot when it is valid and not after the query's own slot. Returns
+        (final-normed hidden [B, T, D], updated cache)."""
+        cfg = self.cfg
+        t = input_ids_BT.shape[1]
+        s = key_valid_BS.shape[1]
+        query_slot_T = write_index + jnp.arange(t, dtype=jnp.int32)
+        causal_TS = jnp.arange(s, dtype=jnp.int32)[None, :] <= query_slot_T[:, None]
+        mask_BTS = causal_TS[None, :, :] & key_valid_BS[:, None, :]
+        cos, sin = rope.cos_sin(cfg, positions_BT)
+        x_BTD = self._embed(input_ids_BT)
+        graphdef, stacked_state = nnx.split(self.layers)
+
+        def one_layer(carry, layer_inputs):
+            x, k_all, v_all = carry
+            layer_state, index = layer_inputs
+            layer = nnx.merge(graphdef, layer_state)
+            x, (k_all, v_all) = layer(x, cos, sin, mask_BTS, (k_all, v_all, index, write_index))
+            return (x, k_all, v_all), None
+
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x_BTD, k_all, v_all), _ = jax.lax.scan(one_layer, (x_BTD, *cache), (stacked_state, layer_ids))
+        return self.final_norm(x_BTD), (k_all, v_all)
 
     def output_kernel(self):
         """The [D, V] output projection (the embedding transposed when tied)."""
