@@ -23,8 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 QUESTIONS = [
-    "Name a colour of the sky.", "What do bees make?", "Say hello in French.", "What is two plus two?",
-    "Name a fruit.", "What is the capital of England?", "Name a bird.", "What is ice made of?",
+    "Name a colour of the sky.",
+    "What do bees make?",
+    "Say hello in French.",
+    "What is two plus two?",
+    "Name a fruit.",
+    "What is the capital of England?",
+    "Name a bird.",
+    "What is ice made of?",
 ]
 
 
@@ -59,8 +65,15 @@ async def ours(base_url: str, model: str, n: int, concurrency: int, max_tokens: 
     from data_builder.llm_client import LLMClient
 
     with tempfile.TemporaryDirectory() as cache_dir:
-        async with LLMClient(base_url, model, cache_dir, concurrency=concurrency, temperature=0.0,
-                             max_tokens=max_tokens, seed=None) as client:
+        async with LLMClient(
+            base_url,
+            model,
+            cache_dir,
+            concurrency=concurrency,
+            temperature=0.0,
+            max_tokens=max_tokens,
+            seed=None,
+        ) as client:
             requests = [{"messages": messages(i), "tag": f"bench-{round_id}-{i}"} for i in range(n)]
             start = time.perf_counter()
             results = await client.complete_many(requests, progress=False)
@@ -72,7 +85,9 @@ async def ours(base_url: str, model: str, n: int, concurrency: int, max_tokens: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--base-url", default="", help="server to use; empty = start transformers serve")
     parser.add_argument("--model", default="", help="model name the server expects")
     parser.add_argument("--requests", type=int, default=16)
@@ -103,18 +118,30 @@ def main() -> None:
                     fn(args.base_url, args.model, args.requests, concurrency, args.max_tokens, *extra)
                 )
             (t_direct, tok_direct), (t_ours, tok_ours) = timings["direct"], timings["ours"]
-            rows.append((concurrency, args.requests / t_direct, tok_direct / t_direct,
-                         args.requests / t_ours, tok_ours / t_ours, t_ours / t_direct - 1.0))
+            rows.append(
+                (
+                    concurrency,
+                    args.requests / t_direct,
+                    tok_direct / t_direct,
+                    args.requests / t_ours,
+                    tok_ours / t_ours,
+                    t_ours / t_direct - 1.0,
+                )
+            )
     finally:
         if server is not None:
             server.stop()
-    print(f"\n## Annotator throughput: {args.requests} requests x {args.max_tokens} max tokens, {args.base_url}\n")
+    print(
+        f"\n## Annotator throughput: {args.requests} requests x {args.max_tokens} max tokens, {args.base_url}\n"
+    )
     print("| concurrency | direct req/s | direct tok/s | LLMClient req/s | LLMClient tok/s | overhead |")
     print("|---:|---:|---:|---:|---:|---:|")
     for c, rd, td, ro, to, overhead in rows:
         print(f"| {c} | {rd:.2f} | {td:.1f} | {ro:.2f} | {to:.1f} | {overhead * 100:+.1f}% |")
     best = max(rows, key=lambda r: r[1])
-    print(f"\nsaturation (highest direct req/s) at concurrency {best[0]}: overhead {best[5] * 100:+.1f}% (target < 5%)")
+    print(
+        f"\nsaturation (highest direct req/s) at concurrency {best[0]}: overhead {best[5] * 100:+.1f}% (target < 5%)"
+    )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,15 @@ def cudnn_vs_xla() -> bool:
     from persllm_jax.model import CausalLM
     from persllm_jax.model_config import tiny
 
-    cfg = tiny(vocab_size=4096, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64, num_layers=4,
-               compute_dtype="bfloat16")
+    cfg = tiny(
+        vocab_size=4096,
+        hidden_size=256,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        num_layers=4,
+        compute_dtype="bfloat16",
+    )
     xla = CausalLM(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(xla)
     cudnn = nnx.merge(nnx.split(CausalLM(cfg.replace(attention_impl="cudnn"), rngs=nnx.Rngs(0)))[0], state)

@@ -228,7 +228,9 @@ class Builder:
                     record["drop_reason"] = f"response request failed ({result.error.reason})"
                     record["error"] = str(result.error)
                 else:
-                    parsed, reason = parsing.parse_response(result.text, self.cfg.limits.max_response_words)
+                    parsed, reason = parsing.parse_response(
+                        result.text, self.cfg.limits.max_response_words, self.cfg.limits.require_response_tag
+                    )
                     if parsed is None:
                         record["drop_reason"] = reason
                         retry.append((item, stage_id))

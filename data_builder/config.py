@@ -38,6 +38,9 @@ class QuestionsSection:
 class LimitsSection:
     seeds_per_stage: int = 0  # 0 = every paragraph is a seed
     max_response_words: int = 250  # longer responses are dropped as over-long
+    # The paper drops replies without a [Response] part. A small local annotator often answers
+    # in voice but untagged: false keeps such replies whole (those that start [Analysis] still drop).
+    require_response_tag: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

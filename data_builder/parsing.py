@@ -71,11 +71,18 @@ def parse_question(text: str, max_words: int = 80, material: str = "") -> tuple[
     return body, None
 
 
-def parse_response(text: str, max_words: int = 250) -> tuple[tuple[str, str] | None, str | None]:
-    """(analysis, response) from '[Analysis] ... [Response] ...' and its variations."""
+def parse_response(
+    text: str, max_words: int = 250, require_tag: bool = True
+) -> tuple[tuple[str, str] | None, str | None]:
+    """(analysis, response) from '[Analysis] ... [Response] ...' and its variations.
+
+    With `require_tag` False, a reply with neither tag is taken whole as the response (with no
+    analysis); one that starts an analysis but never reaches its response is still dropped."""
     if not text or not text.strip():
         return None, "empty response"
     marker = _RESPONSE.search(text)
+    if marker is None and not require_tag and _ANALYSIS.search(text) is None:
+        return _checked("", _clean(text), max_words)
     if marker is None:
         return None, "missing [Response]"
     # The response ends where a model that loops starts a new "[Analysis]" / "[Response]" block.
@@ -87,6 +94,12 @@ def parse_response(text: str, max_words: int = 250) -> tuple[tuple[str, str] | N
     analysis = _clean(head[analysis_marker.end() :] if analysis_marker else head)
     if not response:
         return None, "missing [Response]"
+    return _checked(analysis, response, max_words)
+
+
+def _checked(analysis: str, response: str, max_words: int):
+    if not response:
+        return None, "empty response"
     if len(words(response)) > max_words:
         return None, "over-long response"
     if is_degenerate(response):

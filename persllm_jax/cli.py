@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def _import_hf(args) -> None:
@@ -59,6 +60,81 @@ def _build_data(args) -> None:
     )
 
 
+def _chat(args) -> None:
+    from persllm_jax.chat import run_chat
+
+    run_chat(
+        args.model,
+        persona=args.persona,
+        stage=args.stage,
+        personas_dir=args.personas_dir,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        dtype=args.dtype,
+    )
+
+
+def _serve(args) -> None:
+    from persllm_jax import serving
+
+    serving.serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        model_name=args.model_name,
+        max_batch=args.max_batch,
+        dtype=args.dtype,
+        batch_window_s=args.batch_window_ms / 1000,
+        default_max_tokens=args.default_max_tokens,
+        warmup=not args.no_warmup,
+    )
+
+
+def _eval(args) -> None:
+    from persllm_jax import configlib
+    from persllm_jax.evaluation.config import EvalConfig
+    from persllm_jax.evaluation.runner import evaluate
+
+    if args.config:
+        cfg = configlib.load(EvalConfig, args.config, args.overrides)
+    else:
+        if not (args.checkpoint and args.data):
+            raise ValueError("give --config, or --checkpoint DIR and --data FILE")
+        models = [
+            {"name": c.split("=", 1)[0], "path": c.split("=", 1)[1]}
+            if "=" in c
+            else {"name": Path(c).name, "path": c}
+            for c in args.checkpoint
+        ]
+        data = {
+            "out_dir": args.out,
+            "models": models,
+            "data": {"dialogues": args.data, "pairs": args.pairs or ""},
+            "judge": {"enabled": False},
+        }
+        cfg = configlib.from_dict(EvalConfig, configlib.apply_overrides(data, args.overrides))
+    result = evaluate(cfg)
+    print(f"eval finished: {result['report']['md']} (report.json, PNG plots beside it)")
+
+
+def _talk(args) -> None:
+    from persllm_jax import configlib
+    from persllm_jax.talk import TalkConfig, talk
+
+    written = talk(configlib.load(TalkConfig, args.config, args.overrides))
+    print(f"talk finished: {written['md']} and {written['jsonl']}")
+
+
+def _pipeline(args) -> None:
+    from persllm_jax.pipeline import run_pipeline
+
+    run_pipeline(args.config, args.overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persllm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -89,6 +165,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output HF directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="exported dtype")
     p.set_defaults(func=_export_hf)
+
+    model_help = "HF directory, .gguf file, persllm model directory or training run directory"
+    p = commands.add_parser("chat", help="chat with a model in the terminal, optionally as a persona")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--persona", help="persona id (a folder of --personas-dir); no system prompt without it")
+    p.add_argument("--stage", help="stage id of the persona (default: its last stage)")
+    p.add_argument("--personas-dir", default=None, help="persona folders (default: examples/personas)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit in tokens")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of the first reply (+1 per reply)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    p.set_defaults(func=_chat)
+
+    p = commands.add_parser("serve", help="OpenAI-compatible chat server (/v1/chat/completions)")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None, help="model id clients use (default: the path's basename)")
+    p.add_argument("--max-batch", type=int, default=16, help="most requests generated together")
+    p.add_argument(
+        "--batch-window-ms", type=float, default=15.0, help="how long a batch waits for more requests"
+    )
+    p.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=512,
+        help="reply limit for requests without max_tokens (capped by the context left)",
+    )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation before listening")
+    p.set_defaults(func=_serve)
+    p = commands.add_parser("eval", help="evaluate models on the held-out split: BLEU, DPO, judge; report")
+    p.add_argument("--config", help="YAML eval config (configs/eval_*.yaml)")
+    p.add_argument(
+        "--checkpoint", action="append", help="NAME=PATH or PATH of a model (repeatable), without --config"
+    )
+    p.add_argument("--data", help="dialogues.jsonl (its test split), without --config")
+    p.add_argument("--pairs", help="pairs.jsonl (its test split) for DPO metrics, without --config")
+    p.add_argument("--out", default="runs/eval", help="report directory, without --config")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. generation.max_new_tokens=64"
+    )
+    p.set_defaults(func=_eval)
+
+    p = commands.add_parser("talk", help="two personified agents converse on a topic")
+    p.add_argument("--config", required=True, help="YAML talk config (configs/talk_*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. turns=4")
+    p.set_defaults(func=_talk)
+
+    p = commands.add_parser("pipeline", help="the whole method end to end (configs/demo.yaml)")
+    p.add_argument("--config", default="configs/demo.yaml", help="YAML pipeline config")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sft.overrides=[...]")
+    p.set_defaults(func=_pipeline)
     return parser
 
 
@@ -102,11 +234,12 @@ def main(argv=None) -> int:
     for noisy in ("jax._src.xla_bridge", "absl", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from persllm_jax.configlib import ConfigError
+    from persllm_jax.pipeline import PipelineError
     from persllm_jax.trainer import TrainingStopped
 
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, TrainingStopped) as err:
+    except (ConfigError, FileNotFoundError, ValueError, TrainingStopped, PipelineError) as err:
         print(f"persllm {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -40,7 +40,7 @@ def pair_arrays(tokenizer, example, seq_len: int) -> dict[str, np.ndarray]:
     }
 
 
-def _side(rows: dict, side: str, persona_ids, stage_ids) -> SFTBatch:
+def pair_side(rows: dict, side: str, persona_ids, stage_ids) -> SFTBatch:
     return SFTBatch(
         input_ids=rows[f"{side}_input_ids"],
         targets=rows[f"{side}_targets"],
@@ -216,8 +216,8 @@ class DPOTask:
         else:
             ref_c = ref_r = np.zeros(len(keys), np.float32)
         return DPOBatch(
-            chosen=_side(rows, "chosen", ids[:, 0], ids[:, 1]),
-            rejected=_side(rows, "rejected", ids[:, 0], ids[:, 1]),
+            chosen=pair_side(rows, "chosen", ids[:, 0], ids[:, 1]),
+            rejected=pair_side(rows, "rejected", ids[:, 0], ids[:, 1]),
             ref_chosen_logps=ref_c,
             ref_rejected_logps=ref_r,
         )
@@ -297,7 +297,7 @@ class DPOTask:
             rows = self._rows([(k, self.examples[k[0]][k[1]]) for k in local])
             ids = np.full(len(local), -1, np.int32)
             sides = [
-                task_common.to_global(_side(rows, side, ids, ids), sharding)
+                task_common.to_global(pair_side(rows, side, ids, ids), sharding)
                 for side in ("chosen", "rejected")
             ]
             for side, values in zip(("chosen", "rejected"), reference_logps(params, *sides)):

