@@ -18,7 +18,40 @@ def config_class_for(path: Path):
         from data_builder.config import BuildConfig
 
         return BuildConfig
+    if path.name.startswith("demo"):
+        from persllm_jax.pipeline import PipelineConfig
+
+        return PipelineConfig
+    if path.name.startswith("eval_"):
+        from persllm_jax.evaluation.config import EvalConfig
+
+        return EvalConfig
+    if path.name.startswith("talk_"):
+        from persllm_jax.talk import TalkConfig
+
+        return TalkConfig
     return RunConfig
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "demo_smoke.yaml"])
+def test_pipeline_step_overrides_fit_their_configs(name):
+    """Each step's base file plus the pipeline's overrides is a valid config of that step."""
+    from data_builder.config import BuildConfig
+    from persllm_jax.evaluation.config import EvalConfig
+    from persllm_jax.pipeline import PipelineConfig
+
+    cfg = configlib.load(PipelineConfig, CONFIG_DIR / name)
+    for section, cls in (
+        (cfg.build, BuildConfig),
+        (cfg.sft, RunConfig),
+        (cfg.dpo, RunConfig),
+        (cfg.eval, EvalConfig),
+    ):
+        base = configlib.load(cls, CONFIG_DIR.parent / section.config) if section.config else None
+        data = configlib.to_dict(base) if base else {"out_dir": "x"}
+        configlib.from_dict(cls, configlib.apply_overrides(data, section.overrides))
+    with pytest.raises(ConfigError, match="unknown config key 'sft.overides'"):
+        configlib.load(PipelineConfig, CONFIG_DIR / name, ["sft.overides=[]"])
 
 
 def test_there_are_configs():

