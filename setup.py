@@ -35,6 +35,9 @@ setup(
         "safetensors",
         "matplotlib",
         "tensorboardX",
+        # persllm serve (the pipeline serves its annotator and judge with it)
+        "fastapi",
+        "uvicorn",
     ],
     extras_require={
         # GGUF import goes through transformers' PyTorch loader.

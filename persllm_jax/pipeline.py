@@ -353,33 +353,35 @@ class _TransformersServer:
     def start(self):
         import urllib.request
 
+        from persllm_jax.serving import wait_until_ready
+
         script = Path(sys.executable).parent / "transformers"
         cmd = [str(script), "serve", str(self.hf_dir), "--host", "127.0.0.1", "--port", str(self.port)]
         cmd += ["--device", "cpu"]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log_file:
-            self.process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise PipelineError(f"transformers serve exited; see {self.log_path}")
-            try:
-                urllib.request.urlopen(f"{self.base_url}/models", timeout=5)
-                return self
-            except OSError:
-                time.sleep(1)
-        self.stop()
-        raise PipelineError(f"transformers serve did not answer within 600 s; see {self.log_path}")
+            self.process = subprocess.Popen(
+                cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        try:
+            wait_until_ready(
+                self.process,
+                lambda: urllib.request.urlopen(f"{self.base_url}/models", timeout=5).status == 200,
+                name="transformers serve",
+                timeout=600,
+                log_tail=lambda: self.log_path.read_text(errors="replace")[-4000:],
+            )
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self.process = None
+        from persllm_jax.serving import stop_process_group
+
+        process, self.process = self.process, None
+        stop_process_group(process)
 
 
 def run_pipeline(config_path: str, overrides=()) -> dict[str, Path]:

@@ -670,6 +670,42 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def wait_until_ready(
+    process: subprocess.Popen,
+    probe: Callable[[], bool],
+    *,
+    name: str,
+    timeout: float,
+    log_tail: Callable[[], str],
+) -> float:
+    """Poll `probe` until it returns True; seconds waited. Raises with the log's tail if the
+    process exits first or `timeout` passes. Connection errors of the probe count as not ready."""
+    t0 = time.monotonic()
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{log_tail()}")
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"{name} not ready in {timeout:.0f} s:\n{log_tail()}")
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if probe():
+                return time.monotonic() - t0
+        time.sleep(0.25)
+
+
+def stop_process_group(process: subprocess.Popen | None, grace_s: float = 15.0) -> None:
+    """SIGTERM the process group started with `start_new_session=True`, then SIGKILL."""
+    if process is None or process.poll() is not None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 class ServerProcess:
     """`persllm serve` in a subprocess on a free port; `start()` returns once `/health` answers.
 
@@ -749,39 +785,23 @@ class ServerProcess:
                 env={**os.environ, **(self.env or {})},
                 start_new_session=True,
             )
-        t0 = time.monotonic()
         try:
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(
-                        f"persllm serve exited with {self.process.returncode}:\n{self.log_tail()}"
-                    )
-                if time.monotonic() - t0 > self.startup_timeout:
-                    raise TimeoutError(
-                        f"persllm serve not ready in {self.startup_timeout:.0f} s:\n{self.log_tail()}"
-                    )
-                with contextlib.suppress(OSError, ValueError):
-                    if _get_json(f"{self.root_url}/health", timeout=2.0)[0] == 200:
-                        break
-                time.sleep(0.25)
+            seconds = wait_until_ready(
+                self.process,
+                lambda: _get_json(f"{self.root_url}/health", timeout=2.0)[0] == 200,
+                name="persllm serve",
+                timeout=self.startup_timeout,
+                log_tail=self.log_tail,
+            )
         except BaseException:
             self.stop()
             raise
-        log.info("persllm serve ready at %s after %.1f s", self.base_url, time.monotonic() - t0)
+        log.info("persllm serve ready at %s after %.1f s", self.base_url, seconds)
         return self
 
     def stop(self, grace_s: float = 15.0) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, sig)
-            try:
-                process.wait(timeout=wait_s)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process_group(process, grace_s)
 
     def __enter__(self) -> ServerProcess:
         return self.start()

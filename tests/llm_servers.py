@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +39,8 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+
+from persllm_jax.serving import stop_process_group, wait_until_ready
 
 # ---------------------------------------------------------------------------------------------------------
 # transformers serve
@@ -166,35 +167,18 @@ class TransformersServer:
         return self
 
     def _wait_listed(self, t0: float) -> None:
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"`transformers serve` exited with {self.process.returncode}:\n{self.log_tail()}"
-                )
-            if time.monotonic() - t0 > self.startup_timeout:
-                raise TimeoutError(
-                    f"`transformers serve` not ready in {self.startup_timeout}s:\n{self.log_tail()}"
-                )
-            try:
-                status, answer = _http_json(f"{self.base_url}/models", timeout=2.0)
-                if status == 200 and any(m.get("id") == self.model for m in answer.get("data", [])):
-                    return
-            except (OSError, AttributeError):
-                pass
-            time.sleep(0.2)
+        def listed() -> bool:
+            status, answer = _http_json(f"{self.base_url}/models", timeout=2.0)
+            return status == 200 and any(m.get("id") == self.model for m in answer.get("data", []))
+
+        remaining = self.startup_timeout - (time.monotonic() - t0)
+        wait_until_ready(
+            self.process, listed, name="`transformers serve`", timeout=remaining, log_tail=self.log_tail
+        )
 
     def stop(self, grace_s: float = 10.0) -> None:
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout=wait_s)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process_group(proc, grace_s)
 
     def measure_throughput(self, n: int = 3, max_tokens: int = 32) -> dict:
         """Sequential greedy chat requests; completion tokens per wall second."""

@@ -132,6 +132,9 @@ def test_evaluate_tiny_models_end_to_end(tiny_dir, tmp_path):
     dpo = report["models"]["dpo"]["dpo"]
     # Identical weights: every reward is exactly zero, so no pair counts as won.
     assert dpo["reward_margin"] == 0 and dpo["reward_accuracy"] == 0 and dpo["reference"] == "sft"
+    sources = {r["source"] for r in read_records(DATA / "pairs.jsonl", split="test")}
+    assert set(dpo["by_source"]) == sources
+    assert sum(v["n_pairs"] for v in dpo["by_source"].values()) == dpo["n_pairs"]
     assert (
         report["models"]["sft"]["perplexity"]["perplexity"]
         == report["models"]["dpo"]["perplexity"]["perplexity"]

@@ -51,7 +51,6 @@ class EvalJudge:
     concurrency: int = 4
     max_retries: int = 6
     timeout_s: float = 300.0
-    ranking: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

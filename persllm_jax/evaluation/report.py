@@ -161,6 +161,7 @@ def render_markdown(metrics: Mapping, title: str, images: Mapping[str, str]) -> 
             markdown_table(["Model"] + [c[0] for c in DETAIL_COLUMNS], table_rows(models, DETAIL_COLUMNS)),
             "",
         ]
+    parts += dpo_by_source_section(models)
     for key, caption in (("table", "Comparison table"), ("distinction", "Distinction BLEU per persona")):
         if key in images:
             parts += [f"![{caption}]({images[key]})", ""]
@@ -182,6 +183,25 @@ def render_markdown(metrics: Mapping, title: str, images: Mapping[str, str]) -> 
         parts += ["## Training loss", ""]
         parts += [f"![{key[len('loss:') :]} loss]({path})\n" for key, path in losses.items()]
     return "\n".join(parts).rstrip() + "\n"
+
+
+def dpo_by_source_section(models: Mapping) -> list[str]:
+    rows = [
+        [
+            name,
+            source,
+            fmt(v.get("reward_accuracy"), ".3f"),
+            fmt(v.get("reward_margin"), ".3f"),
+            fmt(v.get("preference_accuracy"), ".3f"),
+            fmt(v.get("n_pairs"), "d"),
+        ]
+        for name, m in models.items()
+        for source, v in (get(m, "dpo", "by_source") or {}).items()
+    ]
+    if not rows:
+        return []
+    header = ["Model", "Pair source", "Reward acc.", "Reward margin", "Preference acc.", "Pairs"]
+    return ["### DPO metrics by pair source", "", markdown_table(header, rows), ""]
 
 
 def judge_section(judge: Mapping | None) -> list[str]:

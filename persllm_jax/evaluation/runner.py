@@ -99,13 +99,11 @@ def evaluate(cfg: EvalConfig) -> dict:
         )
     item_ids = {i.item_id for i in items}
     held_out = [formats.sft_example(r) for r in dialogues if r["id"] in item_ids]
-    pairs = []
-    if cfg.data.pairs:
-        pairs = [
-            formats.preference_example(r) for r in read_records(cfg.data.pairs, split=cfg.data.split or None)
-        ]
-        if cfg.data.max_pairs:
-            pairs = pairs[: cfg.data.max_pairs]
+    pair_records = read_records(cfg.data.pairs, split=cfg.data.split or None) if cfg.data.pairs else []
+    if cfg.data.max_pairs:
+        pair_records = pair_records[: cfg.data.max_pairs]
+    pairs = [formats.preference_example(r) for r in pair_records]
+    pair_sources = np.asarray([r.get("source") or "unknown" for r in pair_records])
     requests = answers_mod.answer_requests(items, personas)
     log.info(
         "eval: %d held-out questions, %d answers per model, %d pairs, models %s",
@@ -163,14 +161,21 @@ def evaluate(cfg: EvalConfig) -> dict:
     dpo = None
     if pairs:
         ref = scores[_reference_name(cfg)]
+
+        def pair_metrics(s, keep):
+            return likelihood.dpo_metrics(
+                (np.asarray(s["chosen"])[keep], np.asarray(s["rejected"])[keep]),
+                (np.asarray(ref["chosen"])[keep], np.asarray(ref["rejected"])[keep]),
+                cfg.likelihood.beta,
+            )
+
+        # Cross-persona and cross-stage pairs differ in difficulty (a mirrored cross-stage pair
+        # differs only in the stage token), so each source is also reported on its own.
         dpo = {
             n: {
-                **likelihood.dpo_metrics(
-                    (np.asarray(s["chosen"]), np.asarray(s["rejected"])),
-                    (np.asarray(ref["chosen"]), np.asarray(ref["rejected"])),
-                    cfg.likelihood.beta,
-                ),
+                **pair_metrics(s, np.ones(len(pairs), bool)),
                 "reference": _reference_name(cfg),
+                "by_source": {src: pair_metrics(s, pair_sources == src) for src in sorted(set(pair_sources))},
             }
             for n, s in scores.items()
         }
