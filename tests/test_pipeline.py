@@ -13,13 +13,22 @@ import transformers
 from tests.cli_helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
+# The pipeline runs as a user would on this machine: one CPU device, not the tests' 8 fake ones
+# (the smoke config's batches of 2 do not split over 8 devices).
+ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 
 
 @pytest.mark.slow
 def test_demo_smoke_pipeline(tmp_path):
     out = tmp_path / "demo"
     result = run_cli(
-        "pipeline", "--config", ROOT / "configs" / "demo_smoke.yaml", f"out_dir={out}", cwd=ROOT, timeout=2400
+        "pipeline",
+        "--config",
+        ROOT / "configs" / "demo_smoke.yaml",
+        f"out_dir={out}",
+        cwd=ROOT,
+        timeout=2400,
+        env=ONE_DEVICE,
     )
     for step in ("base", "build-data", "sft", "dpo", "eval", "export", "talk", "reload"):
         assert (out / "steps" / f"{step}.json").exists(), step
@@ -49,6 +58,13 @@ def test_demo_smoke_pipeline(tmp_path):
     assert [t["persona"] for t in transcript] == ["holmes", "darwin"]
 
     started = time.time()
-    again = run_cli("pipeline", "--config", ROOT / "configs" / "demo_smoke.yaml", f"out_dir={out}", cwd=ROOT)
+    again = run_cli(
+        "pipeline",
+        "--config",
+        ROOT / "configs" / "demo_smoke.yaml",
+        f"out_dir={out}",
+        cwd=ROOT,
+        env=ONE_DEVICE,
+    )
     assert again.stdout.count("done earlier, skipped") == 8
     assert time.time() - started < 120
