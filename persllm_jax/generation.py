@@ -9,6 +9,7 @@ batch can serve requests with different settings (the server relies on this).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 
@@ -317,7 +318,7 @@ class Generator:
 
         streams = [_TextStream(self.tokenizer, p.stop) for p in params]
         finish: list[str | None] = [None] * n
-        with jax.set_mesh(self._mesh) if self._mesh is not None else _no_mesh():
+        with jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext():
             token_B, cache, seen = self._prefill(
                 self._state, ids, pad, rows, cache_len=cache_len, greedy_only=greedy_only
             )
@@ -362,14 +363,6 @@ class Generator:
     ) -> list[Completion]:
         """Reply to each conversation (a list of {"role", "content"} messages)."""
         return self.complete([self.encode_chat(c) for c in conversations], params, on_text)
-
-
-class _no_mesh:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 _GENERATORS: dict[tuple[int, int], Generator] = {}

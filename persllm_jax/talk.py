@@ -13,9 +13,8 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from data_builder.materials import Persona, load_personas
-from data_builder.prompts import persona_system_prompt
 from persllm_jax import loading
+from persllm_jax.chat import persona_system_message
 from persllm_jax.configlib import ConfigError
 from persllm_jax.generation import Generator, SamplingParams
 
@@ -43,18 +42,6 @@ class TalkConfig:
 
 
 OPENING = "You are talking with {other}. Start the conversation about this topic, in a few sentences: {topic}"
-
-
-def _identity(agent: Agent, personas: dict[str, Persona]) -> tuple[Persona, str]:
-    if agent.persona not in personas:
-        raise ConfigError(f"agents: unknown persona {agent.persona!r}; valid: {', '.join(sorted(personas))}")
-    persona = personas[agent.persona]
-    try:
-        stage_id = agent.stage or persona.stages[-1].id
-        stage = persona.stage(stage_id)
-    except KeyError as err:
-        raise ConfigError(f"agents: {err.args[0]}") from err
-    return persona, stage.id
 
 
 def converse(
@@ -88,23 +75,20 @@ def talk(cfg: TalkConfig) -> dict[str, Path]:
         raise ConfigError(f"agents: give exactly two agents, got {len(cfg.agents)}")
     if cfg.turns < 1:
         raise ConfigError(f"turns must be >= 1, got {cfg.turns}")
-    personas = {p.id: p for p in load_personas(cfg.personas_dir)}
-    identities = [_identity(a, personas) for a in cfg.agents]
+    # (system prompt, persona, stage) per agent, as `persllm chat` sets a persona up
+    identities = [persona_system_message(cfg.personas_dir, a.persona, a.stage or None) for a in cfg.agents]
     loaded: dict[str, Generator] = {}
     for agent in cfg.agents:
         if agent.model not in loaded:
             model, tokenizer = loading.load_pretrained(agent.model, dtype=jnp.dtype(cfg.dtype))
             loaded[agent.model] = Generator(model, tokenizer, max_batch=1)
     generators = [loaded[a.model] for a in cfg.agents]
-    systems = [
-        persona_system_prompt(token=p.stage(s).token, name=p.name, description=p.description)
-        for p, s in identities
-    ]
-    names = [p.name for p, _ in identities]
+    systems = [system for system, _, _ in identities]
+    names = [p.name for _, p, _ in identities]
     transcript = converse(generators, systems, names, cfg)
     for line in transcript:
-        agent, (persona, stage) = cfg.agents[line["speaker"]], identities[line["speaker"]]
-        line.update(name=persona.name, persona=persona.id, stage=stage, model=agent.model)
+        agent, (_, persona, stage) = cfg.agents[line["speaker"]], identities[line["speaker"]]
+        line.update(name=persona.name, persona=persona.id, stage=stage.id, model=agent.model)
     return write_transcript(Path(cfg.out_dir), transcript, cfg.topic)
 
 
