@@ -1,7 +1,7 @@
 """Annotator client throughput: our LLMClient against the same requests sent directly.
 
 For each concurrency level, N chat requests go to an OpenAI-compatible server twice: once through
-`data_builder.llm_client.LLMClient` (semaphore, retries, fsync'ed cache, counters, progress) and
+`persllm_jax.llm.client.LLMClient` (semaphore, retries, fsync'ed cache, counters, progress) and
 once as bare `openai.AsyncOpenAI` calls under the same semaphore, with no client logic. Prints
 requests/s, completion tokens/s and our overhead; the target is < 5% at the server's saturation
 point (the concurrency beyond which throughput stops growing).
@@ -62,17 +62,13 @@ async def direct(base_url: str, model: str, n: int, concurrency: int, max_tokens
 
 
 async def ours(base_url: str, model: str, n: int, concurrency: int, max_tokens: int, round_id: int):
-    from data_builder.llm_client import LLMClient
+    from persllm_jax.llm.client import LLMClient
+    from persllm_jax.llm.endpoint import EndpointConfig
 
+    endpoint = EndpointConfig(base_url=base_url, model=model, concurrency=concurrency)
     with tempfile.TemporaryDirectory() as cache_dir:
-        async with LLMClient(
-            base_url,
-            model,
-            cache_dir,
-            concurrency=concurrency,
-            temperature=0.0,
-            max_tokens=max_tokens,
-            seed=None,
+        async with LLMClient.from_config(
+            endpoint, cache_dir, temperature=0.0, max_tokens=max_tokens, seed=None
         ) as client:
             requests = [{"messages": messages(i), "tag": f"bench-{round_id}-{i}"} for i in range(n)]
             start = time.perf_counter()

@@ -41,7 +41,7 @@ def conversations(n: int) -> list[list[dict]]:
 
 def run_ours(model_path: str, batch: int, new_tokens: int) -> dict:
     from persllm_jax import load_pretrained
-    from persllm_jax.generation import Generator, SamplingParams
+    from persllm_jax.inference.generation import Generator, SamplingParams
 
     model, tokenizer = load_pretrained(model_path)
     gen = Generator(model, tokenizer, max_batch=batch)
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.model:
-        from persllm_jax.offline_models import smollm2_gguf
+        from persllm_jax.io.offline_models import smollm2_gguf
 
         args.model = str(smollm2_gguf())
     if args.worker:

@@ -7,49 +7,52 @@ import logging
 import sys
 from pathlib import Path
 
+from persllm_jax.inference.sampling import PERSONA_SAMPLING
+
 
 def _import_hf(args) -> None:
-    from persllm_jax import loading, tokens
+    from persllm_jax.io import pretrained, vocabulary
 
-    model, tokenizer = loading.load_pretrained(args.src, dtype=args.dtype)
+    model, tokenizer = pretrained.load_pretrained(args.src, dtype=args.dtype)
     if args.add_tokens:
         if tokenizer is None:
             raise SystemExit(f"--add-tokens needs a tokenizer, and {args.src} has none")
-        model = tokens.add_special_tokens(model, tokenizer, args.add_tokens.split(","))
-    out = loading.save_model_dir(model, tokenizer, args.out)
+        model = vocabulary.add_special_tokens(model, tokenizer, args.add_tokens.split(","))
+    out = pretrained.save_model_dir(model, tokenizer, args.out)
     print(
-        f"wrote {out} ({loading.count_params(model) / 1e6:.1f}M parameters, vocabulary {model.cfg.vocab_size})"
+        f"wrote {out} ({pretrained.count_params(model) / 1e6:.1f}M parameters, vocabulary {model.cfg.vocab_size})"
     )
 
 
 def _export_hf(args) -> None:
-    from persllm_jax import loading
+    from persllm_jax.io import pretrained
 
-    model, tokenizer = loading.load_pretrained(args.checkpoint, dtype=args.dtype)
-    out = loading.save_pretrained(model, tokenizer, args.out)
+    model, tokenizer = pretrained.load_pretrained(args.checkpoint, dtype=args.dtype)
+    out = pretrained.save_pretrained(model, tokenizer, args.out)
     print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
 def _train(task: str):
     def run(args) -> None:
-        from persllm_jax import configlib, trainer
-        from persllm_jax.run_config import RunConfig
+        from persllm_jax import configlib
+        from persllm_jax.train import loop
+        from persllm_jax.train.config import RunConfig
 
         cfg = configlib.load(RunConfig, args.config, args.overrides)
         if task == "sft":
-            from persllm_jax.sft import SFTTask as make_task
+            from persllm_jax.train.tasks.sft import SFTTask as make_task
         else:
-            from persllm_jax.dpo import DPOTask as make_task
-        run_dir = trainer.train(cfg, make_task)
+            from persllm_jax.train.tasks.dpo import DPOTask as make_task
+        run_dir = loop.train(cfg, make_task)
         print(f"{task} finished: {run_dir} (metrics.jsonl, loss.png, checkpoints/)")
 
     return run
 
 
 def _build_data(args) -> None:
-    from data_builder.build import build
-    from data_builder.config import BuildConfig
     from persllm_jax import configlib
+    from persllm_jax.builder.build import build
+    from persllm_jax.builder.config import BuildConfig
 
     cfg = configlib.load(BuildConfig, args.config, args.overrides)
     stats = build(cfg)
@@ -61,7 +64,7 @@ def _build_data(args) -> None:
 
 
 def _chat(args) -> None:
-    from persllm_jax.chat import run_chat
+    from persllm_jax.inference.chat import run_chat
 
     run_chat(
         args.model,
@@ -79,7 +82,7 @@ def _chat(args) -> None:
 
 
 def _serve(args) -> None:
-    from persllm_jax import serving
+    from persllm_jax.inference import serving
 
     serving.serve(
         args.model,
@@ -123,7 +126,7 @@ def _eval(args) -> None:
 
 def _talk(args) -> None:
     from persllm_jax import configlib
-    from persllm_jax.talk import TalkConfig, talk
+    from persllm_jax.inference.talk import TalkConfig, talk
 
     written = talk(configlib.load(TalkConfig, args.config, args.overrides))
     print(f"talk finished: {written['md']} and {written['jsonl']}")
@@ -133,6 +136,28 @@ def _pipeline(args) -> None:
     from persllm_jax.pipeline import run_pipeline
 
     run_pipeline(args.config, args.overrides)
+
+
+def _compile(args) -> int:
+    import json
+    import os
+
+    if args.topology.startswith("cpu"):  # before JAX starts its CPU backend
+        count = args.topology.partition(":")[2] or "1"
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    from persllm_jax import configlib
+    from persllm_jax.train import aot
+    from persllm_jax.train.config import RunConfig
+
+    cfg = configlib.load(RunConfig, args.config, args.overrides)
+    devices = aot.topology_devices(args.topology)
+    report = aot.compile_step(args.task, cfg, devices)
+    print(aot.format_report(args.task, args.topology, report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({k: report[k] for k in aot.REPORT_KEYS}, indent=2) + "\n")
+    return 0 if report["fits"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,10 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", help="stage id of the persona (default: its last stage)")
     p.add_argument("--personas-dir", default=None, help="persona folders (default: examples/personas)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit in tokens")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=PERSONA_SAMPLING.temperature, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=PERSONA_SAMPLING.top_p, help="1 disables top-p")
+    p.add_argument("--top-k", type=int, default=PERSONA_SAMPLING.top_k, help="0 disables top-k")
+    p.add_argument(
+        "--repetition-penalty", type=float, default=PERSONA_SAMPLING.repetition_penalty, help="1 disables it"
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the first reply (+1 per reply)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
     p.set_defaults(func=_chat)
@@ -217,6 +244,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. turns=4")
     p.set_defaults(func=_talk)
 
+    p = commands.add_parser(
+        "compile",
+        help="AOT-compile the sft or dpo train step for a TPU slice: bytes per chip, exit 1 if it does not fit",
+    )
+    tasks = p.add_subparsers(dest="task", required=True)
+    for task in ("sft", "dpo"):
+        t = tasks.add_parser(task, help=f"the step `persllm {task}` would run with this config")
+        t.add_argument(
+            "--topology",
+            required=True,
+            help="TPU topology as libtpu names it (v5e:2x2, v5p:4x4x4, v6e:16x16), or cpu:N fake CPU devices",
+        )
+        t.add_argument("--config", required=True, help=f"the YAML run config `persllm {task}` would take")
+        t.add_argument("--json", default=None, help="also write the figures to this JSON file")
+        t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.batch_size=64")
+        t.set_defaults(func=_compile)
+
     p = commands.add_parser("pipeline", help="the whole method end to end (configs/demo.yaml)")
     p.add_argument("--config", default="configs/demo.yaml", help="YAML pipeline config")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sft.overrides=[...]")
@@ -235,14 +279,14 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from persllm_jax.configlib import ConfigError
     from persllm_jax.pipeline import PipelineError
-    from persllm_jax.trainer import TrainingStopped
+    from persllm_jax.train.loop import TrainingStopped
 
     try:
-        args.func(args)
+        code = args.func(args)
     except (ConfigError, FileNotFoundError, ValueError, TrainingStopped, PipelineError) as err:
         print(f"persllm {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ def dpo_loss(
 ):
     """Per-pair DPO losses [B] and implicit rewards [B], [B] from sequence log-probs [B].
 
-    For `ipo` pass length-normalized log-probs (`sequence_mean_logps`); the returned rewards are then on
+    For `ipo` pass length-normalized log-probs (each sum divided by its completion's token count); the
+    returned rewards are then on
     that per-token scale, whereas TRL logs rewards from summed log-probs (use `dpo_rewards` for those).
     `label_smoothing` applies to `sigmoid` (cDPO) and `robust`; `ipo` and `hinge` ignore it.
     """
@@ -123,26 +124,3 @@ def token_logps(hidden_BTD, kernel_DV, targets_BT, chunk_size=256):
     chunk_fn = jax.checkpoint(_chunk_logps, prevent_cse=False)
     logps_NBC = jax.lax.map(lambda xs: chunk_fn(xs[0], kernel_DV, xs[1]), (hidden_NBCD, targets_NBC))
     return logps_NBC.transpose(1, 0, 2).reshape(b, n * c)[:, :t]
-
-
-# ---------------------------------------------------------------------------------------------
-# Reductions over masked tokens.
-
-
-def masked_mean_nll(logps_BT, loss_mask_BT):
-    """(sum of -logp over masked tokens, number of masked tokens); divide after summing over microbatches."""
-    mask_BT = loss_mask_BT.astype(bool)
-    sum_nll = -jnp.sum(jnp.where(mask_BT, logps_BT, 0.0))
-    return sum_nll, jnp.sum(mask_BT, dtype=jnp.int32)
-
-
-def sequence_logps(logps_BT, loss_mask_BT):
-    """Sum of log-probs over each sequence's masked tokens [B]."""
-    # where, not multiply: a masked-out NaN or -inf must not leak into the sum.
-    return jnp.sum(jnp.where(loss_mask_BT.astype(bool), logps_BT, 0.0), axis=-1)
-
-
-def sequence_mean_logps(logps_BT, loss_mask_BT):
-    """Mean log-prob over each sequence's masked tokens [B] (0 for none; the IPO normalization)."""
-    num_tokens_B = jnp.sum(loss_mask_BT.astype(bool), axis=-1)
-    return sequence_logps(logps_BT, loss_mask_BT) / jnp.maximum(num_tokens_B, 1).astype(logps_BT.dtype)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from persllm_jax import offline_models
+from persllm_jax.io import offline_models
 
 # Tiny random configs; initializer_range is large so logits reach several units and a wrong
 # weight layout cannot hide below the tolerance.

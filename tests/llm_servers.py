@@ -1,20 +1,13 @@
-"""Real OpenAI-compatible servers for tests: `transformers serve` and a fault-injecting reverse proxy.
+"""Real OpenAI-compatible servers for tests: `transformers serve`, as the tests start it.
 
-`TransformersServer` / `serve_transformers` start the real `transformers serve` CLI offline on loopback:
+`TransformersServer` is `persllm_jax.llm.transformers_server.TransformersServer` (the real CLI, offline, on
+loopback, pinned to a local HF directory) that also waits for `/v1/models` to list the model and for a
+1-token chat request to answer, and measures throughput. Requests must name the model as the same path
+string in their `model` field (or omit it): any other name is answered 400 "Server is pinned to ...".
+Without FORCE_MODEL, a request whose `model` is an existing local path also works (the server loads it on
+first use), but then the first request pays the load. The server rejects unknown body fields with 422.
 
-    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-        transformers serve /abs/path/to/hf_dir --host 127.0.0.1 --port PORT --device cpu
-
-The local HF directory is given as the positional FORCE_MODEL argument (transformers 5.x has no
-`--force-model` flag; the positional argument is that option). It is preloaded before uvicorn starts
-listening, and `/v1/models` lists it under that exact string. Requests must then name the model as the
-same path string in their `model` field (or omit it): any other name is answered 400 "Server is pinned to
-...". Without FORCE_MODEL, a request whose `model` is an existing local path also works (the server loads it
-on first use), but then the first request pays the load. The server rejects unknown body fields with 422.
-
-`FaultProxy` is a stdlib-asyncio HTTP/1.1 reverse proxy on loopback that forwards `/v1/*` to the real server
-and injects faults by schedule (arrival order), by seeded probability, or forever for bodies that contain a
-marker. It counts every request and, per request-body hash, how often the request reached the real server.
+The fault-injecting proxy that tests put in front of it is `tests.fault_proxy.FaultProxy`.
 
 `python -m tests.llm_servers run-batch SPEC.json` runs `LLMClient.complete_many` from a JSON spec: the
 killed-and-resumed test runs it in a subprocess.
@@ -23,36 +16,21 @@ killed-and-resumed test runs it in a subprocess.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import json
 import os
-import random
-import socket
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from persllm_jax.serving import stop_process_group, wait_until_ready
+from persllm_jax.llm import transformers_server
+from persllm_jax.llm.loopback import get_json
 
 # ---------------------------------------------------------------------------------------------------------
 # transformers serve
 # ---------------------------------------------------------------------------------------------------------
-
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _http_json(url: str, body: dict | None = None, timeout: float = 60.0) -> tuple[int, dict | str]:
@@ -70,19 +48,7 @@ def _http_json(url: str, body: dict | None = None, timeout: float = 60.0) -> tup
         return status, raw.decode("utf-8", "replace")
 
 
-def transformers_cli() -> list[str]:
-    """The `transformers` console script of this interpreter's environment (or its module entry point)."""
-    script = Path(sys.executable).parent / "transformers"
-    if script.exists():
-        return [str(script)]
-    return [
-        sys.executable,
-        "-c",
-        "import sys; from transformers.cli.transformers import main; sys.exit(main())",
-    ]
-
-
-class TransformersServer:
+class TransformersServer(transformers_server.TransformersServer):
     """The real `transformers serve`, pinned to a local HF model directory, on a free loopback port.
 
     `start()` waits until `/v1/models` lists the model and a 1-token chat request answers; `startup_s` is
@@ -90,69 +56,30 @@ class TransformersServer:
     `stop()` kills the whole process group (SIGTERM, then SIGKILL).
     """
 
+    name = "`transformers serve`"
+    probe_timeout = 2.0
+    stop_grace_s = 10.0
+
     def __init__(
         self,
         model_dir: str | os.PathLike,
         *,
-        host: str = "127.0.0.1",
-        port: int | None = None,
-        device: str = "cpu",
         startup_timeout: float = 300.0,
-        log_path: str | os.PathLike | None = None,
-        extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        **kwargs,
     ):
-        self.model = str(Path(model_dir).resolve())
-        self.host = host
-        self.port = port or free_port(host)
-        self.device = device
-        self.startup_timeout = startup_timeout
-        self.extra_args = list(extra_args)
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="tserve_")) / "serve.log"
-        self.process: subprocess.Popen | None = None
-        self.startup_s: float | None = None
+        env = {"TOKENIZERS_PARALLELISM": "false", **(env or {})}
+        super().__init__(model_dir, startup_timeout=startup_timeout, env=env, **kwargs)
         self.ready_s: float | None = None
 
-    @property
-    def command(self) -> list[str]:
-        return [
-            *transformers_cli(),
-            "serve",
-            self.model,
-            "--host",
-            self.host,
-            "--port",
-            str(self.port),
-            "--device",
-            self.device,
-            *self.extra_args,
-        ]
-
-    @property
-    def root_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.root_url}/v1"
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
+    def ready(self) -> bool:
+        status, answer = get_json(f"{self.base_url}/models", timeout=self.probe_timeout)
+        return status == 200 and any(m.get("id") == self.model for m in answer.get("data", []))
 
     def start(self) -> TransformersServer:
-        env = {**os.environ, **OFFLINE_ENV}
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(self.log_path, "wb")
         t0 = time.monotonic()
-        self.process = subprocess.Popen(
-            self.command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log_file.close()
+        super().start()
         try:
-            self._wait_listed(t0)
-            self.startup_s = time.monotonic() - t0
             status, answer = _http_json(
                 f"{self.base_url}/chat/completions",
                 {"model": self.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
@@ -165,20 +92,6 @@ class TransformersServer:
             self.stop()
             raise
         return self
-
-    def _wait_listed(self, t0: float) -> None:
-        def listed() -> bool:
-            status, answer = _http_json(f"{self.base_url}/models", timeout=2.0)
-            return status == 200 and any(m.get("id") == self.model for m in answer.get("data", []))
-
-        remaining = self.startup_timeout - (time.monotonic() - t0)
-        wait_until_ready(
-            self.process, listed, name="`transformers serve`", timeout=remaining, log_tail=self.log_tail
-        )
-
-    def stop(self, grace_s: float = 10.0) -> None:
-        proc, self.process = self.process, None
-        stop_process_group(proc, grace_s)
 
     def measure_throughput(self, n: int = 3, max_tokens: int = 32) -> dict:
         """Sequential greedy chat requests; completion tokens per wall second."""
@@ -205,426 +118,6 @@ class TransformersServer:
             "tokens_per_s": tokens / seconds,
         }
 
-    def __enter__(self) -> TransformersServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-@contextlib.contextmanager
-def serve_transformers(model_dir: str | os.PathLike, **kwargs) -> Iterator[TransformersServer]:
-    """`with serve_transformers(hf_dir) as server:` -> a started `TransformersServer`, stopped afterwards."""
-    server = TransformersServer(model_dir, **kwargs)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Fault-injecting reverse proxy
-# ---------------------------------------------------------------------------------------------------------
-
-FAULTS = ("429", "500", "503", "delay", "truncate", "nonjson", "empty", "drop")
-"""
-429       answer 429 with `Retry-After: <retry_after>`; not forwarded
-500, 503  answer that status with a JSON error body; not forwarded
-delay     hold the connection `delay_s` seconds (longer than the client timeout), then close; not forwarded
-truncate  forward, then answer 200 with the first half of the real JSON body (valid HTTP framing)
-nonjson   forward, then answer 200 with an HTML page instead of the real body
-empty     answer 200 with a JSON chat completion that has no choices; not forwarded
-drop      close the connection without any response; not forwarded
-"""
-
-_HOP_BY_HOP = {
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-    "host",
-}
-_REASONS = {200: "OK", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error"}
-_REASONS.update({502: "Bad Gateway", 503: "Service Unavailable"})
-
-
-def body_hash(body: bytes | Mapping) -> str:
-    """sha256 of a request body: of its canonical JSON when it is JSON, else of the raw bytes."""
-    if isinstance(body, Mapping):
-        obj = body
-    else:
-        try:
-            obj = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return hashlib.sha256(body).hexdigest()
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-class _HTTPMessage:
-    def __init__(self, start_line: str, headers: list[tuple[str, str]], body: bytes):
-        self.start_line = start_line
-        self.headers = headers
-        self.body = body
-
-    def header(self, name: str) -> str | None:
-        name = name.lower()
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
-
-
-async def _read_message(reader: asyncio.StreamReader, *, is_response: bool = False) -> _HTTPMessage | None:
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as err:
-        if not err.partial.strip():
-            return None  # clean EOF between requests
-        raise
-    lines = head.decode("latin-1").split("\r\n")
-    start_line = lines[0]
-    headers = []
-    for line in lines[1:]:
-        if line:
-            key, _, value = line.partition(":")
-            headers.append((key.strip(), value.strip()))
-    msg = _HTTPMessage(start_line, headers, b"")
-    if (msg.header("transfer-encoding") or "").lower() == "chunked":
-        chunks = []
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
-            if size == 0:
-                while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
-                    pass
-                break
-            chunks.append(await reader.readexactly(size))
-            await reader.readexactly(2)
-        msg.body = b"".join(chunks)
-    elif msg.header("content-length") is not None:
-        msg.body = await reader.readexactly(int(msg.header("content-length")))
-    elif is_response:
-        msg.body = await reader.read()  # until the server closes
-    return msg
-
-
-def _render_response(status: int, headers: Sequence[tuple[str, str]], body: bytes) -> bytes:
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}"]
-    lines += [f"{k}: {v}" for k, v in headers if k.lower() not in _HOP_BY_HOP]
-    lines += [f"Content-Length: {len(body)}", "Connection: close"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-class FaultProxy:
-    """Reverse proxy `http://127.0.0.1:<port>/v1/*` -> `upstream` with injected faults (see `FAULTS`).
-
-    The fault of a request is chosen, in this order, by: the first `fail_always` rule whose marker is in the
-    body (every time, forever); the `schedule` entry at the request's arrival index (None = pass); else a
-    seeded draw from `probabilities` ({fault: p}). Each request gets a fresh connection (`Connection:
-    close`), upstream too. Runs its own event loop in a daemon thread: `with FaultProxy(url) as proxy:`.
-
-    Counters (all thread-safe to read): `requests_seen`, `faults` (Counter by fault), `forwarded` (Counter by
-    `body_hash`: times that body reached the real server), `bodies` (hash -> parsed JSON body), `events`
-    (one dict per request: index, method, path, fault, hash, body, and the real server's status when
-    forwarded). `set_faults`, `fail_always`, `clear_faults` and `reset_counters` may be called while running.
-    """
-
-    def __init__(
-        self,
-        upstream: str,
-        *,
-        schedule: Sequence[str | None] = (),
-        probabilities: Mapping[str, float] | None = None,
-        seed: int = 0,
-        retry_after: float = 1.0,
-        delay_s: float = 5.0,
-        host: str = "127.0.0.1",
-        port: int = 0,
-    ):
-        upstream = upstream.rstrip("/")
-        if upstream.endswith("/v1"):
-            upstream = upstream[: -len("/v1")]
-        hostport = upstream.split("://", 1)[-1]
-        self.upstream_host, _, upstream_port = hostport.rpartition(":")
-        self.upstream_port = int(upstream_port)
-        self.host = host
-        self.port = port
-        self.retry_after = retry_after
-        self.delay_s = delay_s
-        self._lock = threading.Lock()
-        self._rules: list[tuple[Callable[[bytes], bool], str]] = []
-        self.set_faults(schedule=schedule, probabilities=probabilities, seed=seed)
-        self.reset_counters()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.base_events.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._tasks: set[asyncio.Task] = set()
-
-    # ----- configuration -----
-
-    def set_faults(
-        self,
-        *,
-        schedule: Sequence[str | None] = (),
-        probabilities: Mapping[str, float] | None = None,
-        seed: int = 0,
-    ) -> None:
-        """Replace the schedule (indexed from the next request seen) and the probabilities."""
-        for fault in [*schedule, *(probabilities or {})]:
-            if fault is not None and fault not in FAULTS:
-                raise ValueError(f"unknown fault {fault!r}; known: {FAULTS}")
-        if sum((probabilities or {}).values()) > 1.0:
-            raise ValueError("fault probabilities add up to more than 1")
-        with self._lock:
-            self._schedule = list(schedule)
-            self._schedule_start = getattr(self, "requests_seen", 0)
-            self._probabilities = dict(probabilities or {})
-            self._rng = random.Random(seed)
-
-    def fail_always(self, marker: str | bytes | Callable[[bytes], bool], fault: str = "500") -> None:
-        """Every request whose raw body contains `marker` (or satisfies it, if callable) gets `fault`."""
-        if fault not in FAULTS:
-            raise ValueError(f"unknown fault {fault!r}")
-        if callable(marker):
-            match = marker
-        else:
-            needle = marker.encode() if isinstance(marker, str) else marker
-            escaped = json.dumps(marker)[1:-1].encode() if isinstance(marker, str) else needle
-
-            def match(body: bytes) -> bool:
-                return needle in body or escaped in body
-
-        with self._lock:
-            self._rules.append((match, fault))
-
-    def clear_faults(self) -> None:
-        with self._lock:
-            self._rules.clear()
-        self.set_faults()
-
-    def reset_counters(self) -> None:
-        with self._lock:
-            self.requests_seen = 0
-            self._schedule_start = 0
-            self.faults: Counter[str] = Counter()
-            self.forwarded: Counter[str] = Counter()
-            self.bodies: dict[str, object] = {}
-            self.events: list[dict] = []
-
-    # ----- queries -----
-
-    @property
-    def url(self) -> str:
-        """Base URL for an OpenAI client: `http://127.0.0.1:<port>/v1`."""
-        return f"http://{self.host}:{self.port}/v1"
-
-    @property
-    def forwarded_total(self) -> int:
-        with self._lock:
-            return sum(self.forwarded.values())
-
-    def max_forwarded(self) -> int:
-        with self._lock:
-            return max(self.forwarded.values(), default=0)
-
-    def forwarded_where(self, predicate: Callable[[object], bool]) -> int:
-        """How many times requests whose parsed body satisfies `predicate` reached the real server."""
-        with self._lock:
-            return sum(n for h, n in self.forwarded.items() if predicate(self.bodies.get(h)))
-
-    def forwarded_for_messages(self, messages: Sequence[Mapping]) -> int:
-        messages = [dict(m) for m in messages]
-        return self.forwarded_where(lambda body: isinstance(body, dict) and body.get("messages") == messages)
-
-    # ----- lifecycle -----
-
-    def start(self) -> FaultProxy:
-        ready = threading.Event()
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            try:
-                self._server = loop.run_until_complete(
-                    asyncio.start_server(self._handle, self.host, self.port, limit=1 << 24)
-                )
-                self.port = self._server.sockets[0].getsockname()[1]
-            except BaseException as err:  # noqa: B036 - reported to the starting thread
-                failure.append(err)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.run_until_complete(loop.shutdown_asyncgens())
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="fault-proxy", daemon=True)
-        self._thread.start()
-        ready.wait(30)
-        if failure:
-            raise failure[0]
-        return self
-
-    def stop(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-
-        async def shutdown() -> None:
-            self._server.close()
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            loop.stop()
-
-        asyncio.run_coroutine_threadsafe(shutdown(), loop)
-        thread.join(30)
-        self._loop = self._thread = None
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    # ----- the proxy -----
-
-    def _choose(self, raw_body: bytes) -> tuple[int, str | None]:
-        with self._lock:
-            index = self.requests_seen
-            self.requests_seen += 1
-            fault = next((f for match, f in self._rules if match(raw_body)), None)
-            if fault is None:
-                pos = index - self._schedule_start
-                if 0 <= pos < len(self._schedule):
-                    fault = self._schedule[pos]
-                elif self._probabilities:
-                    draw = self._rng.random()
-                    for name, p in self._probabilities.items():
-                        if draw < p:
-                            fault = name
-                            break
-                        draw -= p
-            if fault is not None:
-                self.faults[fault] += 1
-            return index, fault
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._tasks.add(task)
-        try:
-            await self._serve_one(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-            pass
-        finally:
-            self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        request = await _read_message(reader)
-        if request is None:
-            return
-        method, target, _ = request.start_line.split(" ", 2)
-        if not target.startswith("/v1/"):
-            writer.write(_render_response(404, [("Content-Type", "text/plain")], b"not proxied\n"))
-            await writer.drain()
-            return
-        index, fault = self._choose(request.body)
-        try:
-            parsed = json.loads(request.body) if request.body else None
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            parsed = None
-        event = {
-            "index": index,
-            "method": method,
-            "path": target,
-            "fault": fault,
-            "hash": body_hash(request.body),
-            "body": parsed,  # parsed JSON body (None if not JSON); "status" is added once forwarded
-        }
-        with self._lock:
-            self.events.append(event)
-
-        def json_body(obj: dict) -> bytes:
-            return json.dumps(obj).encode()
-
-        if fault == "drop":
-            writer.transport.abort()
-            return
-        if fault == "delay":
-            await asyncio.sleep(self.delay_s)
-            return
-        if fault in ("429", "500", "503"):
-            status = int(fault)
-            headers = [("Content-Type", "application/json")]
-            if status == 429:
-                headers.append(("Retry-After", f"{self.retry_after:g}"))
-            error = {"error": {"message": f"injected {status}", "type": "injected_fault", "code": status}}
-            writer.write(_render_response(status, headers, json_body(error)))
-            await writer.drain()
-            return
-        if fault == "empty":
-            answer = {
-                "id": "injected",
-                "object": "chat.completion",
-                "created": 0,
-                "model": "x",
-                "choices": [],
-            }
-            writer.write(_render_response(200, [("Content-Type", "application/json")], json_body(answer)))
-            await writer.drain()
-            return
-
-        response = await self._forward(method, target, request, event["hash"])
-        status = int(response.start_line.split(" ", 2)[1])
-        event["status"] = status
-        if fault == "truncate":
-            body = response.body[: max(1, len(response.body) // 2)]
-            writer.write(_render_response(status, response.headers, body))
-        elif fault == "nonjson":
-            page = b"<html><head><title>502 Bad Gateway</title></head><body>upstream hiccup</body></html>"
-            writer.write(_render_response(200, [("Content-Type", "text/html")], page))
-        else:
-            writer.write(_render_response(status, response.headers, response.body))
-        await writer.drain()
-
-    async def _forward(self, method: str, target: str, request: _HTTPMessage, digest: str) -> _HTTPMessage:
-        up_reader, up_writer = await asyncio.open_connection(
-            self.upstream_host, self.upstream_port, limit=1 << 24
-        )
-        try:
-            lines = [f"{method} {target} HTTP/1.1", f"Host: {self.upstream_host}:{self.upstream_port}"]
-            lines += [f"{k}: {v}" for k, v in request.headers if k.lower() not in _HOP_BY_HOP]
-            lines += [f"Content-Length: {len(request.body)}", "Connection: close"]
-            up_writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + request.body)
-            await up_writer.drain()
-            with self._lock:
-                self.forwarded[digest] += 1
-                if digest not in self.bodies:
-                    try:
-                        self.bodies[digest] = json.loads(request.body)
-                    except (UnicodeDecodeError, json.JSONDecodeError):
-                        self.bodies[digest] = request.body
-            response = await _read_message(up_reader, is_response=True)
-            if response is None:
-                raise ConnectionError("upstream closed without a response")
-            return response
-        finally:
-            up_writer.close()
-            with contextlib.suppress(Exception):
-                await up_writer.wait_closed()
-
 
 # ---------------------------------------------------------------------------------------------------------
 # `python -m tests.llm_servers run-batch SPEC.json`: complete_many in a process of its own
@@ -632,7 +125,7 @@ class FaultProxy:
 
 
 async def _run_batch(spec: dict) -> dict:
-    from data_builder.llm_client import LLMClient
+    from persllm_jax.llm.client import LLMClient
 
     async with LLMClient(
         spec["base_url"], spec["model"], spec["cache_dir"], **spec.get("client", {})

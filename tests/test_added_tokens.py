@@ -6,7 +6,7 @@ import pytest
 import transformers
 
 from persllm_jax import load_pretrained
-from persllm_jax.hf_io import SafetensorsDir
+from persllm_jax.io.hf_weights import SafetensorsDir
 from tests import hf_fixtures
 from tests.cli_helpers import run_cli
 

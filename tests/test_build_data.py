@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.cli_helpers import run_cli
-from tests.llm_servers import FaultProxy, TransformersServer
+from tests.fault_proxy import FaultProxy
+from tests.llm_servers import TransformersServer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "data_demo.yaml"

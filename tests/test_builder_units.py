@@ -5,9 +5,9 @@ import zlib
 import numpy as np
 import pytest
 
-from data_builder import cleaning, pairs, parsing
-from data_builder.build import Item, _check_kinds
-from data_builder.retrieval import fill_budget, nearest
+from persllm_jax.builder import cleaning, pairs, parsing
+from persllm_jax.builder.build import Item, _check_kinds
+from persllm_jax.builder.retrieval import fill_budget, nearest
 
 
 @pytest.mark.parametrize(

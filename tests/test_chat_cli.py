@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from data_builder.prompts import persona_system_prompt
-from persllm_jax.chat import ChatSession, persona_system_message, repl
-from persllm_jax.generation import SamplingParams
+from persllm_jax.inference.chat import ChatSession, repl
+from persllm_jax.inference.generation import SamplingParams
+from persllm_jax.personas.prompts import persona_system_message, persona_system_prompt
 from tests.cli_helpers import run_cli
 from tests.test_serving import EchoGenerator
 

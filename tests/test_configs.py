@@ -6,8 +6,8 @@ import pytest
 
 from persllm_jax import configlib
 from persllm_jax.configlib import ConfigError
-from persllm_jax.model_config import ModelConfig, preset
-from persllm_jax.run_config import RunConfig
+from persllm_jax.model.config import ModelConfig, preset
+from persllm_jax.train.config import RunConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -15,7 +15,7 @@ CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml"))
 
 def config_class_for(path: Path):
     if path.name.startswith("data_"):
-        from data_builder.config import BuildConfig
+        from persllm_jax.builder.config import BuildConfig
 
         return BuildConfig
     if path.name.startswith("demo"):
@@ -27,7 +27,7 @@ def config_class_for(path: Path):
 
         return EvalConfig
     if path.name.startswith("talk_"):
-        from persllm_jax.talk import TalkConfig
+        from persllm_jax.inference.talk import TalkConfig
 
         return TalkConfig
     return RunConfig
@@ -36,7 +36,7 @@ def config_class_for(path: Path):
 @pytest.mark.parametrize("name", ["demo.yaml", "demo_smoke.yaml"])
 def test_pipeline_step_overrides_fit_their_configs(name):
     """Each step's base file plus the pipeline's overrides is a valid config of that step."""
-    from data_builder.config import BuildConfig
+    from persllm_jax.builder.config import BuildConfig
     from persllm_jax.evaluation.config import EvalConfig
     from persllm_jax.pipeline import PipelineConfig
 

@@ -2,21 +2,19 @@
 
 import pytest
 
-from persllm_jax.evaluation.judge import (
+from persllm_jax.evaluation.judge.aggregate import count_parsed, summarize_induction, summarize_scores
+from persllm_jax.evaluation.judge.parsing import parse_label, parse_ranking, parse_score, parse_yes_no
+from persllm_jax.evaluation.judge.procedure import parse_model_ranking
+from persllm_jax.evaluation.judge.prompts import (
     ATTITUDE_RUBRIC,
     KNOWLEDGE_RUBRIC,
     JudgeSettings,
     anonymize,
     classify_messages,
-    count_parsed,
     induction_messages,
-    parse_model_ranking,
     ranking_messages,
     score_messages,
-    summarize_induction,
-    summarize_scores,
 )
-from persllm_jax.evaluation.judge_parsing import parse_label, parse_ranking, parse_score, parse_yes_no
 
 ITEM = {
     "item_id": "holmes-early-3",

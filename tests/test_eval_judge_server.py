@@ -9,8 +9,10 @@ import json
 import pytest
 
 from persllm_jax.evaluation import JudgeSettings, collect_metrics, run_judge, write_report
-from persllm_jax.evaluation.judge_parsing import LABELS, SCORE_MAX, SCORE_MIN
-from tests.llm_servers import FaultProxy, TransformersServer
+from persllm_jax.evaluation.judge.parsing import LABELS, SCORE_MAX, SCORE_MIN
+from persllm_jax.llm.endpoint import EndpointConfig
+from tests.fault_proxy import FaultProxy
+from tests.llm_servers import TransformersServer
 
 # Short replies keep a CPU-served 135M model fast; SmolLM2 names the label after ~15 tokens of preamble
 # and a ranking needs room for a small JSON list.
@@ -70,11 +72,9 @@ def server(smollm2_hf_dir):
 def judge(url, model, cache_dir):
     return run_judge(
         answer_records(),
-        base_url=url,
-        model=model,
-        cache_dir=cache_dir,
-        concurrency=2,
-        timeout=300.0,  # the server answers one request at a time; queued ones wait
+        # the server answers one request at a time; queued ones wait
+        EndpointConfig(base_url=url, model=model, concurrency=2, timeout_s=300.0),
+        cache_dir,
         settings=SETTINGS,
         persona_names={"holmes": "Sherlock Holmes"},
         models=MODELS,

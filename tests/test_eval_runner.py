@@ -11,15 +11,15 @@ import pytest
 import torch
 import transformers
 
-from data_builder.materials import load_personas
 from persllm_jax import configlib, load_pretrained
 from persllm_jax.data import formats
 from persllm_jax.data.readers import read_records
-from persllm_jax.dpo import pair_arrays
 from persllm_jax.evaluation import answers, likelihood
 from persllm_jax.evaluation.config import EvalConfig
 from persllm_jax.evaluation.runner import evaluate
-from persllm_jax.sft import sft_arrays
+from persllm_jax.personas.materials import load_personas
+from persllm_jax.train.tasks.dpo import pair_arrays
+from persllm_jax.train.tasks.sft import sft_arrays
 from tests import hf_fixtures
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,10 +8,11 @@ import torch
 import transformers
 
 from persllm_jax import generate, load_pretrained
-from persllm_jax.generation import Generator, SamplingParams, _filter_top_k_top_p, _penalize
-from persllm_jax.model import init_model
-from persllm_jax.model_config import ModelConfig
-from persllm_jax.sharding import make_mesh
+from persllm_jax.inference.generation import Generator
+from persllm_jax.inference.sampling import SamplingParams, filter_top_k_top_p, penalize
+from persllm_jax.model.config import ModelConfig
+from persllm_jax.model.decoder import init_model
+from persllm_jax.model.sharding import make_mesh
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -116,7 +117,7 @@ def test_repetition_penalty_matches_transformers():
     seen = np.zeros((2, 50), bool)
     for row, ids in enumerate(seen_ids):
         seen[row, ids] = True
-    ours = np.asarray(_penalize(jnp.asarray(logits), jnp.asarray(seen), jnp.asarray([1.3, 1.3])))
+    ours = np.asarray(penalize(jnp.asarray(logits), jnp.asarray(seen), jnp.asarray([1.3, 1.3])))
     processor = transformers.RepetitionPenaltyLogitsProcessor(1.3)
     for row, ids in enumerate(seen_ids):
         ref = processor(torch.tensor([ids]), torch.tensor(logits[row : row + 1])).numpy()[0]
@@ -145,7 +146,7 @@ def test_top_k_top_p_filter_matches_reference(top_k, top_p):
     rng = np.random.default_rng(top_k + int(top_p * 10))
     logits = rng.normal(size=(4, 40)).astype(np.float32) * 2
     out = np.asarray(
-        _filter_top_k_top_p(jnp.asarray(logits), jnp.full((4,), top_k), jnp.full((4,), top_p, jnp.float32))
+        filter_top_k_top_p(jnp.asarray(logits), jnp.full((4,), top_k), jnp.full((4,), top_p, jnp.float32))
     )
     for row in range(4):
         np.testing.assert_array_equal(np.isfinite(out[row]), _reference_filter(logits[row], top_k, top_p))

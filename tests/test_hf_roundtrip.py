@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import transformers
 
-from persllm_jax import hf_io, load_pretrained, save_pretrained
-from persllm_jax.safetensors_io import SafetensorsFile
+from persllm_jax import load_pretrained, save_pretrained
+from persllm_jax.io import hf_weights
+from persllm_jax.io.safetensors_file import SafetensorsFile
 from tests import hf_fixtures
 
 
 def _state_dict(directory):
-    source = hf_io.SafetensorsDir(directory)
+    source = hf_weights.SafetensorsDir(directory)
     return {name: np.asarray(source.get(name)) for name in source.names()}
 
 

@@ -1,4 +1,4 @@
-"""`data_builder.llm_client.LLMClient` against the real `transformers serve` (SmolLM2-135M, offline), with a
+"""`persllm_jax.llm.client.LLMClient` against the real `transformers serve` (SmolLM2-135M, offline), with a
 fault-injecting proxy in between. Generations are greedy and short: the machine may be shared and slow."""
 
 from __future__ import annotations
@@ -14,20 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from data_builder.llm_client import (
+from persllm_jax.llm.client import LLMCallFailed, LLMClient, _parse_completion
+from persllm_jax.llm.endpoint import EndpointConfig
+from persllm_jax.llm.retry import (
     BAD_RESPONSE,
     CONNECTION,
     HTTP_ERROR,
     RATE_LIMITED,
     SERVER_ERROR,
     TIMEOUT,
-    LLMCallFailed,
-    LLMClient,
-    _parse_completion,
-    _Retryable,
+    RetryableError,
     parse_retry_after,
 )
-from tests.llm_servers import FAULTS, FaultProxy, TransformersServer
+from tests.fault_proxy import FAULTS, FaultProxy
+from tests.llm_servers import TransformersServer
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_BACKOFF = dict(backoff_base=0.05, backoff_cap=0.5, retry_after_cap=2.0)
@@ -101,7 +101,7 @@ def test_retry_after_parsing():
     ],
 )
 def test_invalid_bodies_are_retryable(body):
-    with pytest.raises(_Retryable) as info:
+    with pytest.raises(RetryableError) as info:
         _parse_completion(body)
     assert info.value.reason == BAD_RESPONSE
 
@@ -142,7 +142,7 @@ def test_unreachable_server_fails_without_raising(tmp_path):
 
 
 def _closed_port() -> int:
-    from tests.llm_servers import free_port
+    from persllm_jax.llm.loopback import free_port
 
     return free_port()
 
@@ -319,7 +319,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(server, proxy, tmp_path):
 
     async def resume():
         async with LLMClient.from_config(
-            _Section(base_url=proxy.url, model=server.model), cache_dir, **spec["client"]
+            EndpointConfig(base_url=proxy.url, model=server.model), cache_dir, **spec["client"]
         ) as client:
             return await client.complete_many(requests, progress_desc="resume"), client.stats()
 
@@ -336,13 +336,6 @@ def test_killed_run_resumes_without_loss_or_duplicates(server, proxy, tmp_path):
     lines = cache_lines(cache_file)
     assert len(lines) == len(requests) and len({line["key"] for line in lines}) == len(requests)
     assert {line["key"] for line in lines} == set(by_key)
-
-
-class _Section:
-    """Stands in for `data_builder.config.LLMSection`."""
-
-    def __init__(self, **kwargs):
-        self.__dict__.update(kwargs)
 
 
 def _is_json(line: bytes) -> bool:

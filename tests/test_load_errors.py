@@ -6,9 +6,9 @@ import struct
 import pytest
 
 from persllm_jax import load_pretrained
-from persllm_jax.hf_io import WeightMismatchError
-from persllm_jax.model_config import UnsupportedModelError
-from persllm_jax.safetensors_io import SafetensorsError
+from persllm_jax.io.hf_weights import WeightMismatchError
+from persllm_jax.io.safetensors_file import SafetensorsError
+from persllm_jax.model.config import UnsupportedModelError
 from tests import hf_fixtures
 from tests.cli_helpers import run_cli
 
@@ -78,12 +78,12 @@ def test_shape_mismatch_names_tensor_and_shapes(tiny_dir):
 def test_unexpected_tensor(tiny_dir):
     import numpy as np
 
-    from persllm_jax import safetensors_io
+    from persllm_jax.io import safetensors_file
 
-    source = safetensors_io.SafetensorsFile(tiny_dir / "model.safetensors")
+    source = safetensors_file.SafetensorsFile(tiny_dir / "model.safetensors")
     tensors = {name: np.asarray(source.get(name)) for name in source.keys()}
     tensors["model.layers.0.self_attn.q_norm.weight"] = np.ones(16, np.float32)
-    safetensors_io.write(tiny_dir / "model.safetensors", tensors)
+    safetensors_file.write(tiny_dir / "model.safetensors", tensors)
     with pytest.raises(
         WeightMismatchError, match=r"unexpected tensors \['model\.layers\.0\.self_attn\.q_norm\.weight'\]"
     ):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from data_builder.materials import (
+from persllm_jax.personas.materials import (
     KINDS,
     MaterialsError,
     Paragraph,

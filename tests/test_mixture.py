@@ -5,7 +5,7 @@ import collections
 import numpy as np
 import pytest
 
-from persllm_jax.data import Mixture, epoch_order, iter_batches, process_batch
+from persllm_jax.data import Mixture, epoch_order, process_batch
 
 
 def _counts(order: np.ndarray) -> collections.Counter:
@@ -64,19 +64,6 @@ def test_process_slices_concatenate_to_the_global_batch(process_count):
         assert all(s.shape == (8 // process_count, 2) for s in slices)
         np.testing.assert_array_equal(np.concatenate(slices), global_batch)
         np.testing.assert_array_equal(process_batch([13, 6], [2.0, 0.5], 11, position, 8, 0, 1), global_batch)
-
-
-@pytest.mark.parametrize("process_index, process_count", [(0, 1), (1, 2)])
-def test_resume_at_position_equals_uninterrupted_run(process_index, process_count):
-    mixture = Mixture((7, 3), (1.0, 3.0), seed=5)
-    uninterrupted = iter_batches(mixture, 6, process_index, process_count)
-    run = [next(uninterrupted) for _ in range(15)]
-    assert [position for position, _ in run] == list(range(15))
-    # a run stopped after 8 batches saved position 8; a fresh process resumes from it
-    resumed = iter_batches(Mixture((7, 3), (1.0, 3.0), seed=5), 6, process_index, process_count, position=8)
-    for (position, expected), (got_position, got) in zip(run[8:], resumed):
-        assert got_position == position
-        np.testing.assert_array_equal(got, expected)
 
 
 def test_bad_arguments_are_errors():

@@ -19,8 +19,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from persllm_jax import serving
-from persllm_jax.generation import Completion
+from persllm_jax.inference import serving
+from persllm_jax.inference.generation import Completion
 from tests.cli_helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

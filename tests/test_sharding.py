@@ -8,10 +8,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from persllm_jax import load_pretrained
-from persllm_jax.hf_io import flat_variables
-from persllm_jax.model import init_model
-from persllm_jax.model_config import tiny
-from persllm_jax.sharding import LOGICAL_RULES, make_mesh, state_shardings
+from persllm_jax.io.hf_weights import flat_variables
+from persllm_jax.model.config import tiny
+from persllm_jax.model.decoder import init_model
+from persllm_jax.model.sharding import LOGICAL_RULES, make_mesh, state_shardings
 from tests import hf_fixtures
 
 # Same weights, only the partitioning differs, so only the order of partial sums changes.

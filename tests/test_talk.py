@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from persllm_jax import load_pretrained
-from persllm_jax.generation import Generator
-from persllm_jax.talk import TalkConfig, converse
+from persllm_jax.inference.generation import Generator
+from persllm_jax.inference.talk import TalkConfig, converse
 from tests.cli_helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""data_builder.tfds_output: DESIGN rows -> TFDS array_record datasets, read back without TensorFlow."""
+"""persllm_jax.builder.tfds_output: JSONL rows -> TFDS array_record datasets, read back without TensorFlow."""
 
 import importlib
 import json
@@ -9,7 +9,7 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from data_builder import tfds_output  # noqa: E402
+from persllm_jax.builder import tfds_output  # noqa: E402
 
 
 def _messages(*pairs):
@@ -109,7 +109,7 @@ def test_round_trip_through_data_source(tmp_path):
                     assert [x.decode() for x in record[k]["role"]] == [m["role"] for m in row[k]]
                     assert [x.decode() for x in record[k]["content"]] == [m["content"] for m in row[k]]
 
-    # read() gives back the DESIGN rows exactly (analysis "" -> None).
+    # read() gives back the JSONL rows exactly (analysis "" -> None).
     for name, rows in ((tfds_output.DIALOGUES, DIALOGUES), (tfds_output.PAIRS, PAIRS)):
         assert tfds_output.read(out, name, "train") == _expected(rows, "train")
     assert tfds_output.read(out, tfds_output.DIALOGUES, "test") == _expected(DIALOGUES, "test")

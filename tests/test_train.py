@@ -4,7 +4,6 @@ multiple processes, reference caching, errors."""
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from persllm_jax.checkpoint_paths import step_dirs
-from persllm_jax.metrics_log import read_metrics
+from persllm_jax.io.run_paths import step_dirs
+from persllm_jax.llm.loopback import free_port
+from persllm_jax.train.metrics_log import read_metrics
 from tests.cli_helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def final_params(run_dir):
     import jax
 
     from persllm_jax import load_pretrained
-    from persllm_jax.loading import params_tree
+    from persllm_jax.io.pretrained import params_tree
 
     model, _ = load_pretrained(run_dir)
     return {
@@ -159,17 +159,11 @@ def test_mesh_222_equals_one_device(sft_reference_run, tmp_path):
     np.testing.assert_allclose(losses(sft_reference_run), losses(one), rtol=1e-4)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one(sft_reference_run, tmp_path):
     """Two processes with 4 fake devices each (jax.distributed on loopback) = one with 8."""
     run_dir = tmp_path / "run"
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     processes = [
         subprocess.Popen(
@@ -307,7 +301,7 @@ def test_load_checkpoint_onto_a_mesh(sft_reference_run):
     import jax
 
     from persllm_jax import load_pretrained
-    from persllm_jax.sharding import make_mesh
+    from persllm_jax.model.sharding import make_mesh
 
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     sharded, _ = load_pretrained(sft_reference_run, mesh=mesh)

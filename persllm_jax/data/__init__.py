@@ -19,7 +19,7 @@ from persllm_jax.data.formats import (
     preference_example,
     sft_example,
 )
-from persllm_jax.data.mixture import Mixture, epoch_order, iter_batches, process_batch
+from persllm_jax.data.mixture import Mixture, epoch_order, process_batch
 from persllm_jax.data.readers import DataError, location, read_records
 
 __all__ = [
@@ -32,7 +32,6 @@ __all__ = [
     "TrainingArrays",
     "classify",
     "epoch_order",
-    "iter_batches",
     "location",
     "normalize",
     "preference_example",

@@ -36,7 +36,7 @@ import numpy as np
 from persllm_jax.data.formats import Messages, PreferenceExample, SFTExample
 from persllm_jax.data.readers import DataError
 
-# The stage token starts our system messages (DESIGN.md); it must be one token, not its spelling.
+# The stage token starts our system messages; it must be one token, not its spelling.
 _LEADING_TOKEN = re.compile(r"^<[^<>\s]+>")
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,16 +96,6 @@ def process_batch(
     """The (source, index) pairs process `process_index` loads for the global batch at `position`."""
     mixture = Mixture(tuple(num_examples_per_source), tuple(repeats), seed)
     return mixture.process_batch(position, batch_size, process_index, process_count)
-
-
-def iter_batches(
-    mixture: Mixture, batch_size: int, process_index: int = 0, process_count: int = 1, position: int = 0
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Endless (position, this process's examples) from `position` on; save position + 1 to resume after it."""
-    _per_process(batch_size, process_index, process_count)
-    while True:
-        yield position, mixture.process_batch(position, batch_size, process_index, process_count)
-        position += 1
 
 
 def _per_process(batch_size: int, process_index: int, process_count: int) -> int:

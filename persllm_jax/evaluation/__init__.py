@@ -1,4 +1,7 @@
-"""Evaluation of personified models (PersLLM section 3): distinction BLEU, LLM-judge metrics, reports."""
+"""Evaluation of personified models: distinction BLEU between answers of personas and stages,
+held-out likelihood and DPO reward metrics, the LLM judge's knowledge, attitude, anti-induction
+and ranking scores, and the report that puts them side by side. Uses train (log-probs), inference
+(answers), personas and llm (the judge)."""
 
 from persllm_jax.evaluation.distinction import bleu, distinction_bleu
 from persllm_jax.evaluation.judge import JudgeSettings, judge_answers, run_judge

@@ -12,9 +12,9 @@ import dataclasses
 from collections import defaultdict
 from collections.abc import Sequence
 
-from data_builder.materials import Persona
-from data_builder.prompts import persona_system_prompt
-from persllm_jax.generation import Generator, SamplingParams
+from persllm_jax.inference.generation import Generator, SamplingParams
+from persllm_jax.personas.materials import Persona
+from persllm_jax.personas.prompts import persona_conversation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +85,7 @@ def answer_requests(items: Sequence[TestItem], personas: dict[str, Persona]) -> 
 
 def conversation(request: dict, personas: dict[str, Persona]) -> list[dict]:
     persona = personas[request["as_persona"]]
-    stage = persona.stage(request["as_stage"])
-    system = persona_system_prompt(token=stage.token, name=persona.name, description=persona.description)
-    return [{"role": "system", "content": system}, {"role": "user", "content": request["question"]}]
+    return persona_conversation(persona, persona.stage(request["as_stage"]), request["question"])
 
 
 def answer_all(

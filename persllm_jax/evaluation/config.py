@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from persllm_jax.llm.endpoint import EndpointConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalModel:
@@ -43,13 +45,12 @@ class EvalLikelihood:
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalJudge:
+class EvalJudge(EndpointConfig):
+    """The judge's endpoint (`enabled: false` skips the judge), by default with fewer requests at once
+    and a longer timeout than an `EndpointConfig`."""
+
     enabled: bool = True
-    base_url: str = "http://127.0.0.1:8000/v1"  # any OpenAI-compatible endpoint
-    model: str = "gpt-4-turbo"
-    api_key: str = ""
     concurrency: int = 4
-    max_retries: int = 6
     timeout_s: float = 300.0
 
 

@@ -15,9 +15,9 @@ import numpy as np
 from flax import nnx
 
 from persllm_jax import losses
-from persllm_jax.batches import SFTBatch
-from persllm_jax.dpo import pair_arrays, pair_logps, pair_side
-from persllm_jax.sft import sequence_nll, sft_arrays
+from persllm_jax.train.batches import SFTBatch
+from persllm_jax.train.tasks.dpo import pair_arrays, pair_logps, pair_side
+from persllm_jax.train.tasks.sft import sequence_nll, sft_arrays
 
 
 def _no_groups(n: int) -> np.ndarray:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from persllm_jax.metrics_log import plot_loss
+from persllm_jax.train.metrics_log import plot_loss
 
 MISSING = "-"
 REPORT_JSON, REPORT_MD = "report.json", "report.md"

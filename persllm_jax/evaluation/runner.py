@@ -19,8 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from data_builder.materials import load_personas
-from persllm_jax import loading
 from persllm_jax.configlib import ConfigError
 from persllm_jax.data import formats
 from persllm_jax.data.readers import read_records
@@ -28,7 +26,9 @@ from persllm_jax.evaluation import answers as answers_mod
 from persllm_jax.evaluation import likelihood, report
 from persllm_jax.evaluation.config import EvalConfig
 from persllm_jax.evaluation.distinction import distinction_bleu
-from persllm_jax.generation import Generator
+from persllm_jax.inference.generation import Generator
+from persllm_jax.io import pretrained
+from persllm_jax.personas.materials import load_personas
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             records += cached_answers
             scores[spec.name] = cached_scores
             continue
-        model, tokenizer = loading.load_pretrained(spec.path, dtype=jnp.dtype(cfg.dtype))
+        model, tokenizer = pretrained.load_pretrained(spec.path, dtype=jnp.dtype(cfg.dtype))
         if cached_answers is None:
             generator = Generator(model, tokenizer, max_batch=cfg.generation.batch_size)
             with tqdm(total=len(requests), desc=f"answers ({spec.name})", unit="answer") as bar:
@@ -186,13 +186,8 @@ def evaluate(cfg: EvalConfig) -> dict:
 
         judge = run_judge(
             records,
-            base_url=cfg.judge.base_url,
-            model=cfg.judge.model,
-            cache_dir=out / "judge_cache",
-            api_key=cfg.judge.api_key or None,
-            concurrency=cfg.judge.concurrency,
-            timeout=cfg.judge.timeout_s,
-            max_retries=cfg.judge.max_retries,
+            cfg.judge,
+            out / "judge_cache",
             persona_names={p.id: p.name for p in personas.values()},
             models=names,
         )

@@ -22,19 +22,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+from persllm_jax.train.tasks.dpo import DPO_METRICS  # noqa: E402  (after the offline flags)
+
 OUT = Path(__file__).resolve().parent / "dpo_golden"
 BETA = 0.1
 # (loss_type, label_smoothing) runs; each is one TRL step on the same four pairs.
 RUNS = [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.1)]
-METRICS = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-)
+METRICS = ("loss", *DPO_METRICS)
 
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
 WORDS = """

@@ -1,4 +1,4 @@
-"""Writes the tiny SFT / DPO data under tests/data (DESIGN.md formats). Run: python tests/data/make_tiny_data.py"""
+"""Writes the tiny SFT / DPO data under tests/data (the dialogues.jsonl / pairs.jsonl formats). Run: python tests/data/make_tiny_data.py"""
 
 import json
 import random

@@ -1,0 +1,86 @@
+"""Automatically mined preference pairs, for the DPO stage that follows SFT.
+
+cross_stage: a question answered with its own stage's materials is chosen; the same question
+answered with another stage's materials is rejected (and the reverse for that other stage).
+cross_persona: the rejected answer is another persona's answer to a similar question: rank the
+other personas' questions by embedding similarity, skip the `skip_top` most similar (their
+answers may fit too), take the first whose answer differs from the chosen one. Candidates come
+from the same split, so test answers never appear in training pairs; a pair inherits its
+question's split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from persllm_jax.builder.outputs import system_message
+
+
+def _same(a: str, b: str) -> bool:
+    return " ".join(a.lower().split()) == " ".join(b.lower().split())
+
+
+def _pair(item, stage_id, source, chosen, rejected, personas, stages, suffix):
+    return {
+        "id": f"{item.id}/{source}/{suffix}",
+        "persona": item.persona,
+        "stage": stage_id,
+        "source": source,
+        "prompt": [
+            system_message(item.persona, stage_id, personas, stages),
+            {"role": "user", "content": item.question},
+        ],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        "split": item.split,
+    }
+
+
+def cross_stage_pairs(items, personas, stages) -> list[dict]:
+    rows = []
+    for item in items:
+        own = item.answers[item.stage]["response"]
+        for stage_id, answer in sorted(item.answers.items()):
+            other = answer.get("response")
+            if stage_id == item.stage or other is None or _same(own, other):
+                continue
+            rows.append(_pair(item, item.stage, "cross_stage", own, other, personas, stages, stage_id))
+            rows.append(
+                _pair(item, stage_id, "cross_stage", other, own, personas, stages, f"{stage_id}-chosen")
+            )
+    return rows
+
+
+def cross_persona_pairs(items, embedder, personas, stages, skip_top: int) -> list[dict]:
+    rows = []
+    if not items:
+        return rows
+    vectors = embedder.encode([i.question for i in items])
+    for index, item in enumerate(items):
+        candidates = [
+            j for j, other in enumerate(items) if other.persona != item.persona and other.split == item.split
+        ]
+        if not candidates:
+            continue
+        similarity = vectors[candidates] @ vectors[index]
+        ranked = [candidates[k] for k in np.argsort(-similarity, kind="stable")]
+        # With fewer candidates than skip_top + 1 (small runs), skip as many as leaves one.
+        skip = min(skip_top, len(ranked) - 1)
+        chosen = item.answers[item.stage]["response"]
+        for j in ranked[skip:]:
+            rejected = items[j].answers[items[j].stage]["response"]
+            if not _same(chosen, rejected):
+                rows.append(
+                    _pair(
+                        item,
+                        item.stage,
+                        "cross_persona",
+                        chosen,
+                        rejected,
+                        personas,
+                        stages,
+                        items[j].persona,
+                    )
+                )
+                break
+    return rows

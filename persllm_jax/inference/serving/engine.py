@@ -1,0 +1,236 @@
+"""The batching engine of `persllm serve`: `BatchEngine` and its `Job`, one per request.
+
+Request handlers put jobs on a queue, and one worker thread (the only thread that touches JAX or
+the tokenizer) takes the first waiting job, waits `batch_window_s` for more, up to `max_batch`, and
+runs them as one `Generator.complete` call with per-row sampling settings. Each job's events, the
+streamed text among them, go back to its asyncio queue with `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from persllm_jax.inference.serving.protocol import DEFAULT_MAX_TOKENS, ChatRequest, RequestError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_WINDOW_S = 0.015
+
+
+@dataclasses.dataclass
+class Job:
+    request: ChatRequest
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    cancelled: bool = False
+    sent: str = ""  # streamed text so far, to reconcile with the final Completion
+
+    def post(self, *event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            pass
+
+
+class BatchEngine:
+    """Owns the generator and the one thread that runs it.
+
+    Each job's queue receives ("start", prompt_tokens) or ("error", RequestError) once its prompt has
+    been checked, then ("delta", text)... and finally ("done", Completion) or ("error", RequestError).
+    """
+
+    def __init__(
+        self,
+        load: Callable[[], Any],
+        *,
+        max_batch: int = 16,
+        batch_window_s: float = DEFAULT_BATCH_WINDOW_S,
+        default_max_tokens: int = DEFAULT_MAX_TOKENS,
+        warmup: bool = True,
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self._load = load
+        self.max_batch = max_batch
+        self.batch_window_s = batch_window_s
+        self.default_max_tokens = default_max_tokens
+        self.warmup = warmup
+        self.generator = None
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self.batches = 0
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._ready.is_set()
+
+    def start(self) -> BatchEngine:
+        """Start the worker; return once the model is loaded (and warmed up), or raise its load error."""
+        self._thread = threading.Thread(target=self._run, name="persllm-generate", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._load_error is not None:
+            raise self._load_error
+        return self
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, request: ChatRequest) -> Job:
+        job = Job(request, asyncio.get_running_loop(), asyncio.Queue())
+        self._queue.put(job)
+        return job
+
+    # ----- worker thread -----
+
+    def _run(self) -> None:
+        try:
+            self.generator = self._load()
+            if self.warmup:
+                self._warm_up()
+        except BaseException as err:  # handed to start(), which re-raises it in the caller's thread
+            self._load_error = err
+            self._ready.set()
+            return
+        self._ready.set()
+        while True:
+            batch = self._collect()
+            if batch is None:
+                return
+            if batch:
+                self._run_batch(batch)
+
+    def _warm_up(self) -> None:
+        from persllm_jax.inference.generation import SamplingParams
+
+        t0 = time.perf_counter()
+        ids = self.generator.encode_chat([{"role": "user", "content": "Hello"}])
+        self.generator.complete([ids], SamplingParams(max_new_tokens=2))
+        log.info("warm-up generation done in %.1f s", time.perf_counter() - t0)
+
+    def _collect(self) -> list[tuple[Job, list[int], Any]] | None:
+        """Wait for a job, then up to `batch_window_s` for more; checks each prompt as it arrives."""
+        job = self._queue.get()
+        if job is None:
+            return None
+        batch = []
+        self._admit(job, batch)
+        deadline = time.monotonic() + self.batch_window_s
+        while len(batch) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            try:
+                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._queue.put(None)  # stop after this batch
+                break
+            self._admit(job, batch)
+        return batch
+
+    def _admit(self, job: Job, batch: list) -> None:
+        if job.cancelled:
+            return
+        try:
+            ids, params = self._prepare(job.request)
+        except RequestError as err:
+            job.post("error", err)
+            return
+        except Exception as err:  # a template that rejects the conversation, for one
+            log.warning("could not prepare a request: %s", err)
+            job.post("error", RequestError(400, f"could not render the messages: {err}", param="messages"))
+            return
+        job.post("start", len(ids))
+        batch.append((job, ids, params))
+
+    def _prepare(self, request: ChatRequest):
+        from persllm_jax.inference.generation import SamplingParams
+
+        ids = self.generator.encode_chat(request.messages)
+        limit = self.generator.max_length
+        room = limit - len(ids)
+        if request.max_tokens is None:
+            if room < 1:
+                raise RequestError(
+                    400,
+                    f"This model's maximum context length is {limit} tokens. However, your messages "
+                    f"resulted in {len(ids)} tokens. Please reduce the length of the messages.",
+                    param="messages",
+                    code="context_length_exceeded",
+                )
+            max_new = min(self.default_max_tokens, room)
+        else:
+            max_new = request.max_tokens
+            if max_new > room:
+                raise RequestError(
+                    400,
+                    f"This model's maximum context length is {limit} tokens. However, you requested "
+                    f"{len(ids) + max_new} tokens ({len(ids)} in the messages, {max_new} in the "
+                    "completion). Please reduce the length of the messages or completion.",
+                    param="messages",
+                    code="context_length_exceeded",
+                )
+        try:
+            params = SamplingParams(
+                max_new_tokens=max_new,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                top_k=request.top_k,
+                repetition_penalty=request.repetition_penalty,
+                seed=request.seed,
+                stop=request.stop,
+            )
+        except ValueError as err:
+            raise RequestError(400, str(err)) from err
+        return ids, params
+
+    def _run_batch(self, batch: list[tuple[Job, list[int], Any]]) -> None:
+        jobs = [job for job, _, _ in batch]
+
+        def on_text(row: int, delta: str) -> None:
+            if delta and jobs[row].request.stream:
+                jobs[row].sent += delta
+                jobs[row].post("delta", delta)
+
+        t0 = time.perf_counter()
+        try:
+            completions = self.generator.complete(
+                [ids for _, ids, _ in batch], [p for _, _, p in batch], on_text
+            )
+        except Exception as err:
+            log.exception("batch of %d failed", len(batch))
+            for job in jobs:
+                job.post("error", RequestError(500, f"generation failed: {err}", type="server_error"))
+            return
+        seconds = time.perf_counter() - t0
+        self.batches += 1
+        prompt = sum(c.prompt_tokens for c in completions)
+        generated = sum(len(c.token_ids) for c in completions)
+        log.info(
+            "batch %d: %d request(s), %d prompt + %d completion tokens in %.2f s (%.1f tok/s)",
+            self.batches,
+            len(batch),
+            prompt,
+            generated,
+            seconds,
+            generated / max(seconds, 1e-9),
+        )
+        for job, completion in zip(jobs, completions):
+            if job.request.stream and completion.text != job.sent:
+                if completion.text.startswith(job.sent):
+                    job.post("delta", completion.text[len(job.sent) :])
+                else:
+                    log.warning("streamed text differs from the final text of a completion")
+            job.post("done", completion)

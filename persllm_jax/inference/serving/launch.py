@@ -1,0 +1,208 @@
+"""Running `persllm serve`: `serve` (blocking, like the CLI), `ServerProcess` (the command in a
+subprocess on a free loopback port) and `ServerThread` (the server in a thread of this process,
+around an already loaded generator); `default_model_name`, the id a model path is served under.
+
+    serve(model_path, host, port)                   # blocking, like the CLI
+    with ServerProcess(model_path) as server: ...   # `persllm serve` in a subprocess, ready on enter
+    with ServerThread(generator) as server: ...     # in this process, with an already loaded model
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from persllm_jax.inference.serving.app import create_app
+from persllm_jax.inference.serving.engine import DEFAULT_BATCH_WINDOW_S, BatchEngine
+from persllm_jax.inference.serving.protocol import DEFAULT_MAX_TOKENS
+from persllm_jax.llm.loopback import LoopbackServer, free_port
+
+log = logging.getLogger(__name__)
+
+
+def default_model_name(model_path: str | os.PathLike) -> str:
+    return Path(model_path).resolve().name
+
+
+def _loader(model_path: str | os.PathLike, dtype: str, max_batch: int) -> Callable[[], Any]:
+    def load():
+        import jax.numpy as jnp
+
+        from persllm_jax.inference.generation import Generator
+        from persllm_jax.io.pretrained import load_pretrained
+
+        model, tokenizer = load_pretrained(model_path, dtype=jnp.dtype(dtype))
+        if tokenizer is None:
+            raise ValueError(f"{model_path} has no tokenizer; the server needs one and its chat template")
+        return Generator(model, tokenizer, max_batch=max_batch)
+
+    return load
+
+
+def serve(
+    model_path: str | os.PathLike,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+    max_batch: int = 16,
+    *,
+    dtype: str = "float32",
+    batch_window_s: float = DEFAULT_BATCH_WINDOW_S,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    warmup: bool = True,
+) -> None:
+    """Load the model, then serve until SIGINT/SIGTERM. Raises the load error if the model cannot load."""
+    import uvicorn
+
+    if not Path(model_path).exists():
+        raise FileNotFoundError(f"model path does not exist: {model_path}")
+    name = model_name or default_model_name(model_path)
+    engine = BatchEngine(
+        _loader(model_path, dtype, max_batch),
+        max_batch=max_batch,
+        batch_window_s=batch_window_s,
+        default_max_tokens=default_max_tokens,
+        warmup=warmup,
+    )
+    t0 = time.perf_counter()
+    engine.start()
+    log.info(
+        "loaded %s as %r in %.1f s; listening on http://%s:%d/v1",
+        model_path,
+        name,
+        time.perf_counter() - t0,
+        host,
+        port,
+    )
+    app = create_app(engine, name, aliases=(str(model_path), str(Path(model_path).resolve())))
+    try:
+        # log_config=None: uvicorn's loggers go through the logging set up by the CLI.
+        uvicorn.run(app, host=host, port=port, log_config=None, timeout_graceful_shutdown=5)
+    finally:
+        engine.stop(timeout=5)
+
+
+class ServerProcess(LoopbackServer):
+    """`persllm serve` in a subprocess on a free port; `start()` returns once `/health` answers.
+
+        with ServerProcess("runs/sft") as server:
+            client = openai.OpenAI(base_url=server.base_url, api_key="none")
+
+    The server's output goes to `log_path` (a temporary file by default, overwritten if given); `stop()`
+    sends SIGTERM to its process group, then SIGKILL.
+    """
+
+    name = "persllm serve"
+    log_prefix = "persllm_serve_"
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        model_name: str | None = None,
+        max_batch: int = 16,
+        extra_args: Sequence[str] = (),
+        startup_timeout: float = 600.0,
+        log_path: str | os.PathLike | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        super().__init__(host=host, port=port, startup_timeout=startup_timeout, log_path=log_path, env=env)
+        self.model_path = str(Path(model_path).resolve())
+        self.model_name = model_name or default_model_name(model_path)
+        self.max_batch = max_batch
+        self.extra_args = list(extra_args)
+
+    @property
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "persllm_jax.cli",
+            "serve",
+            self.model_path,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--model-name",
+            self.model_name,
+            "--max-batch",
+            str(self.max_batch),
+            *self.extra_args,
+        ]
+
+
+class ServerThread:
+    """The server in a background thread of this process, around an already built `Generator`.
+
+    Only the server's worker thread may use JAX while it runs, so the caller should not generate
+    with the same model meanwhile.
+    """
+
+    def __init__(
+        self,
+        generator,
+        *,
+        model_name: str = "persllm",
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        max_batch: int | None = None,
+        batch_window_s: float = DEFAULT_BATCH_WINDOW_S,
+        default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    ):
+        self.host = host
+        self.port = port or free_port(host)
+        self.model_name = model_name
+        self.engine = BatchEngine(
+            lambda: generator,
+            max_batch=max_batch or getattr(generator, "max_batch", 16),
+            batch_window_s=batch_window_s,
+            default_max_tokens=default_max_tokens,
+            warmup=False,
+        )
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self, timeout: float = 60.0) -> ServerThread:
+        import uvicorn
+
+        self.engine.start()
+        config = uvicorn.Config(
+            create_app(self.engine, self.model_name), host=self.host, port=self.port, log_config=None
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="persllm-serve", daemon=True)
+        self._thread.start()
+        t0 = time.monotonic()
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() - t0 > timeout:
+                self.stop()
+                raise RuntimeError(f"the server did not start on {self.host}:{self.port}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(30)
+        self.engine.stop()
+        self._server = self._thread = None
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,77 @@
+"""Attention: grouped-query attention over a boolean mask (XLA) or cuDNN's fused causal kernel,
+rotary embeddings applied to queries and keys, and the KV-cache write used by generation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from persllm_jax.model import rope
+from persllm_jax.model.config import ModelConfig
+from persllm_jax.model.layers import Linear
+from persllm_jax.model.sharding import constrain
+
+# Large negative instead of -inf so that a fully masked row (a left-padding query) gives a
+# uniform softmax rather than NaN.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attend(q_BTNH, k_BSKH, v_BSKH, mask, impl: str = "xla"):
+    """Grouped-query attention; N query heads share K key/value heads. Returns [B, T, N, H].
+
+    `mask` is a boolean [B, T, S] (xla), or for cudnn the number of real keys per row [B]
+    (causal, right padding: cuDNN's fused kernel takes lengths, not a dense mask)."""
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(
+            q_BTNH, k_BSKH, v_BSKH, is_causal=True, key_value_seq_lengths=mask, implementation="cudnn"
+        )
+    mask_BTS = mask
+    b, t, n, h = q_BTNH.shape
+    k = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+    scores = scores * (h**-0.5)
+    scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
+    return out.reshape(b, t, n, h)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.cfg = cfg
+        self.q_proj = Linear(d, cfg.num_heads * hd, ("embed", "heads"), bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
+        self.k_proj = Linear(
+            d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, cfg=cfg, rngs=rngs
+        )
+        self.v_proj = Linear(
+            d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, cfg=cfg, rngs=rngs
+        )
+        self.o_proj = Linear(cfg.num_heads * hd, d, ("heads", "embed"), bias=cfg.o_bias, cfg=cfg, rngs=rngs)
+
+    def __call__(self, x_BTD, cos, sin, mask, cache=None):
+        """With `cache` = (k [L, B, S, K, H], v, layer, write_index), this step's keys and values
+        are written into `layer` at `write_index` and attention runs over that layer's whole cache
+        (`mask` is then [B, T, S]); the updated (k, v) is returned alongside the output."""
+        cfg = self.cfg
+        b, t, _ = x_BTD.shape
+        q = self.q_proj(x_BTD).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x_BTD).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x_BTD).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q = constrain(rope.apply_rotary(q, cos, sin), ("batch", "length", "act_heads", None))
+        k = constrain(rope.apply_rotary(k, cos, sin), ("batch", "length", "act_heads", None))
+        if cache is None:
+            out = attend(q, k, v, mask, cfg.attention_impl)
+            return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim))
+        # The cache holds every layer ([L, B, S, K, H]) and stays in the scan carry, so each step
+        # writes only its new slots in place instead of copying the layer's whole cache.
+        k_all, v_all, layer, write_index = cache
+        at = (layer, 0, write_index, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
+        v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
+        k_layer = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
+        v_layer = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
+        out = attend(q, k_layer, v_layer, mask, "xla")
+        return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim)), (k_all, v_all)

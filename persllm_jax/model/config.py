@@ -1,0 +1,347 @@
+"""The decoder's own configuration, its presets, and conversion to and from Hugging Face configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "MistralForCausalLM": "mistral",
+}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("xla", "cudnn")
+DTYPES = ("float32", "bfloat16")
+
+
+class UnsupportedModelError(ValueError):
+    """A checkpoint or config asks for something this decoder does not implement."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder (Llama, Qwen2, Mistral)."""
+
+    architecture: str = "llama"  # "llama" | "qwen2" | "mistral"
+    vocab_size: int = 49152
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # Extra rope parameters as transformers names them (rope_type, factor, ...); None = default.
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    # Numerics and memory: parameters stay in param_dtype, matmuls run in compute_dtype.
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"  # "none" | "full" | "dots"
+    attention_impl: str = "xla"  # "xla" | "cudnn" (GPU flash attention)
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
+        for name, value, allowed in (
+            ("param_dtype", self.param_dtype, DTYPES),
+            ("compute_dtype", self.compute_dtype, DTYPES),
+            ("remat", self.remat, REMAT_POLICIES),
+            ("attention_impl", self.attention_impl, ATTENTION_IMPLS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"model {name}={value!r}; valid values: {', '.join(allowed)}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+
+    def __hash__(self):  # rope_scaling is a dict; the model stores its config as static data
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(valid)}")
+        return cls(**data)
+
+    @property
+    def num_params(self) -> int:
+        d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
+        if self.qkv_bias:
+            attn += hd * (self.num_heads + 2 * self.num_kv_heads)
+        if self.o_bias:
+            attn += d
+        mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
+        per_layer = attn + mlp + 2 * d
+        embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + embed + d
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3 x forward), attention included."""
+        d, hd = self.hidden_size, self.head_dim
+        matmul_params = self.num_params - self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        matmul_params += self.vocab_size * d  # the output projection is a matmul, the lookup is not
+        # QK^T and AV cost 4*T*H*hd per token and layer forward; causal masking halves it.
+        attention_forward = 2 * self.num_layers * seq_len * self.num_heads * hd
+        return 6.0 * matmul_params + 3.0 * attention_forward
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets (functions so that each call returns a fresh config).
+
+
+def tiny(**overrides) -> ModelConfig:
+    """A 2-layer model with SmolLM2's vocabulary: trains in seconds on a CPU."""
+    return ModelConfig(**overrides)
+
+
+def smollm2_135m(**overrides) -> ModelConfig:
+    return ModelConfig(
+        architecture="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ).replace(**overrides)
+
+
+def _llama3(*, hidden, intermediate, layers, heads, head_dim, rope_factor, tied, overrides) -> ModelConfig:
+    """The Llama-3.1 / 3.2 family: 128k vocabulary, 8 KV heads, llama3 RoPE scaling to 128k."""
+    return ModelConfig(
+        architecture="llama",
+        vocab_size=128256,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=8,
+        head_dim=head_dim,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": rope_factor,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        max_position_embeddings=131072,
+        tie_word_embeddings=tied,
+    ).replace(**overrides)
+
+
+def llama3_1b(**overrides) -> ModelConfig:
+    """The Llama-3.2-1B shape (random weights in benchmarks)."""
+    return _llama3(
+        hidden=2048,
+        intermediate=8192,
+        layers=16,
+        heads=32,
+        head_dim=64,
+        rope_factor=32.0,
+        tied=True,
+        overrides=overrides,
+    )
+
+
+def llama3_8b(**overrides) -> ModelConfig:
+    """The Llama-3.1-8B shape."""
+    return _llama3(
+        hidden=4096,
+        intermediate=14336,
+        layers=32,
+        heads=32,
+        head_dim=128,
+        rope_factor=8.0,
+        tied=False,
+        overrides=overrides,
+    )
+
+
+def llama3_70b(**overrides) -> ModelConfig:
+    """The Llama-3.1-70B shape."""
+    return _llama3(
+        hidden=8192,
+        intermediate=28672,
+        layers=80,
+        heads=64,
+        head_dim=128,
+        rope_factor=8.0,
+        tied=False,
+        overrides=overrides,
+    )
+
+
+PRESETS = {
+    "tiny": tiny,
+    "smollm2_135m": smollm2_135m,
+    "llama3_1b": llama3_1b,
+    "llama3_8b": llama3_8b,
+    "llama3_70b": llama3_70b,
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name](**overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face configs.
+
+
+def architecture_of(hf_config: Any) -> str:
+    """Our architecture name for a transformers config, or a clear refusal."""
+    names = list(getattr(hf_config, "architectures", None) or [])
+    for name in names:
+        if name in SUPPORTED_ARCHITECTURES:
+            return SUPPORTED_ARCHITECTURES[name]
+    model_type = getattr(hf_config, "model_type", None)
+    if not names and model_type in SUPPORTED_ARCHITECTURES.values():
+        return model_type
+    found = ", ".join(names) or f"model_type={model_type!r}"
+    raise UnsupportedModelError(
+        f"unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+def _rope_parameters(hf_config: Any) -> tuple[float, dict | None]:
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    if not params:  # configs written before rope_parameters existed
+        params = dict(getattr(hf_config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    theta = float(params.pop("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    params["rope_type"] = rope_type
+    params.pop("type", None)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    return theta, (None if rope_type == "default" else params)
+
+
+def _check_no_sliding_window(hf_config: Any, architecture: str) -> None:
+    window = getattr(hf_config, "sliding_window", None)
+    if architecture == "qwen2" and not getattr(hf_config, "use_sliding_window", False):
+        return
+    layer_types = getattr(hf_config, "layer_types", None) or []
+    uses_window = window is not None and (
+        any(t == "sliding_attention" for t in layer_types)
+        or window < getattr(hf_config, "max_position_embeddings", 0)
+    )
+    if uses_window:
+        raise UnsupportedModelError(
+            f"{architecture} config uses sliding-window attention (sliding_window={window} < "
+            f"max_position_embeddings={hf_config.max_position_embeddings}); only full attention "
+            "is supported. Set sliding_window to null if the model is used within the window."
+        )
+
+
+def from_hf_config(hf_config: Any, **overrides) -> ModelConfig:
+    """Translate a transformers `PretrainedConfig` into a ModelConfig, refusing what we lack."""
+    architecture = architecture_of(hf_config)
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedModelError(f"hidden_act {act!r} is not supported; only 'silu' is")
+    _check_no_sliding_window(hf_config, architecture)
+    theta, rope_scaling = _rope_parameters(hf_config)
+    num_heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+    attention_bias = bool(getattr(hf_config, "attention_bias", False))
+    fields = dict(
+        architecture=architecture,
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=num_heads,
+        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+        head_dim=head_dim,
+        rms_norm_eps=hf_config.rms_norm_eps,
+        rope_theta=theta,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=hf_config.max_position_embeddings,
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        qkv_bias=architecture == "qwen2" or attention_bias,
+        o_bias=architecture == "llama" and attention_bias,
+        mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+def to_hf_config(cfg: ModelConfig, base: dict | None = None):
+    """A transformers config for `cfg`; `base` (the source config.json) keeps token ids etc."""
+    import transformers
+
+    if cfg.architecture == "qwen2" and cfg.o_bias:
+        raise UnsupportedModelError("Qwen2 has no output-projection bias; transformers cannot hold one")
+    if cfg.architecture == "mistral" and (cfg.qkv_bias or cfg.o_bias):
+        raise UnsupportedModelError("Mistral has no attention biases; transformers cannot hold them")
+    if cfg.architecture == "llama" and cfg.qkv_bias != cfg.o_bias:
+        raise UnsupportedModelError(
+            "Llama's attention_bias adds biases to q, k, v and o together; "
+            f"got qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}"
+        )
+    data = dict(base or {})
+    for key in ("rope_scaling", "rope_theta", "quantization_config", "_name_or_path", "transformers_version"):
+        data.pop(key, None)
+    rope = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
+    data.update(
+        architectures=[_HF_CLASS[cfg.architecture]],
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters=rope,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        hidden_act="silu",
+        dtype=cfg.param_dtype,
+    )
+    if cfg.architecture == "llama":
+        data.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    elif cfg.architecture == "mistral":
+        data.update(sliding_window=None)
+    elif cfg.architecture == "qwen2":
+        data.update(use_sliding_window=False)
+        data.pop("layer_types", None)
+    data.pop("model_type", None)
+    return transformers.AutoConfig.for_model(cfg.architecture, **data)

@@ -1,0 +1,152 @@
+"""A Flax NNX decoder for the Llama family (Llama, Qwen2, Mistral) as transformers defines it.
+
+Layers are stacked (every layer parameter has a leading `layers` axis) and run with
+`jax.lax.scan`, so compile time does not grow with depth and rematerialization applies per layer.
+Parameters live in `param_dtype`; matmuls run in `compute_dtype`; norms, softmax and logits in fp32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from persllm_jax.model import rope
+from persllm_jax.model.attention import Attention
+from persllm_jax.model.config import ModelConfig
+from persllm_jax.model.layers import MLP, RMSNorm, param
+from persllm_jax.model.sharding import constrain
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x_BTD, cos, sin, mask, cache=None):
+        if cache is None:
+            attn_out, new_cache = self.attn(self.input_norm(x_BTD), cos, sin, mask), None
+        else:
+            attn_out, new_cache = self.attn(self.input_norm(x_BTD), cos, sin, mask, cache)
+        x_BTD = x_BTD + attn_out
+        x_BTD = x_BTD + self.mlp(self.post_attn_norm(x_BTD))
+        x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
+        return x_BTD if cache is None else (x_BTD, new_cache)
+
+
+class CausalLM(nnx.Module):
+    """Token ids -> logits. `hidden_states` and `logits_from_hidden` let losses chunk the head."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype = jnp.dtype(cfg.param_dtype)
+        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(layer_rngs):
+            return DecoderLayer(cfg, rngs=layer_rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+        )
+
+    def hidden_states(self, input_ids_BT, attention_mask_BT=None, positions_BT=None):
+        """Final-normed hidden states [B, T, D] in compute dtype."""
+        cfg = self.cfg
+        b, t = input_ids_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if cfg.attention_impl == "cudnn":
+            mask = (
+                jnp.full((b,), t, jnp.int32)
+                if attention_mask_BT is None
+                else attention_mask_BT.astype(jnp.int32).sum(-1)
+            )
+        else:
+            mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), dtype=bool)), (b, t, t))
+            if attention_mask_BT is not None:
+                mask = mask & attention_mask_BT.astype(bool)[:, None, :]
+        cos, sin = rope.cos_sin(cfg, positions_BT)
+        x_BTD = self._embed(input_ids_BT)
+        graphdef, stacked_state = nnx.split(self.layers)
+
+        def one_layer(x, layer_state):
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(x, cos, sin, mask), None
+
+        if cfg.remat != "none":
+            one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        x_BTD, _ = jax.lax.scan(one_layer, x_BTD, stacked_state)
+        return self.final_norm(x_BTD)
+
+    def _embed(self, input_ids_BT):
+        x_BTD = jnp.take(self.embed[...], input_ids_BT, axis=0).astype(self.cfg.compute_dtype)
+        return constrain(x_BTD, ("batch", "length", "act_embed"))
+
+    def init_cache(self, batch: int, length: int):
+        """An empty KV cache: (k, v), each [layers, B, S, kv_heads, head_dim] in compute dtype."""
+        cfg = self.cfg
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype)
+
+    def cached_hidden_states(self, input_ids_BT, positions_BT, key_valid_BS, cache, write_index):
+        """Hidden states of T new tokens written into the cache at slots write_index..+T-1.
+
+        `key_valid_BS` marks the cache slots holding real tokens (False for left padding); a
+        query sees a slot when it is valid and not after the query's own slot. Returns
+        (final-normed hidden [B, T, D], updated cache)."""
+        cfg = self.cfg
+        t = input_ids_BT.shape[1]
+        s = key_valid_BS.shape[1]
+        query_slot_T = write_index + jnp.arange(t, dtype=jnp.int32)
+        causal_TS = jnp.arange(s, dtype=jnp.int32)[None, :] <= query_slot_T[:, None]
+        mask_BTS = causal_TS[None, :, :] & key_valid_BS[:, None, :]
+        cos, sin = rope.cos_sin(cfg, positions_BT)
+        x_BTD = self._embed(input_ids_BT)
+        graphdef, stacked_state = nnx.split(self.layers)
+
+        def one_layer(carry, layer_inputs):
+            x, k_all, v_all = carry
+            layer_state, index = layer_inputs
+            layer = nnx.merge(graphdef, layer_state)
+            x, (k_all, v_all) = layer(x, cos, sin, mask_BTS, (k_all, v_all, index, write_index))
+            return (x, k_all, v_all), None
+
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x_BTD, k_all, v_all), _ = jax.lax.scan(one_layer, (x_BTD, *cache), (stacked_state, layer_ids))
+        return self.final_norm(x_BTD), (k_all, v_all)
+
+    def output_kernel(self):
+        """The [D, V] output projection (the embedding transposed when tied)."""
+        return self.embed[...].T if self.lm_head is None else self.lm_head[...]
+
+    def logits_from_hidden(self, hidden_BTD):
+        kernel = self.output_kernel().astype(self.cfg.compute_dtype)
+        logits = jnp.einsum("btd,dv->btv", hidden_BTD, kernel, preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "act_vocab"))
+
+    def __call__(self, input_ids_BT, attention_mask_BT=None, positions_BT=None):
+        """Logits [B, T, V] in float32."""
+        return self.logits_from_hidden(self.hidden_states(input_ids_BT, attention_mask_BT, positions_BT))
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> CausalLM:
+    """A randomly initialized model on the default device (tiny models, benchmarks)."""
+    return CausalLM(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ModelConfig) -> CausalLM:
+    """The model's structure with ShapeDtypeStruct leaves; allocates nothing."""
+    return nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))

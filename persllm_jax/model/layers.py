@@ -1,0 +1,58 @@
+"""The building blocks of the decoder: parameters with logical axes, the linear projection, RMS
+normalization and the SwiGLU MLP. Parameters live in `param_dtype`, matmuls run in
+`compute_dtype`, and normalization statistics in fp32."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from persllm_jax.model.config import ModelConfig
+from persllm_jax.model.sharding import constrain
+
+
+def param(rngs: nnx.Rngs, shape, axes, dtype, std: float = 0.02) -> nnx.Param:
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel [in, out] (the transpose of torch's weight)."""
+
+    def __init__(self, d_in, d_out, axes, *, bias, cfg: ModelConfig, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.param_dtype)
+        self.kernel = param(rngs, (d_in, d_out), axes, dtype)
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype), logical_axes=axes[1:]) if bias else None
+        self.compute_dtype = jnp.dtype(cfg.compute_dtype)
+
+    def __call__(self, x):
+        y = x.astype(self.compute_dtype) @ self.kernel[...].astype(self.compute_dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.compute_dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, cfg: ModelConfig):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.dtype(cfg.param_dtype)), logical_axes=("norm",))
+        self.eps = cfg.rms_norm_eps
+        self.compute_dtype = jnp.dtype(cfg.compute_dtype)
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.compute_dtype) * normed.astype(self.compute_dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(d, f, ("embed", "mlp"), bias=cfg.mlp_bias, cfg=cfg, rngs=rngs)
+        self.up_proj = Linear(d, f, ("embed", "mlp"), bias=cfg.mlp_bias, cfg=cfg, rngs=rngs)
+        self.down_proj = Linear(f, d, ("mlp", "embed"), bias=cfg.mlp_bias, cfg=cfg, rngs=rngs)
+
+    def __call__(self, x_BTD):
+        hidden = jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD)
+        return self.down_proj(constrain(hidden, ("batch", "length", "act_mlp")))

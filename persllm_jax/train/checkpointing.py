@@ -1,0 +1,86 @@
+"""Training checkpoints with Orbax: train state, data position, model config and tokenizer.
+
+Layout of a run directory:
+    persllm_model.json, tokenizer/     written once when the run starts (what the model is)
+    checkpoints/<step>/params          parameters (also what `load_pretrained(run_dir)` reads)
+    checkpoints/<step>/opt_state       optimizer state, as a flat list of arrays
+    checkpoints/<step>/data            JSON: step, data position, batch size and seeds
+
+Restore order: the latest finished step under checkpoints/ (Orbax only renames a step directory
+into place once every item is written, so a run killed mid-save resumes from the step before).
+Saves are asynchronous; `wait` blocks until the last one is on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from persllm_jax.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, keep: int, every_steps: int):
+        self.directory = (Path(run_dir) / "checkpoints").absolute()
+        self.every_steps = every_steps
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=True, create=True, save_interval_steps=1
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("params", "opt_state", "data")
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def due(self, step: int, max_steps: int) -> bool:
+        return step == max_steps or (self.every_steps > 0 and step % self.every_steps == 0)
+
+    def save(self, step: int, state: TrainState, data: dict) -> None:
+        params = nnx.to_pure_dict(state.params)
+        opt_leaves = {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(state.opt_state))}
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                opt_state=ocp.args.StandardSave(opt_leaves),
+                data=ocp.args.JsonSave(data),
+            ),
+            force=True,
+        )
+        log.info("checkpoint of step %d started in %s", step, self.directory)
+
+    def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
+        """Restore onto the shardings carried by `abstract_state` (ShapeDtypeStruct leaves)."""
+        params_target = nnx.to_pure_dict(abstract_state.params)
+        opt_leaves, opt_def = jax.tree.flatten(abstract_state.opt_state)
+        opt_target = {str(i): leaf for i, leaf in enumerate(opt_leaves)}
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(params_target),
+                opt_state=ocp.args.StandardRestore(opt_target),
+                data=ocp.args.JsonRestore(),
+            ),
+        )
+        params = jax.tree.map(lambda x: x, abstract_state.params)
+        nnx.replace_by_pure_dict(params, restored["params"])
+        opt_state = jax.tree.unflatten(
+            opt_def, [restored["opt_state"][str(i)] for i in range(len(opt_leaves))]
+        )
+        data = dict(restored["data"])
+        state = TrainState(step=abstract_state.step, params=params, opt_state=opt_state)
+        return state, data
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,97 @@
+"""The run config of `persllm sft` and `persllm dpo`: one frozen dataclass per concern."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    path: str = ""  # HF dir, .gguf file, persllm model dir or run dir; or empty with `preset`
+    preset: str = ""  # random initialization: tiny | smollm2_135m | llama3_1b | llama3_8b | llama3_70b
+    tokenizer: str = ""  # tokenizer (HF dir or .gguf) when `preset` is used
+    dtype: str = "float32"  # parameter and optimizer-state dtype
+    compute_dtype: str = "float32"  # matmul dtype: float32 | bfloat16
+    remat: str = "full"  # none | full | dots
+    attention_impl: str = "xla"  # xla | cudnn
+    add_tokens: tuple[str, ...] = ()  # special tokens to add, e.g. the stage tokens
+    seed: int = 0  # initialization seed for presets
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    path: str  # JSONL / Parquet file or a `datasets` directory
+    repeats: float = 1.0  # how many times the source is seen per epoch (fractions sample)
+    split: str = "train"  # rows whose `split` field differs are skipped; "" keeps all
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    sources: tuple[DataSource, ...] = ()
+    shuffle_seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    max_steps: int = 100
+    batch_size: int = 16  # sequences (DPO: pairs) per optimizer step, over all hosts
+    seq_len: int = 3000
+    grad_accum_steps: int = 1
+    log_every: int = 1
+    logits_chunk: int = 512  # sequence positions per chunk of the vocabulary projection in the loss
+    stop_after: int = 0  # leave (with a checkpoint) after this step; the same command resumes
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    lr: float = 5e-5
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of lr
+    weight_decay: float = 0.1
+    # false: norm weights and biases are not decayed (as Hugging Face and TRL train); true decays all
+    decay_norms_and_biases: bool = False
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-5
+    grad_clip: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    data: int = 1
+    fsdp: int = -1  # -1 takes the devices the other axes leave
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    every_steps: int = 500
+    keep: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOSection:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust
+    label_smoothing: float = 0.0
+    reference: str = "cached"  # cached (log-probs computed once) | frozen (a second model in memory)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSection:
+    coordinator_address: str = ""  # host:port; empty = JAX_COORDINATOR_ADDRESS or single process
+    num_processes: int = 0  # 0 = from the environment
+    process_id: int = -1  # -1 = from the environment
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    run_dir: str = "runs/default"
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection()
+    optim: OptimSection = OptimSection()
+    mesh: MeshSection = MeshSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    dpo: DPOSection = DPOSection()
+    distributed: DistributedSection = DistributedSection()

@@ -1,0 +1,48 @@
+"""Multi-host start-up: `jax.distributed.initialize` from the config or the usual environment."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+from persllm_jax.train.config import DistributedSection
+
+log = logging.getLogger(__name__)
+
+
+def initialize(cfg: DistributedSection) -> None:
+    """Join the job's processes when a coordinator is configured; a no-op for one process.
+
+    Sources, first found wins: the config keys, then JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID. On TPU pods and SLURM / Open MPI clusters, where JAX finds the coordinator
+    itself, set PERSLLM_DISTRIBUTED_AUTO=1 instead. Must run before anything touches a device.
+    """
+    address = cfg.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    num_processes = cfg.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0") or 0)
+    process_id = cfg.process_id if cfg.process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", "-1") or -1)
+    auto = os.environ.get("PERSLLM_DISTRIBUTED_AUTO") == "1"
+    if not address and not auto:
+        return
+    if jax.distributed.is_initialized():
+        return
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+        # CPU processes exchange collectives through gloo (tests, CPU clusters).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if auto:
+        jax.distributed.initialize()
+    else:
+        if num_processes <= 0 or process_id < 0:
+            raise ValueError(
+                f"distributed.coordinator_address={address!r} needs num_processes and process_id "
+                f"(config or JAX_NUM_PROCESSES / JAX_PROCESS_ID); got {num_processes} and {process_id}"
+            )
+        jax.distributed.initialize(address, num_processes=num_processes, process_id=process_id)
+    log.info(
+        "process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )

@@ -1,0 +1,269 @@
+"""The training loop shared by `persllm sft` and `persllm dpo`.
+
+What happens, in order: join the other processes (multi-host), build the mesh, restore the latest
+checkpoint or load the starting model, build the task (data, and for DPO the cached reference
+log-probs), jit one train step with in/out shardings and the state donated, then loop:
+dispatch step N, fetch step N-1's metrics while N runs, log, checkpoint when due or when SIGTERM
+arrived, stop with a clear message on a NaN or infinite loss. The last step is always saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from persllm_jax import configlib
+from persllm_jax.io import pretrained
+from persllm_jax.io.vocabulary import add_special_tokens
+from persllm_jax.model.config import preset
+from persllm_jax.model.decoder import CausalLM
+from persllm_jax.model.sharding import make_mesh
+from persllm_jax.train import distributed
+from persllm_jax.train.checkpointing import Checkpointer
+from persllm_jax.train.config import RunConfig
+from persllm_jax.train.metrics_log import MetricsLog, plot_loss
+from persllm_jax.train.program import build_program
+
+log = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (a NaN loss, for example); the message says why and where."""
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no signal handling
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        log.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def any_process(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray([self.requested], np.int32))
+        return bool(np.asarray(flags).any())
+
+
+def check_training_settings(cfg: RunConfig) -> None:
+    """Settings that would train wrongly rather than fail: refused before anything loads."""
+    if cfg.train.grad_accum_steps < 1:
+        raise ValueError(f"train.grad_accum_steps must be >= 1, got {cfg.train.grad_accum_steps}")
+    if cfg.model.dtype != "float32":
+        raise ValueError(
+            f"model.dtype={cfg.model.dtype}: training keeps its parameters and optimizer state in "
+            "model.dtype, and an AdamW update smaller than a bfloat16 weight's resolution would be "
+            "lost; train with model.dtype=float32 and model.compute_dtype=bfloat16 (fp32 master "
+            "weights, bf16 matmuls)"
+        )
+
+
+def check_batch_layout(cfg: RunConfig, mesh) -> None:
+    batch, accum = cfg.train.batch_size, cfg.train.grad_accum_steps
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch % accum:
+        raise ValueError(f"train.batch_size {batch} is not divisible by train.grad_accum_steps {accum}")
+    micro = batch // accum
+    if micro % data_parallel:
+        raise ValueError(
+            f"micro-batch size {micro} (train.batch_size {batch} / grad_accum_steps {accum}) is not "
+            f"divisible by the data-parallel size data x fsdp = {mesh.shape['data']} x "
+            f"{mesh.shape['fsdp']} = {data_parallel}"
+        )
+    if micro % jax.process_count():
+        raise ValueError(f"micro-batch size {micro} is not divisible by {jax.process_count()} processes")
+
+
+def load_initial_model(cfg: RunConfig, mesh) -> tuple[CausalLM, object]:
+    """The model training starts from: a pretrained path, or a preset with random weights."""
+    m = cfg.model
+    options = dict(compute_dtype=m.compute_dtype, remat=m.remat, attention_impl=m.attention_impl)
+    if m.path and m.preset:
+        raise ValueError("set model.path or model.preset, not both")
+    if m.path:
+        model, tokenizer = pretrained.load_pretrained(m.path, dtype=m.dtype, mesh=mesh, **options)
+    elif m.preset:
+        model_cfg = preset(m.preset, param_dtype=m.dtype, **options)
+
+        def random_state(abstract, shardings):
+            make = lambda: nnx.split(CausalLM(model_cfg, rngs=nnx.Rngs(m.seed)))[1]  # noqa: E731
+            return jax.jit(make, out_shardings=shardings)()
+
+        model = pretrained.assemble(model_cfg, mesh, random_state)
+        tokenizer = None
+    else:
+        raise ValueError("the config sets neither model.path nor model.preset")
+    if m.tokenizer:
+        tokenizer = load_tokenizer(m.tokenizer)
+    if tokenizer is None:
+        raise ValueError(f"no tokenizer: {m.path or m.preset} has none; set model.tokenizer")
+    if m.add_tokens:
+        model = add_special_tokens(model, tokenizer, m.add_tokens, mesh=mesh)
+    if len(tokenizer) > model.cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model only {model.cfg.vocab_size} embeddings"
+        )
+    return model, tokenizer
+
+
+def load_tokenizer(path: str):
+    import transformers
+
+    path_ = Path(path)
+    if path_.suffix == ".gguf":
+        return transformers.AutoTokenizer.from_pretrained(path_.parent, gguf_file=path_.name)
+    if (path_ / "tokenizer").is_dir():  # a persllm model directory or run directory
+        path_ = path_ / "tokenizer"
+    return transformers.AutoTokenizer.from_pretrained(path_)
+
+
+def train(cfg: RunConfig, make_task: Callable) -> Path:
+    """Run (or resume) training; returns the run directory."""
+    check_training_settings(cfg)
+    distributed.initialize(cfg.distributed)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    check_batch_layout(cfg, mesh)
+    run_dir = Path(cfg.run_dir).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.every_steps)
+    resume_step = checkpointer.latest_step()
+    options = dict(
+        param_dtype=cfg.model.dtype,
+        compute_dtype=cfg.model.compute_dtype,
+        remat=cfg.model.remat,
+        attention_impl=cfg.model.attention_impl,
+    )
+
+    if resume_step is None:
+        model, tokenizer = load_initial_model(cfg, mesh)
+        model_cfg = model.cfg
+        _, params = nnx.split(model)
+        if is_main:
+            pretrained.write_model_meta(run_dir, model_cfg, pretrained.source_config(model))
+            tokenizer.save_pretrained(run_dir / "tokenizer")
+        initial_params = params
+    else:
+        saved_cfg, _ = pretrained.read_model_meta(run_dir)
+        model_cfg = saved_cfg.replace(**options)
+        tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
+        params = None
+
+        def initial_params():  # only DPO needs the starting weights again, and only without a cache
+            return nnx.split(load_initial_model(cfg, mesh)[0])[1]
+
+    if is_main:
+        configlib.dump(cfg, run_dir / "config.yaml")
+
+    program = build_program(cfg, model_cfg, mesh)
+
+    with jax.set_mesh(mesh):
+        task = make_task(
+            cfg=cfg,
+            tokenizer=tokenizer,
+            model_cfg=model_cfg,
+            graphdef=program.graphdef,
+            mesh=mesh,
+            run_dir=run_dir,
+            initial_params=initial_params,
+            params_shardings=program.params_shardings,
+        )
+        if resume_step is None:
+            state = program.init_state(params)
+            del params, initial_params
+        else:
+            state, data = checkpointer.restore(resume_step, program.abstract_state())
+            state = state.replace(
+                step=jax.device_put(jnp.asarray(data["step"], jnp.int32), program.shardings.step)
+            )
+            task.check_resume(data)
+            log.info("resumed from step %d in %s", resume_step, checkpointer.directory)
+
+        step_fn = program.jit_step(task.loss_fn, task.batch_shardings, task.frozen_shardings)
+        _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step)
+    checkpointer.close()
+    if is_main:
+        png = plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", f"{task.name} {run_dir.name}")
+        log.info("run directory %s%s", run_dir, f" (loss curve {png})" if png else "")
+    return run_dir
+
+
+def _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step) -> None:
+    is_main = jax.process_index() == 0
+    metrics_log = MetricsLog(run_dir, enabled=is_main, resume_step=resume_step)
+    start, max_steps = int(jax.device_get(state.step)), cfg.train.max_steps
+    bar = tqdm(total=max_steps, initial=start, desc=task.name, disable=not is_main, dynamic_ncols=True)
+    pending = None  # (step, metrics, dispatch time) of the step whose metrics are not fetched yet
+    last_time = time.perf_counter()
+
+    def flush():
+        nonlocal pending, last_time
+        if pending is None:
+            return
+        step, metrics = pending
+        pending = None
+        values = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+        loss = float(values["loss"])
+        if not math.isfinite(loss):
+            last = checkpointer.latest_step()
+            where = f"step {last} in {checkpointer.directory}" if last is not None else "none yet"
+            raise TrainingStopped(
+                f"loss is {loss} at step {step}; stopping (lower optim.lr or check the data). "
+                f"Last checkpoint: {where}"
+            )
+        now = time.perf_counter()
+        elapsed, last_time = now - last_time, now
+        record = {"step": step, **task.metrics_record(values)}
+        record["tokens_per_s"] = float(values["tokens"]) / elapsed if elapsed > 0 else 0.0
+        record["step_time_s"] = elapsed
+        if step % max(cfg.train.log_every, 1) == 0 or step == max_steps:
+            metrics_log.write(record)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+
+    try:
+        with _Preemption() as preemption:
+            for step in range(start, max_steps):
+                batch = task.global_batch(step)
+                state, metrics = step_fn(state, batch, task.frozen)
+                flush()
+                pending = (step + 1, metrics)
+                stop = preemption.any_process() or (step + 1) == cfg.train.stop_after
+                if checkpointer.due(step + 1, max_steps) or stop:
+                    flush()
+                    checkpointer.save(step + 1, state, task.data_position(step + 1))
+                if stop:
+                    log.warning("stopped after step %d (checkpoint saved); run again to resume", step + 1)
+                    break
+            flush()
+    finally:
+        bar.close()
+        metrics_log.close()
+        checkpointer.wait()

@@ -1,0 +1,84 @@
+"""One pure train step shared by SFT and DPO: they differ only in the batch and the loss.
+
+A loss function returns (loss_sum, count, sums): the summed loss over the batch, what it is a
+sum over (tokens for SFT, pairs for DPO) and a dict of summed metrics. The step sums these over
+gradient-accumulation micro-batches and divides once at the end, so accumulation gives the same
+update as one large batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from persllm_jax.train.state import TrainState
+
+LossFn = Callable[[nnx.Module, Any, Any], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+
+
+def _micro_batches(batch, num: int):
+    """[B, ...] -> [num, B / num, ...], taking every num-th row so each device keeps its rows."""
+
+    def split(x):
+        x = x.reshape((x.shape[0] // num, num) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    grad_accum_steps: int = 1,
+    grad_shardings=None,
+):
+    """The step function (state, batch, frozen) -> (state, metrics); jit it with shardings.
+
+    `grad_shardings` (the parameters' shardings) constrains the gradients: each device then keeps
+    only its shard of them (a reduce-scatter instead of an all-reduce under fsdp), and the
+    optimizer update runs on shards."""
+
+    def summed_loss(params, batch, frozen):
+        loss_sum, count, sums = loss_fn(nnx.merge(graphdef, params), batch, frozen)
+        return loss_sum, (count, sums)
+
+    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+
+    def step(state: TrainState, batch, frozen=None):
+        if grad_accum_steps == 1:
+            (loss_sum, (count, sums)), grads = grad_fn(state.params, batch, frozen)
+        else:
+            micro = _micro_batches(batch, grad_accum_steps)
+
+            def accumulate(carry, one):
+                (loss_sum, (count, sums)), grads = grad_fn(state.params, one, frozen)
+                return jax.tree.map(jnp.add, carry, (loss_sum, count, sums, grads)), None
+
+            (loss_sum, (count, sums)), grads = grad_fn(
+                state.params, jax.tree.map(lambda x: x[0], micro), frozen
+            )
+            rest = jax.tree.map(lambda x: x[1:], micro)
+            (loss_sum, count, sums, grads), _ = jax.lax.scan(accumulate, (loss_sum, count, sums, grads), rest)
+        denominator = jnp.maximum(count.astype(jnp.float32), 1.0)
+        grads = jax.tree.map(lambda g: g / denominator, grads)
+        if grad_shardings is not None:
+            grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss_sum / denominator,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": schedule(state.step),
+            "count": count,
+            **sums,
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return step
