@@ -1,5 +1,8 @@
 from setuptools import find_packages, setup
 
+# libtpu is built for one jax release, so jax is pinned and the tpu extra asks for the same one.
+JAX_VERSION = "0.10.2"
+
 DATA_REQUIRES = [
     "torch==2.13.0",  # the CPU wheel; sentence-transformers needs torch
     "sentence-transformers",
@@ -22,7 +25,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["persllm_jax", "persllm_jax.*", "data_builder", "data_builder.*"]),
     install_requires=[
-        "jax>=0.10",
+        f"jax=={JAX_VERSION}",
         "flax>=0.12",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.12",
@@ -44,12 +47,15 @@ setup(
         "gguf": ["torch==2.13.0", "gguf", "accelerate"],
         # persllm build-data: embeddings, the annotator client, dataset outputs, BLEU.
         "data": DATA_REQUIRES,
+        # TPU runs, and `persllm compile` for TPU topologies on any machine.
+        "tpu": [f"jax[tpu]=={JAX_VERSION}"],
         "test": [
             *DATA_REQUIRES,
             "gguf",
             "accelerate",
             "transformers[serving]",
             "trl",
+            f"jax[tpu]=={JAX_VERSION}",  # tests compile train steps for TPU slices
             "pytest",
             "pytest-timeout",
             "ruff",
