@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from persllm_jax.inference.sampling import PERSONA_SAMPLING
 from persllm_jax.llm.endpoint import EndpointConfig
 
 
@@ -28,10 +29,10 @@ class EvalData:
 class EvalGeneration:
     # Intra BLEU compares two samples, so generation must sample (the paper's setting is unpublished).
     max_new_tokens: int = 128
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 0
-    repetition_penalty: float = 1.1
+    temperature: float = PERSONA_SAMPLING.temperature
+    top_p: float = PERSONA_SAMPLING.top_p
+    top_k: int = PERSONA_SAMPLING.top_k
+    repetition_penalty: float = PERSONA_SAMPLING.repetition_penalty
     seed: int = 0
     batch_size: int = 16
 

@@ -9,6 +9,8 @@ import dataclasses
 import random
 from typing import Any
 
+from persllm_jax.inference.sampling import GREEDY, OPENAI_TEMPERATURE, OPENAI_TOP_P
+
 DEFAULT_MAX_TOKENS = 512
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -133,7 +135,7 @@ def parse_request(body: Any) -> ChatRequest:
         max_tokens, key = _integer(body, "max_tokens", None), "max_tokens"
     if max_tokens is not None and max_tokens < 1:
         raise RequestError(400, f"'{key}' must be at least 1, got {max_tokens}", param=key)
-    top_k = _integer(body, "top_k", 0)
+    top_k = _integer(body, "top_k", GREEDY.top_k)  # off
     if top_k == -1:  # vLLM's spelling of "no top-k"
         top_k = 0
     seed = _integer(body, "seed", None)
@@ -155,10 +157,10 @@ def parse_request(body: Any) -> ChatRequest:
     return ChatRequest(
         messages=parse_messages(body.get("messages")),
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0),  # OpenAI's default
-        top_p=_number(body, "top_p", 1.0),
+        temperature=_number(body, "temperature", OPENAI_TEMPERATURE),
+        top_p=_number(body, "top_p", OPENAI_TOP_P),
         top_k=top_k,
-        repetition_penalty=_number(body, "repetition_penalty", 1.0),
+        repetition_penalty=_number(body, "repetition_penalty", GREEDY.repetition_penalty),  # off
         seed=seed % 2**31,  # any int64 is valid in OpenAI's API; PRNG seeds are 32-bit
         stop=tuple(s for s in stop if s),
         stream=stream,
