@@ -20,7 +20,7 @@ from persllm_jax.io.vocabulary import register_tokens
 from persllm_jax.model.config import ModelConfig, preset
 from persllm_jax.model.sharding import make_mesh
 from persllm_jax.train.config import RunConfig
-from persllm_jax.train.loop import check_batch_layout, check_training_settings, load_tokenizer
+from persllm_jax.train.loop import check_batch_layout, check_training_settings, load_tokenizer, model_options
 from persllm_jax.train.program import build_program
 from persllm_jax.train.tasks import dpo, sft
 
@@ -88,9 +88,7 @@ def model_config_for(cfg: RunConfig) -> ModelConfig:
     """The model shape `persllm sft|dpo` would train, without reading weights: the preset or the
     path's config, with the run's dtypes, remat and attention, grown by the added tokens."""
     m = cfg.model
-    options = dict(
-        param_dtype=m.dtype, compute_dtype=m.compute_dtype, remat=m.remat, attention_impl=m.attention_impl
-    )
+    options = model_options(cfg)
     if bool(m.path) == bool(m.preset):
         raise ValueError("set exactly one of model.path and model.preset")
     model_cfg = pretrained.read_model_config(m.path, **options) if m.path else preset(m.preset, **options)
@@ -138,8 +136,7 @@ def compile_step(task: str, cfg: RunConfig, devices: list) -> dict:
         batch, loss_fn = sft.abstract_batch(cfg, shardings), sft.make_loss_fn(cfg, 1, 1)
         frozen, frozen_shardings = None, None
     else:
-        if cfg.dpo.reference not in dpo.REFERENCE_TYPES:
-            raise ValueError(f"dpo.reference={cfg.dpo.reference!r}; valid: {', '.join(dpo.REFERENCE_TYPES)}")
+        dpo.check_settings(cfg)
         shardings = dpo.batch_shardings(mesh)
         batch, loss_fn = dpo.abstract_batch(cfg, shardings), dpo.make_loss_fn(cfg, program.graphdef, 1, 1)
         frozen_shardings = program.params_shardings if cfg.dpo.reference == "frozen" else None

@@ -101,6 +101,14 @@ def check_batch_layout(cfg: RunConfig, mesh) -> None:
         raise ValueError(f"micro-batch size {micro} is not divisible by {jax.process_count()} processes")
 
 
+def model_options(cfg: RunConfig) -> dict:
+    """The ModelConfig fields a run config sets over the model it starts from."""
+    m = cfg.model
+    return dict(
+        param_dtype=m.dtype, compute_dtype=m.compute_dtype, remat=m.remat, attention_impl=m.attention_impl
+    )
+
+
 def load_initial_model(cfg: RunConfig, mesh) -> tuple[CausalLM, object]:
     """The model training starts from: a pretrained path, or a preset with random weights."""
     m = cfg.model
@@ -155,12 +163,7 @@ def train(cfg: RunConfig, make_task: Callable) -> Path:
     is_main = jax.process_index() == 0
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.every_steps)
     resume_step = checkpointer.latest_step()
-    options = dict(
-        param_dtype=cfg.model.dtype,
-        compute_dtype=cfg.model.compute_dtype,
-        remat=cfg.model.remat,
-        attention_impl=cfg.model.attention_impl,
-    )
+    options = model_options(cfg)
 
     if resume_step is None:
         model, tokenizer = load_initial_model(cfg, mesh)

@@ -145,6 +145,14 @@ def dpo_batch_loss(
     return loss_B.sum(), jnp.asarray(loss_B.shape[0], jnp.float32), sums
 
 
+def check_settings(cfg: RunConfig) -> None:
+    """An unknown `dpo.reference` or `dpo.loss_type` is an error naming the valid ones, before any work."""
+    if cfg.dpo.reference not in REFERENCE_TYPES:
+        raise ValueError(f"dpo.reference={cfg.dpo.reference!r}; valid: {', '.join(REFERENCE_TYPES)}")
+    zero = jnp.zeros((1,))
+    losses.dpo_loss(zero, zero, zero, zero, loss_type=cfg.dpo.loss_type)
+
+
 def batch_shardings(mesh) -> DPOBatch:
     sharding = common.batch_sharding(mesh)
     side = sft.batch_shardings(mesh)
@@ -196,10 +204,7 @@ class DPOTask:
         params_shardings,
         **_,
     ):
-        if cfg.dpo.reference not in REFERENCE_TYPES:
-            raise ValueError(f"dpo.reference={cfg.dpo.reference!r}; valid: {', '.join(REFERENCE_TYPES)}")
-        zero = jnp.zeros((1,))  # rejects an unknown loss type now, with the valid names
-        losses.dpo_loss(zero, zero, zero, zero, loss_type=cfg.dpo.loss_type)
+        check_settings(cfg)
         self.cfg, self.tokenizer, self.graphdef, self.mesh = cfg, tokenizer, graphdef, mesh
         self.data = common.TaskData(cfg, formats.preference_example)
         self.examples, self.groups = self.data.examples, self.data.groups
