@@ -96,6 +96,19 @@ def test_tiny_steps_compile_for_a_v5e_slice(task, tmp_path):
     assert "projected step time at 50% MFU" in result.stdout
 
 
+@pytest.mark.slow
+@needs_libtpu
+def test_splash_attention_compiles_into_the_step(tmp_path):
+    common = ("mesh.fsdp=2", "mesh.tensor=2", "train.seq_len=2048", "model.remat=full")
+    _, xla = _compile("sft", "v5e:2x2", tmp_path, *common)
+    _, splash = _compile("sft", "v5e:2x2", tmp_path, *common, "model.attention_impl=splash")
+    assert splash["fits"] is True and splash["argument_bytes"] == xla["argument_bytes"]
+    # XLA attention holds a layer's fp32 scores, [4 rows, 2 heads, 2048, 2048] per chip (128 MiB);
+    # the kernel works block by block, so the step's temporary memory drops by at least that much
+    scores = 4 * 2 * 2048 * 2048 * 4
+    assert splash["temp_bytes"] < xla["temp_bytes"] - scores, (splash["temp_bytes"], xla["temp_bytes"])
+
+
 @needs_libtpu
 def test_a_frozen_dpo_reference_is_sharded_like_the_parameters(tmp_path):
     _, cached = _compile("dpo", "v5e:2x2", tmp_path)

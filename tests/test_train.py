@@ -160,6 +160,22 @@ def test_mesh_222_equals_one_device(sft_reference_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_splash_attention_run_equals_xla(sft_reference_run, tmp_path):
+    """The Pallas kernel (interpret mode here), sharded over data, fsdp and tensor, remat on."""
+    run_dir = tmp_path / "splash"
+    overrides = (
+        "model.attention_impl=splash",
+        "model.remat=full",
+        "mesh.data=2",
+        "mesh.fsdp=2",
+        "mesh.tensor=2",
+    )
+    train("sft", run_dir, *overrides, env=EIGHT_DEVICES)
+    assert len(losses(run_dir)) == 8
+    np.testing.assert_allclose(losses(run_dir), losses(sft_reference_run), rtol=1e-5)
+
+
+@pytest.mark.slow
 def test_two_processes_equal_one(sft_reference_run, tmp_path):
     """Two processes with 4 fake devices each (jax.distributed on loopback) = one with 8."""
     run_dir = tmp_path / "run"

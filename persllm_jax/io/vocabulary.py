@@ -15,6 +15,7 @@ from persllm_jax.model.decoder import CausalLM, abstract_model
 
 log = logging.getLogger(__name__)
 
+
 def register_tokens(tokenizer, tokens: Sequence[str], vocab_size: int) -> tuple[list[str], list[int], int]:
     """Add `tokens` to the tokenizer as special tokens (in place); (tokens, their ids, the model's
     vocabulary size after growing to fit the tokenizer)."""

@@ -1,5 +1,6 @@
-"""Attention: grouped-query attention over a boolean mask (XLA) or cuDNN's fused causal kernel,
-rotary embeddings applied to queries and keys, and the KV-cache write used by generation."""
+"""Attention: grouped-query attention over a boolean mask (XLA), cuDNN's fused causal kernel or
+the Pallas splash kernel (TPU), rotary embeddings on queries and keys, and the KV-cache write
+used by generation."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from persllm_jax.model import rope
 from persllm_jax.model.config import ModelConfig
 from persllm_jax.model.layers import Linear
 from persllm_jax.model.sharding import constrain
+from persllm_jax.model.splash import splash_attention
 
 # Large negative instead of -inf so that a fully masked row (a left-padding query) gives a
 # uniform softmax rather than NaN.
@@ -20,8 +22,11 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 def attend(q_BTNH, k_BSKH, v_BSKH, mask, impl: str = "xla"):
     """Grouped-query attention; N query heads share K key/value heads. Returns [B, T, N, H].
 
-    `mask` is a boolean [B, T, S] (xla), or for cudnn the number of real keys per row [B]
-    (causal, right padding: cuDNN's fused kernel takes lengths, not a dense mask)."""
+    `mask` is a boolean [B, T, S] (xla); for cudnn the number of real keys per row [B] (causal,
+    right padding: cuDNN's fused kernel takes lengths, not a dense mask); for splash the segment
+    id of every token [B, T] (causal within a segment, 0 = padding)."""
+    if impl == "splash":
+        return splash_attention(q_BTNH, k_BSKH, v_BSKH, mask)
     if impl == "cudnn":
         return jax.nn.dot_product_attention(
             q_BTNH, k_BSKH, v_BSKH, is_causal=True, key_value_seq_lengths=mask, implementation="cudnn"

@@ -13,7 +13,7 @@ SUPPORTED_ARCHITECTURES = {
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -46,7 +46,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"  # "none" | "full" | "dots"
-    attention_impl: str = "xla"  # "xla" | "cudnn" (GPU flash attention)
+    attention_impl: str = "xla"  # "xla" | "cudnn" (GPU flash attention) | "splash" (TPU Pallas kernel)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

@@ -74,6 +74,12 @@ class CausalLM(nnx.Module):
                 if attention_mask_BT is None
                 else attention_mask_BT.astype(jnp.int32).sum(-1)
             )
+        elif cfg.attention_impl == "splash":  # real tokens are segment 1, padding segment 0
+            mask = (
+                jnp.ones((b, t), jnp.int32)
+                if attention_mask_BT is None
+                else attention_mask_BT.astype(jnp.int32)
+            )
         else:
             mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), dtype=bool)), (b, t, t))
             if attention_mask_BT is not None:

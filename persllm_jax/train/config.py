@@ -13,7 +13,7 @@ class ModelSection:
     dtype: str = "float32"  # parameter and optimizer-state dtype
     compute_dtype: str = "float32"  # matmul dtype: float32 | bfloat16
     remat: str = "full"  # none | full | dots
-    attention_impl: str = "xla"  # xla | cudnn
+    attention_impl: str = "xla"  # xla | cudnn (GPU) | splash (TPU; Pallas interpret mode elsewhere)
     add_tokens: tuple[str, ...] = ()  # special tokens to add, e.g. the stage tokens
     seed: int = 0  # initialization seed for presets
 
