@@ -151,9 +151,10 @@ def _compile(args) -> int:
     from persllm_jax.train.config import RunConfig
 
     cfg = configlib.load(RunConfig, args.config, args.overrides)
-    devices = aot.topology_devices(args.topology)
+    devices = aot.topology_devices(args.topology, args.slices)
     report = aot.compile_step(args.task, cfg, devices)
-    print(aot.format_report(args.task, args.topology, report))
+    where = args.topology if args.slices == 1 else f"{args.slices} x {args.topology}"
+    print(aot.format_report(args.task, where, report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({k: report[k] for k in aot.REPORT_KEYS}, indent=2) + "\n")
@@ -255,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--topology",
             required=True,
             help="TPU topology as libtpu names it (v5e:2x2, v5p:4x4x4, v6e:16x16), or cpu:N fake CPU devices",
+        )
+        t.add_argument(
+            "--slices",
+            type=int,
+            default=1,
+            help="number of such TPU slices joined by the data-center network (default 1); set "
+            "mesh.dcn_data or mesh.dcn_fsdp to spread the mesh over them",
         )
         t.add_argument("--config", required=True, help=f"the YAML run config `persllm {task}` would take")
         t.add_argument("--json", default=None, help="also write the figures to this JSON file")

@@ -1,11 +1,11 @@
-"""The deterministic data mixture: repeats, seeded order, per-process slices and exact resume."""
+"""The deterministic data mixture: repeats, seeded order, rows of a batch and exact resume."""
 
 import collections
 
 import numpy as np
 import pytest
 
-from persllm_jax.data import Mixture, epoch_order, process_batch
+from persllm_jax.data import Mixture, batch_rows, epoch_order
 
 
 def _counts(order: np.ndarray) -> collections.Counter:
@@ -55,23 +55,21 @@ def test_stream_crosses_epochs_without_dropping():
     np.testing.assert_array_equal(stream, expected)
 
 
-@pytest.mark.parametrize("process_count", [2, 4])
-def test_process_slices_concatenate_to_the_global_batch(process_count):
-    mixture = Mixture((13, 6), (2.0, 0.5), seed=11)  # 29 per epoch
+def test_batch_rows_pick_rows_of_the_global_batch():
+    mixture = Mixture((13, 6), (2.0, 0.5), seed=11)  # 29 per epoch: batches cross epoch boundaries
     for position in range(12):
         global_batch = mixture.global_batch(position, 8)
-        slices = [mixture.process_batch(position, 8, p, process_count) for p in range(process_count)]
-        assert all(s.shape == (8 // process_count, 2) for s in slices)
-        np.testing.assert_array_equal(np.concatenate(slices), global_batch)
-        np.testing.assert_array_equal(process_batch([13, 6], [2.0, 0.5], 11, position, 8, 0, 1), global_batch)
+        for rows in ([0, 1, 2, 3], [4, 5, 6, 7], [1, 3, 6], list(range(8))):
+            np.testing.assert_array_equal(mixture.batch_rows(position, 8, rows), global_batch[rows])
+        np.testing.assert_array_equal(
+            batch_rows([13, 6], [2.0, 0.5], 11, position, 8, [2, 5]), global_batch[[2, 5]]
+        )
 
 
 def test_bad_arguments_are_errors():
     mixture = Mixture((4,), (1.0,))
-    with pytest.raises(ValueError, match="multiple of the 3 processes"):
-        mixture.process_batch(0, 8, 0, 3)
-    with pytest.raises(ValueError, match=r"process index 2 is not in \[0, 2\)"):
-        mixture.process_batch(0, 8, 2, 2)
+    with pytest.raises(ValueError, match="batch rows 6..8 are outside a batch of 8"):
+        mixture.batch_rows(0, 8, [6, 8])
     with pytest.raises(ValueError, match="2 source sizes but 1 repeats"):
         Mixture((4, 5), (1.0,))
     with pytest.raises(ValueError, match="source 0: expected size >= 0 and finite repeats >= 0"):

@@ -97,9 +97,54 @@ def test_default_init_sharded_forward_within_1e5(shape):
 def test_mesh_fill_and_errors():
     assert dict(make_mesh(data=2, fsdp=-1, tensor=1).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
     assert dict(make_mesh(data=1, fsdp=1, tensor=-1).shape) == {"data": 1, "fsdp": 1, "tensor": 8}
-    with pytest.raises(ValueError, match="does not divide 8 devices"):
+    with pytest.raises(ValueError, match="does not divide the 8 devices of the job"):
         make_mesh(data=3, fsdp=-1, tensor=1)
+    with pytest.raises(ValueError, match="dcn_data=3 x dcn_fsdp=1 slices do not divide 8 devices"):
+        make_mesh(dcn_data=3)
     with pytest.raises(ValueError, match="only one axis may be -1"):
         make_mesh(data=-1, fsdp=-1, tensor=1)
     with pytest.raises(ValueError, match="= 4 but 8 devices"):
         make_mesh(data=2, fsdp=2, tensor=1)
+
+
+def _tpu_devices(monkeypatch, topology: str, slices: int = 1) -> list:
+    pytest.importorskip("libtpu", reason="TPU topologies need libtpu")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
+    from jax.experimental import topologies
+
+    return list(
+        topologies.get_topology_desc(platform="tpu", topology_name=topology, num_slices=slices).devices
+    )
+
+
+def _ring_hops(group, torus=(4, 4, 4)) -> int:
+    """The longest chip-to-chip step around a ring of devices on a wrapped torus."""
+
+    def hops(a, b):
+        return sum(min(abs(x - y), n - abs(x - y)) for x, y, n in zip(a.coords, b.coords, torus))
+
+    return max(hops(group[i], group[(i + 1) % len(group)]) for i in range(len(group)))
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 4), (4, 4, 4)])
+def test_mesh_axes_follow_the_torus(monkeypatch, shape):
+    """On a v5p 4x4x4 cube, every ring of the tensor axis is one ICI hop per step; devices taken
+    in the order the runtime lists them are not."""
+    devices = _tpu_devices(monkeypatch, "v5p:4x4x4")
+    mesh = make_mesh(*shape, devices=devices)
+    rings = [mesh.devices[i, j] for i in range(shape[0]) for j in range(shape[1])]
+    assert max(_ring_hops(r) for r in rings) == 1
+    listed = np.asarray(devices).reshape(shape)
+    assert max(_ring_hops(listed[i, j]) for i in range(shape[0]) for j in range(shape[1])) > 1
+
+
+def test_hybrid_mesh_puts_slices_along_dcn_axes(monkeypatch):
+    devices = _tpu_devices(monkeypatch, "v5e:2x2", slices=2)
+    mesh = make_mesh(1, -1, 1, devices=devices, dcn_data=2)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert [{d.slice_index for d in mesh.devices[i].flat} for i in range(2)] == [{0}, {1}]
+    mesh = make_mesh(1, 2, 2, devices=devices, dcn_fsdp=2)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    # each tensor group stays inside one slice; fsdp crosses the data-center network once
+    assert all(len({d.slice_index for d in mesh.devices[0, j]}) == 1 for j in range(4))
+    assert [mesh.devices[0, j, 0].slice_index for j in range(4)] == [0, 0, 1, 1]

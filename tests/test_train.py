@@ -175,12 +175,14 @@ def test_splash_attention_run_equals_xla(sft_reference_run, tmp_path):
     np.testing.assert_allclose(losses(run_dir), losses(sft_reference_run), rtol=1e-5)
 
 
-@pytest.mark.slow
-def test_two_processes_equal_one(sft_reference_run, tmp_path):
-    """Two processes with 4 fake devices each (jax.distributed on loopback) = one with 8."""
-    run_dir = tmp_path / "run"
+def _two_processes(run_dir, *overrides):
+    """`persllm sft` as two processes with 4 fake devices each, joined by jax.distributed on loopback."""
     port = free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    distributed = (
+        f"distributed.coordinator_address=127.0.0.1:{port}",
+        "distributed.num_processes=2",
+    )
     processes = [
         subprocess.Popen(
             [
@@ -191,22 +193,40 @@ def test_two_processes_equal_one(sft_reference_run, tmp_path):
                 "--config",
                 str(SFT),
                 f"run_dir={run_dir}",
-                f"distributed.coordinator_address=127.0.0.1:{port}",
-                "distributed.num_processes=2",
+                *distributed,
                 f"distributed.process_id={pid}",
+                *overrides,
             ],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )
+        )  # fmt: skip
         for pid in range(2)
     ]
     for process in processes:
         out, err = process.communicate(timeout=900)
         assert process.returncode == 0, err[-3000:]
-    np.testing.assert_allclose(losses(run_dir), losses(sft_reference_run), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(sft_reference_run, tmp_path):
+    """Two processes with 4 fake devices each = one process with 8 (fsdp 8 over both)."""
+    _two_processes(tmp_path / "run")
+    np.testing.assert_allclose(losses(tmp_path / "run"), losses(sft_reference_run), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_tensor_axis_across_two_processes_equals_one(tmp_path):
+    """mesh tensor 8 over two processes: both hold replicas of every batch row, so both must load
+    the whole batch; the run equals the same mesh in one process."""
+    one = tmp_path / "one"
+    train("sft", one, "mesh.fsdp=1", "mesh.tensor=8", env=EIGHT_DEVICES)
+    _two_processes(tmp_path / "two", "mesh.fsdp=1", "mesh.tensor=8")
+    assert len(losses(one)) == 8
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(one), rtol=1e-6)
+    assert_same_params(tmp_path / "two", one)
 
 
 # ------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from persllm_jax.data.formats import (
     preference_example,
     sft_example,
 )
-from persllm_jax.data.mixture import Mixture, epoch_order, process_batch
+from persllm_jax.data.mixture import Mixture, batch_rows, epoch_order
 from persllm_jax.data.readers import DataError, location, read_records
 
 __all__ = [
@@ -30,12 +30,12 @@ __all__ = [
     "TokenizedExample",
     "TokenizedPair",
     "TrainingArrays",
+    "batch_rows",
     "classify",
     "epoch_order",
     "location",
     "normalize",
     "preference_example",
-    "process_batch",
     "read_records",
     "sft_example",
     "to_training_arrays",

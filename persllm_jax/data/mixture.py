@@ -1,11 +1,12 @@
-"""A deterministic mixture of data sources, and which examples each process loads at each step.
+"""A deterministic mixture of data sources: which examples make up each global batch.
 
 An epoch holds every source `repeats` times: floor(repeats) full copies plus a random subset of
 round(frac(repeats) * n) examples (drawn again each epoch, from seed, epoch and source, so all of
 a partly used source is seen over epochs), shuffled by a permutation derived from seed and epoch.
 Epochs are laid end to end into one stream of (source, index) pairs; the global batch at
 position k (k global batches consumed) is stream[k*B : (k+1)*B], crossing epoch boundaries without
-dropping anything. Process p of P loads rows [p*B/P, (p+1)*B/P) of it. Everything is a pure
+dropping anything. Each process loads the rows of it that its devices hold (decided by the batch
+sharding, see train/tasks/common.py). Everything is a pure
 function of (sizes, repeats, seed, position), so resuming at position k yields exactly the batches
 an uninterrupted run would have seen from k on.
 """
@@ -56,7 +57,11 @@ class Mixture:
 
     def examples(self, start: int, stop: int) -> np.ndarray:
         """Stream positions [start, stop) as [stop - start, 2] (source, index) pairs."""
-        positions = np.arange(start, stop, dtype=np.int64)
+        return self.at(np.arange(start, stop, dtype=np.int64))
+
+    def at(self, positions) -> np.ndarray:
+        """The (source, index) pairs at the given stream positions, [len(positions), 2]."""
+        positions = np.asarray(positions, dtype=np.int64)
         epochs, offsets = np.divmod(positions, self.epoch_size)
         out = np.empty((len(positions), 2), dtype=np.int64)
         for epoch in np.unique(epochs):
@@ -68,13 +73,12 @@ class Mixture:
         """The [batch_size, 2] examples of the global batch after `position` batches."""
         return self.examples(position * batch_size, (position + 1) * batch_size)
 
-    def process_batch(
-        self, position: int, batch_size: int, process_index: int = 0, process_count: int = 1
-    ) -> np.ndarray:
-        """The [batch_size / process_count, 2] examples this process loads for the batch at `position`."""
-        per_process = _per_process(batch_size, process_index, process_count)
-        start = position * batch_size + process_index * per_process
-        return self.examples(start, start + per_process)
+    def batch_rows(self, position: int, batch_size: int, rows) -> np.ndarray:
+        """Rows `rows` of the global batch at `position` (the rows one process loads)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= batch_size):
+            raise ValueError(f"batch rows {rows.min()}..{rows.max()} are outside a batch of {batch_size}")
+        return self.at(position * batch_size + rows)
 
 
 def epoch_order(
@@ -84,29 +88,17 @@ def epoch_order(
     return Mixture(tuple(num_examples_per_source), tuple(repeats), seed).epoch_order(epoch)
 
 
-def process_batch(
+def batch_rows(
     num_examples_per_source: Sequence[int],
     repeats: Sequence[float],
     seed: int,
     position: int,
     batch_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
+    rows,
 ) -> np.ndarray:
-    """The (source, index) pairs process `process_index` loads for the global batch at `position`."""
+    """The (source, index) pairs at rows `rows` of the global batch at `position`."""
     mixture = Mixture(tuple(num_examples_per_source), tuple(repeats), seed)
-    return mixture.process_batch(position, batch_size, process_index, process_count)
-
-
-def _per_process(batch_size: int, process_index: int, process_count: int) -> int:
-    """Rows of the global batch per process; the batch must split evenly."""
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"process index {process_index} is not in [0, {process_count})")
-    if batch_size < 1 or batch_size % process_count:
-        raise ValueError(
-            f"global batch size {batch_size} must be a positive multiple of the {process_count} processes"
-        )
-    return batch_size // process_count
+    return mixture.batch_rows(position, batch_size, rows)
 
 
 def _copies(size: int, repeats: float) -> tuple[int, int]:

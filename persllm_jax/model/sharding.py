@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
@@ -41,25 +42,72 @@ LOGICAL_RULES: dict[str, Any] = {
 }
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
+def make_mesh(
+    data: int = 1,
+    fsdp: int = -1,
+    tensor: int = 1,
+    devices: Sequence | None = None,
+    *,
+    dcn_data: int = 1,
+    dcn_fsdp: int = 1,
+) -> Mesh:
+    """A (data, fsdp, tensor) mesh laid out on the physical network.
+
+    `data`, `fsdp` and `tensor` are sizes within one slice (ICI); one of them may be -1 to take
+    the devices the others leave. `dcn_data` / `dcn_fsdp` > 1 spread those axes over several
+    slices joined by the data-center network, so the mesh axes are data x dcn_data and
+    fsdp x dcn_fsdp long. A slice is a TPU slice (its devices' `slice_index`), or one process on
+    platforms without slices (GPU hosts). Within a slice, devices are ordered by their position
+    in the torus (`mesh_utils.create_device_mesh`), so neighbours on a mesh axis are neighbours
+    on the chip network.
+    """
     devices = list(devices if devices is not None else jax.devices())
+    slices = dcn_data * dcn_fsdp
+    if dcn_data < 1 or dcn_fsdp < 1 or len(devices) % slices:
+        raise ValueError(
+            f"mesh dcn_data={dcn_data} x dcn_fsdp={dcn_fsdp} slices do not divide {len(devices)} devices"
+        )
+    per_slice = len(devices) // slices
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor}: only one axis may be -1")
     known = math.prod(s for s in sizes if s != -1)
-    if known <= 0 or len(devices) % known:
+    if known <= 0 or per_slice % known:
         raise ValueError(
-            f"mesh data={data} fsdp={fsdp} tensor={tensor} does not divide {len(devices)} devices"
+            f"mesh data={data} fsdp={fsdp} tensor={tensor} does not divide the {per_slice} devices "
+            f"of {'each of the ' + str(slices) + ' slices' if slices > 1 else 'the job'}"
         )
-    sizes = [len(devices) // known if s == -1 else s for s in sizes]
-    if math.prod(sizes) != len(devices):
+    sizes = [per_slice // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != per_slice:
         raise ValueError(
             f"mesh data x fsdp x tensor = {'x'.join(map(str, sizes))} = {math.prod(sizes)} "
-            f"but {len(devices)} devices are available"
+            f"but {per_slice} devices are available{' per slice' if slices > 1 else ''}"
         )
-    device_grid = np.asarray(devices).reshape(sizes)
+    if slices == 1:
+        device_grid = _physical_grid(sizes, devices)
+    else:
+        device_grid = mesh_utils.create_hybrid_device_mesh(
+            sizes,
+            [dcn_data, dcn_fsdp, 1],
+            devices,
+            process_is_granule=getattr(devices[0], "slice_index", None) is None or _one_slice(devices),
+            allow_split_physical_axes=True,
+        )
     return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _one_slice(devices) -> bool:
+    return len({getattr(d, "slice_index", 0) for d in devices}) == 1
+
+
+def _physical_grid(sizes: list[int], devices: list) -> np.ndarray:
+    """Devices in torus order for the mesh shape; the given order where no layout is known
+    (a subset of a slice's chips, for example)."""
+    try:
+        return mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError) as err:
+        log.warning("no physical layout for mesh %s (%s); devices kept in the order given", sizes, err)
+        return np.asarray(devices).reshape(sizes)
 
 
 def logical_to_spec(

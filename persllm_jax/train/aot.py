@@ -18,7 +18,7 @@ import jax
 from persllm_jax.io import pretrained
 from persllm_jax.io.vocabulary import register_tokens
 from persllm_jax.model.config import ModelConfig, preset
-from persllm_jax.model.sharding import make_mesh
+from persllm_jax.train import distributed
 from persllm_jax.train.config import RunConfig
 from persllm_jax.train.loop import check_batch_layout, check_training_settings, load_tokenizer, model_options
 from persllm_jax.train.program import build_program
@@ -48,10 +48,13 @@ REPORT_KEYS = (
 )
 
 
-def topology_devices(name: str) -> list:
+def topology_devices(name: str, slices: int = 1) -> list:
     """The devices of a topology: a TPU slice as libtpu names it (`v5e:2x2`, `v5p:4x4x4`), or
-    `cpu:N` for N fake CPU devices (a quick look on any machine)."""
+    `cpu:N` for N fake CPU devices (a quick look on any machine). `slices` > 1 describes that
+    many TPU slices of the topology joined by the data-center network (mesh.dcn_*)."""
     if name.startswith("cpu"):
+        if slices != 1:
+            raise ValueError(f"--slices {slices}: several slices need a TPU topology, not {name}")
         count = int(name.partition(":")[2] or 1)
         devices = jax.devices("cpu")
         if len(devices) < count:
@@ -65,7 +68,9 @@ def topology_devices(name: str) -> list:
 
         # libtpu describes a slice from its name alone when told that this host is its only worker.
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+        return list(
+            topologies.get_topology_desc(platform="tpu", topology_name=name, num_slices=slices).devices
+        )
     except Exception as err:  # libtpu missing, or a name it does not know
         raise ValueError(
             f"--topology {name}: cannot describe this TPU topology ({type(err).__name__}: {err}); "
@@ -125,7 +130,7 @@ def compile_step(task: str, cfg: RunConfig, devices: list) -> dict:
     if task not in ("sft", "dpo"):
         raise ValueError(f"compile sft or dpo, not {task!r}")
     check_training_settings(cfg)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+    mesh = distributed.build_mesh(cfg.mesh, devices)
     check_batch_layout(cfg, mesh)
     model_cfg = model_config_for(cfg)
     program = build_program(cfg, model_cfg, mesh)

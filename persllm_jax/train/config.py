@@ -58,9 +58,13 @@ class OptimSection:
 
 @dataclasses.dataclass(frozen=True)
 class MeshSection:
+    # sizes within one slice; -1 takes the devices the other axes leave
     data: int = 1
-    fsdp: int = -1  # -1 takes the devices the other axes leave
+    fsdp: int = -1
     tensor: int = 1
+    # slices joined by the data-center network (TPU multi-slice; GPU: hosts) along data / fsdp
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Multi-host start-up: `jax.distributed.initialize` from the config or the usual environment."""
+"""The job's processes and devices: `jax.distributed.initialize` from the config or the usual
+environment, and the device mesh from the `mesh` section."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import os
 
 import jax
 
-from persllm_jax.train.config import DistributedSection
+from persllm_jax.model.sharding import make_mesh
+from persllm_jax.train.config import DistributedSection, MeshSection
 
 log = logging.getLogger(__name__)
 
@@ -45,4 +47,11 @@ def initialize(cfg: DistributedSection) -> None:
         jax.process_count(),
         jax.local_device_count(),
         jax.device_count(),
+    )
+
+
+def build_mesh(cfg: MeshSection, devices: list | None = None):
+    """The run's (data, fsdp, tensor) mesh over `devices` (default: every device of the job)."""
+    return make_mesh(
+        cfg.data, cfg.fsdp, cfg.tensor, devices=devices, dcn_data=cfg.dcn_data, dcn_fsdp=cfg.dcn_fsdp
     )

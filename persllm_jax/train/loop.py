@@ -27,7 +27,6 @@ from persllm_jax.io import pretrained
 from persllm_jax.io.vocabulary import add_special_tokens
 from persllm_jax.model.config import preset
 from persllm_jax.model.decoder import CausalLM
-from persllm_jax.model.sharding import make_mesh
 from persllm_jax.train import distributed
 from persllm_jax.train.checkpointing import Checkpointer
 from persllm_jax.train.config import RunConfig
@@ -97,8 +96,6 @@ def check_batch_layout(cfg: RunConfig, mesh) -> None:
             f"divisible by the data-parallel size data x fsdp = {mesh.shape['data']} x "
             f"{mesh.shape['fsdp']} = {data_parallel}"
         )
-    if micro % jax.process_count():
-        raise ValueError(f"micro-batch size {micro} is not divisible by {jax.process_count()} processes")
 
 
 def model_options(cfg: RunConfig) -> dict:
@@ -156,7 +153,7 @@ def train(cfg: RunConfig, make_task: Callable) -> Path:
     """Run (or resume) training; returns the run directory."""
     check_training_settings(cfg)
     distributed.initialize(cfg.distributed)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = distributed.build_mesh(cfg.mesh)
     check_batch_layout(cfg, mesh)
     run_dir = Path(cfg.run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -64,34 +64,28 @@ def sliced_means(prefix: str, sums: np.ndarray, counts: np.ndarray, names: list[
 
 
 class DataOrder:
-    """Which examples each process loads at each step (see data/mixture.py)."""
+    """Which examples each process loads at each step (see data/mixture.py): the rows of the
+    global batch that its devices hold under the batch sharding."""
 
-    def __init__(self, sizes: list[int], repeats: list[float], batch_size: int, seed: int):
-        self.sizes, self.repeats, self.batch_size, self.seed = sizes, repeats, batch_size, seed
+    def __init__(self, sizes: list[int], repeats: list[float], batch_size: int, seed: int, rows: np.ndarray):
+        self.mixture = mixture.Mixture(tuple(sizes), tuple(repeats), seed)
+        self.batch_size, self.rows = batch_size, rows
 
     def local_examples(self, step: int) -> list[tuple[int, int]]:
-        rows = mixture.process_batch(
-            self.sizes,
-            self.repeats,
-            self.seed,
-            step,
-            self.batch_size,
-            jax.process_index(),
-            jax.process_count(),
-        )
-        return [(int(s), int(i)) for s, i in rows]
+        return [(int(s), int(i)) for s, i in self.mixture.batch_rows(step, self.batch_size, self.rows)]
 
 
 class TaskData:
     """A task's examples, metric groups, data order and fingerprint, from `data.sources`."""
 
-    def __init__(self, cfg: RunConfig, convert: Callable[[dict], Any]):
+    def __init__(self, cfg: RunConfig, convert: Callable[[dict], Any], mesh):
         self.cfg = cfg
         self.examples = load_sources(cfg.data.sources, convert)
         self.groups = GroupNames(self.examples)
         repeats = [s.repeats for s in cfg.data.sources]
+        self.rows = process_rows(batch_sharding(mesh), cfg.train.batch_size)
         self.order = DataOrder(
-            [len(s) for s in self.examples], repeats, cfg.train.batch_size, cfg.data.shuffle_seed
+            [len(s) for s in self.examples], repeats, cfg.train.batch_size, cfg.data.shuffle_seed, self.rows
         )
         self.fingerprint = fingerprint(self.examples, {"seq_len": cfg.train.seq_len, "repeats": repeats})
 
@@ -111,12 +105,39 @@ class TaskData:
 
 
 def batch_sharding(mesh) -> NamedSharding:
+    """Batch rows split over data x fsdp; replicated over tensor."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
-def to_global(local_tree, sharding: NamedSharding):
-    """Per-process rows -> global arrays sharded over the batch axis."""
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_tree)
+def process_rows(
+    sharding: NamedSharding, batch_size: int, process: int | None = None, process_of=lambda d: d.process_index
+) -> np.ndarray:
+    """The global batch rows that `process`'s devices hold (ascending), so that is what it loads.
+
+    Read from the sharding, not assumed from the process index: when the tensor axis spans
+    processes, the processes holding replicas of one batch shard load the same rows."""
+    process = jax.process_index() if process is None else process
+    held: set[int] = set()
+    for device, index in sharding.devices_indices_map((batch_size,)).items():
+        if process_of(device) == process:
+            held.update(range(batch_size)[index[0]])
+    return np.asarray(sorted(held), np.int64)
+
+
+def to_global(local_tree, sharding: NamedSharding, rows: np.ndarray, batch_size: int):
+    """Rows `rows` of the global batch, loaded by this process -> global arrays sharded over the
+    batch axis; each device takes its own rows out of them."""
+    position = {int(row): i for i, row in enumerate(rows)}
+
+    def place(x):
+        x = np.asarray(x)
+
+        def shard(index):
+            return x[[position[row] for row in range(batch_size)[index[0]]]]
+
+        return jax.make_array_from_callback((batch_size, *x.shape[1:]), sharding, shard)
+
+    return jax.tree.map(place, local_tree)
 
 
 def data_position(step: int, cfg: RunConfig, data_fingerprint: str) -> dict:

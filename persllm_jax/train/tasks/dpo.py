@@ -206,7 +206,7 @@ class DPOTask:
     ):
         check_settings(cfg)
         self.cfg, self.tokenizer, self.graphdef, self.mesh = cfg, tokenizer, graphdef, mesh
-        self.data = common.TaskData(cfg, formats.preference_example)
+        self.data = common.TaskData(cfg, formats.preference_example, mesh)
         self.examples, self.groups = self.data.examples, self.data.groups
         self.batch_shardings = batch_shardings(mesh)
         self.loss_fn = make_loss_fn(cfg, graphdef, len(self.groups.personas), len(self.groups.stages))
@@ -245,7 +245,12 @@ class DPOTask:
         )
 
     def global_batch(self, step: int) -> DPOBatch:
-        return common.to_global(self.host_batch(step), self.batch_shardings.ref_chosen_logps)
+        return common.to_global(
+            self.host_batch(step),
+            self.batch_shardings.ref_chosen_logps,
+            self.data.rows,
+            self.cfg.train.batch_size,
+        )
 
     # -- the reference pass ----------------------------------------------------------------
 
@@ -265,18 +270,19 @@ class DPOTask:
             side: [np.zeros(len(source), np.float32) for source in self.examples]
             for side in ("chosen", "rejected")
         }
-        per_process = batch_size // jax.process_count()
         sharding = self.batch_shardings.ref_chosen_logps
+        held = common.process_rows(sharding, batch_size)
         for start in tqdm(
             range(0, len(keys), batch_size), desc="reference log-probs", disable=jax.process_index() != 0
         ):
             chunk_keys = keys[start : start + batch_size]
             padded = chunk_keys + [chunk_keys[0]] * (batch_size - len(chunk_keys))
-            local = padded[jax.process_index() * per_process : (jax.process_index() + 1) * per_process]
+            local = [padded[row] for row in held]
             rows = self._rows([(k, self.examples[k[0]][k[1]]) for k in local])
             ids = np.full(len(local), -1, np.int32)
             sides = [
-                common.to_global(pair_side(rows, side, ids, ids), sharding) for side in ("chosen", "rejected")
+                common.to_global(pair_side(rows, side, ids, ids), sharding, held, batch_size)
+                for side in ("chosen", "rejected")
             ]
             for side, values in zip(("chosen", "rejected"), reference_logps(params, *sides)):
                 for (s, i), value in zip(chunk_keys, gather(values)[: len(chunk_keys)]):

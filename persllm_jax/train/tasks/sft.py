@@ -93,7 +93,7 @@ class SFTTask:
 
     def __init__(self, *, cfg: RunConfig, tokenizer, mesh, **_):
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.data = common.TaskData(cfg, formats.sft_example)
+        self.data = common.TaskData(cfg, formats.sft_example, mesh)
         self.examples, self.groups = self.data.examples, self.data.groups
         self.batch_shardings = batch_shardings(mesh)
         self.loss_fn = make_loss_fn(cfg, len(self.groups.personas), len(self.groups.stages))
@@ -116,7 +116,9 @@ class SFTTask:
         return SFTBatch(**rows, persona_ids=ids[:, 0], stage_ids=ids[:, 1])
 
     def global_batch(self, step: int) -> SFTBatch:
-        return common.to_global(self.host_batch(step), self.batch_shardings.input_ids)
+        return common.to_global(
+            self.host_batch(step), self.batch_shardings.input_ids, self.data.rows, self.cfg.train.batch_size
+        )
 
     def metrics_record(self, values: dict) -> dict:
         record = {k: float(values[k]) for k in ("loss", "grad_norm", "learning_rate", "tokens")}
