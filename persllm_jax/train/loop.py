@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +30,7 @@ from persllm_jax.train import distributed
 from persllm_jax.train.checkpointing import Checkpointer
 from persllm_jax.train.config import RunConfig
 from persllm_jax.train.metrics_log import MetricsLog, plot_loss
+from persllm_jax.train.preemption import Preemption
 from persllm_jax.train.program import build_program
 
 log = logging.getLogger(__name__)
@@ -38,37 +38,6 @@ log = logging.getLogger(__name__)
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (a NaN loss, for example); the message says why and where."""
-
-
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no signal handling
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        log.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def any_process(self) -> bool:
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.asarray([self.requested], np.int32))
-        return bool(np.asarray(flags).any())
 
 
 def check_training_settings(cfg: RunConfig) -> None:
@@ -249,13 +218,13 @@ def _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step) -> None
         bar.update(1)
 
     try:
-        with _Preemption() as preemption:
+        with Preemption() as preemption:
             for step in range(start, max_steps):
                 batch = task.global_batch(step)
                 state, metrics = step_fn(state, batch, task.frozen)
                 flush()
                 pending = (step + 1, metrics)
-                stop = preemption.any_process() or (step + 1) == cfg.train.stop_after
+                stop = preemption.reached(step + 1) or (step + 1) == cfg.train.stop_after
                 if checkpointer.due(step + 1, max_steps) or stop:
                     flush()
                     checkpointer.save(step + 1, state, task.data_position(step + 1))
