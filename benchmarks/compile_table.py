@@ -1,10 +1,14 @@
 """Bytes per chip of Llama-3 SFT and DPO train steps on TPU pod slices, from `persllm compile`.
 
 Each case runs `persllm compile` (the step `persllm sft|dpo` would build, AOT-compiled for the
-slice by libtpu on this machine) and the figures are printed as a Markdown table. Compiling a 70B
-step for 256 chips takes minutes on a small CPU; `--only` picks cases by index.
+slice by libtpu on this machine) and the figures are printed as a Markdown table. A second table
+gives the largest global batch that fits for some of them: batches are whole rows per chip, the
+bytes for 1 and 2 rows per chip give a linear guess, and compiling the guess and the batch one
+row per chip above it proves where the limit is. Compiling a 70B step for 256 chips takes
+minutes on a small CPU; `--only` / `--only-largest` pick cases by index, `--reuse` reads the
+per-case JSON files of an earlier run instead of compiling again.
 
-    python benchmarks/compile_table.py --json benchmarks/results/compile_table.json
+    python benchmarks/compile_table.py --reuse --json benchmarks/results/compile_table.json
 """
 
 from __future__ import annotations
@@ -28,6 +32,16 @@ CASES = [
     ("sft", "llama3_70b", "v5p:8x8x4", 256, 256, 4096, "full"),
     ("dpo", "llama3_70b", "v5p:8x8x4", 256, 256, 4096, "full"),
     ("sft", "llama3_70b", "v6e:16x16", 256, 256, 4096, "full"),
+    ("sft", "llama3_8b", "v5p:4x4x4", 64, 64, 4096, "dots"),
+    ("sft", "llama3_8b", "v5p:4x4x4", 64, 64, 4096, "none"),
+]
+
+# (task, preset, topology, fsdp, seq_len, remat): the largest batch that fits
+LARGEST = [
+    ("sft", "llama3_8b", "v5p:4x4x4", 64, 4096, "full"),
+    ("sft", "llama3_8b", "v5p:4x4x4", 64, 4096, "dots"),
+    ("dpo", "llama3_8b", "v5p:4x4x4", 64, 4096, "full"),
+    ("sft", "llama3_70b", "v5p:8x8x4", 256, 4096, "full"),
 ]
 
 
@@ -44,9 +58,11 @@ def overrides(preset: str, fsdp: int, batch: int, seq_len: int, remat: str) -> l
     ]
 
 
-def run_case(case, out_dir: Path) -> dict:
+def run_case(case, out_dir: Path, reuse: bool = False) -> dict:
     task, preset, topology, fsdp, batch, seq_len, remat = case
     out = out_dir / f"{task}_{preset}_{topology.replace(':', '_')}_{batch}x{seq_len}_{remat}.json"
+    if reuse and out.with_suffix(".case.json").is_file():
+        return json.loads(out.with_suffix(".case.json").read_text())
     command = [
         sys.executable, "-m", "persllm_jax.cli", "compile", task, "--topology", topology,
         "--config", str(ROOT / "configs" / f"{task}_tiny.yaml"), "--json", str(out),
@@ -58,10 +74,43 @@ def run_case(case, out_dir: Path) -> dict:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
     report = json.loads(out.read_text())
     projected = next((ln for ln in result.stdout.splitlines() if ln.startswith("projected step time")), "")
-    return {
+    row = {
         "task": task, "model": preset, "topology": topology, "batch": batch, "seq_len": seq_len, "remat": remat,
         "compile_s": time.perf_counter() - t0, "projection": projected, **report,
     }  # fmt: skip
+    out.with_suffix(".case.json").write_text(json.dumps(row, indent=2) + "\n")
+    print(
+        f"compiled {case}: {report['total_bytes'] / GiB:.2f} GiB in {row['compile_s']:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    return row
+
+
+def largest_batch(case, out_dir: Path, reuse: bool) -> dict:
+    """The largest batch (whole rows per chip) whose step fits, and the next one, which does not."""
+    task, preset, topology, fsdp, seq_len, remat = case
+
+    def at(rows: int) -> dict:
+        return run_case((task, preset, topology, fsdp, rows * fsdp, seq_len, remat), out_dir, reuse)
+
+    one = at(1)
+    if not one["fits"]:
+        return {"case": case, "fits": None, "above": one}
+    two = at(2)
+    if not two["fits"]:
+        return {"case": case, "fits": one, "above": two}
+    per_row = two["total_bytes"] - one["total_bytes"]
+    rows = max(2, 2 + (two["device_memory_bytes"] - two["total_bytes"]) // max(per_row, 1))
+    fits = at(rows)
+    while not fits["fits"]:
+        rows -= 1
+        fits = at(rows)
+    above = at(rows + 1)
+    while above["fits"]:
+        rows, fits = rows + 1, above
+        above = at(rows + 1)
+    return {"case": case, "fits": fits, "above": above}
 
 
 def table(rows: list[dict]) -> str:
@@ -81,24 +130,49 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def largest_table(results: list[dict]) -> str:
+    lines = [
+        "| step | model | slice | seq | remat | largest batch that fits | GiB per chip there | next batch (GiB per chip) | step time at 50% MFU (projection) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        task, preset, topology, _, seq_len, remat = r["case"]
+        fits, above = r["fits"], r["above"]
+        seconds = (
+            fits["projection"].split(":")[-1].split("(")[0].strip() if fits and fits["projection"] else "-"
+        )
+        lines.append(
+            f"| {task} | {preset} | {topology} ({above['devices']} chips) | {seq_len} | {remat} | "
+            f"{fits['batch'] if fits else 'none'} | {fits['total_bytes'] / GiB:.2f} of "
+            f"{fits['device_memory_bytes'] / GiB:.0f} | {above['batch']} ({above['total_bytes'] / GiB:.2f}, does not fit) "
+            f"| {seconds} |"
+            if fits
+            else f"| {task} | {preset} | {topology} | {seq_len} | {remat} | none | - | {above['batch']} | - |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--only", default="", help="comma-separated case indices (default: all)")
+    parser.add_argument("--only-largest", default="", help="comma-separated largest-batch case indices")
+    parser.add_argument("--reuse", action="store_true", help="read cases compiled by an earlier run")
     parser.add_argument("--json", default="", help="write every case's figures here")
     parser.add_argument("--out-dir", default="/tmp/persllm_compile_table", help="per-case JSON files")
     args = parser.parse_args()
     picked = [CASES[int(i)] for i in args.only.split(",")] if args.only else CASES
+    largest = [LARGEST[int(i)] for i in args.only_largest.split(",")] if args.only_largest else LARGEST
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for case in picked:
-        rows.append(run_case(case, out_dir))
-        print(f"done {case} in {rows[-1]['compile_s']:.0f} s", file=sys.stderr, flush=True)
+    rows = [run_case(case, out_dir, args.reuse) for case in picked]
+    limits = [largest_batch(case, out_dir, args.reuse) for case in largest]
     print(table(rows))
+    print()
+    print(largest_table(limits))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"cases": rows, "largest": limits}, indent=2) + "\n")
     return 0
 
 
