@@ -173,6 +173,10 @@ def test_splash_attention_run_equals_xla(sft_reference_run, tmp_path):
     train("sft", run_dir, *overrides, env=EIGHT_DEVICES)
     assert len(losses(run_dir)) == 8
     np.testing.assert_allclose(losses(run_dir), losses(sft_reference_run), rtol=1e-5)
+    from persllm_jax.io.pretrained import read_model_config
+
+    # the kernel is how this machine ran the step; the trained model loads with XLA attention anywhere
+    assert read_model_config(run_dir).attention_impl == "xla"
 
 
 def _two_processes(run_dir, *overrides, wait=True):

@@ -211,6 +211,9 @@ def save_model_dir(model: CausalLM, tokenizer, out_dir: str | Path) -> Path:
 
 
 def write_model_meta(out_dir: Path, cfg: ModelConfig, hf_config: dict) -> None:
+    # How a step ran (the attention kernel, remat) belongs to the hardware it ran on, not to the
+    # model: a run trained with TPU splash attention loads with XLA attention on a GPU or CPU.
+    cfg = cfg.replace(attention_impl=ModelConfig.attention_impl, remat=ModelConfig.remat)
     meta = {"format": MODEL_DIR_FORMAT, "model_config": cfg.to_dict(), "hf_config": hf_config}
     (out_dir / MODEL_DIR_MARKER).write_text(json.dumps(meta, indent=2, default=str))
 

@@ -10,8 +10,10 @@ once, so FLOPs here are counted from the model's shape instead.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import re
 
 import jax
 
@@ -23,6 +25,8 @@ from persllm_jax.train.config import RunConfig
 from persllm_jax.train.loop import check_batch_layout, check_training_settings, load_tokenizer, model_options
 from persllm_jax.train.program import build_program
 from persllm_jax.train.tasks import dpo, sft
+
+log = logging.getLogger(__name__)
 
 GiB = 1024**3
 # HBM per chip and peak dense bf16 FLOP/s per chip, as the vendor publishes them, by `device_kind`.
@@ -146,19 +150,19 @@ def compile_step(task: str, cfg: RunConfig, devices: list) -> dict:
         batch, loss_fn = dpo.abstract_batch(cfg, shardings), dpo.make_loss_fn(cfg, program.graphdef, 1, 1)
         frozen_shardings = program.params_shardings if cfg.dpo.reference == "frozen" else None
         frozen = program.abstract_params if frozen_shardings is not None else None
+    args = (program.abstract_state(), batch, frozen)
     with jax.set_mesh(mesh):
         step = program.jit_step(loss_fn, shardings, frozen_shardings)
-        compiled = step.lower(program.abstract_state(), batch, frozen).compile()
-    memory = compiled.memory_analysis()
+        try:
+            memory = _memory_figures(step.lower(*args).compile().memory_analysis())
+        except jax.errors.JaxRuntimeError as err:
+            # The TPU compiler refuses a step whose temporaries exceed the chip's memory.
+            memory = _refused_figures(err, args)
     report = {
         "devices": len(devices),
         "device_kind": devices[0].device_kind,
         "device_memory_bytes": device_memory(devices[0]),
-        "argument_bytes": int(memory.argument_size_in_bytes),
-        "output_bytes": int(memory.output_size_in_bytes),
-        "alias_bytes": int(memory.alias_size_in_bytes),
-        "temp_bytes": int(memory.temp_size_in_bytes),
-        "code_bytes": int(memory.generated_code_size_in_bytes),
+        **memory,
     }
     # What one device holds at once: its inputs, its outputs less those written over donated
     # inputs, the step's temporaries, and the program.
@@ -174,6 +178,44 @@ def compile_step(task: str, cfg: RunConfig, devices: list) -> dict:
     report["mesh"] = dict(mesh.shape)
     report["parameters"] = int(sum(math.prod(x.shape) for x in jax.tree.leaves(program.abstract_params)))
     return report
+
+
+def _memory_figures(memory) -> dict:
+    return {
+        "argument_bytes": int(memory.argument_size_in_bytes),
+        "output_bytes": int(memory.output_size_in_bytes),
+        "alias_bytes": int(memory.alias_size_in_bytes),
+        "temp_bytes": int(memory.temp_size_in_bytes),
+        "code_bytes": int(memory.generated_code_size_in_bytes),
+    }
+
+
+_REFUSED = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)\)")
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _refused_figures(err: Exception, args) -> dict:
+    """Figures for a step the compiler would not build: the temporaries it asked for (from its
+    message) and the arguments' shard sizes (the train state is donated: outputs alias it)."""
+    found = _REFUSED.search(str(err))
+    if "RESOURCE_EXHAUSTED" not in str(err) or found is None:
+        raise err
+    temp = int(float(found.group(1)) * _UNITS[found.group(2)])
+
+    def shard_bytes(tree) -> int:
+        leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "sharding")]
+        return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
+
+    state = shard_bytes(args[0])
+    log.warning("the compiler refused the step: %s", str(err).splitlines()[0])
+    return {
+        "argument_bytes": state + shard_bytes(args[1:]),
+        "output_bytes": state,
+        "alias_bytes": state,
+        "temp_bytes": temp,
+        "code_bytes": 0,
+        "refused": str(err).splitlines()[0],
+    }
 
 
 def step_time_at_mfu(report: dict, mfu: float = 0.5) -> float | None:
@@ -201,6 +243,8 @@ def format_report(task: str, topology: str, report: dict) -> str:
     seconds = step_time_at_mfu(report)
     if seconds is not None:
         lines.append(f"projected step time at 50% MFU: {seconds:.3f} s (a projection, not a measurement)")
+    if report.get("refused"):
+        lines.append(f"the compiler refused the step: {report['refused']}")
     verdict = "fits" if report["fits"] else "does NOT fit"
     lines.append(
         f"verdict: {verdict} ({100 * report['total_bytes'] / report['device_memory_bytes']:.0f}% of device memory)"
