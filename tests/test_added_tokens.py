@@ -58,3 +58,33 @@ def test_added_tokens_round_trip(tied, tmp_path, smollm2_tokenizer):
         atol=1e-4,
         rtol=0,
     )
+
+
+def test_tokens_already_there_keep_their_rows(tmp_path, smollm2_tokenizer):
+    """Adding the stage tokens again (DPO starting from an SFT run lists them too) leaves their
+    trained rows alone; only a token the tokenizer lacks gets the mean row."""
+    import jax
+
+    from persllm_jax.io.vocabulary import add_special_tokens
+
+    src = tmp_path / "src"
+    hf_fixtures.save_tiny("llama_untied_mqa", src, vocab_size=len(smollm2_tokenizer))
+    smollm2_tokenizer.save_pretrained(src)
+    run_cli("import-hf", src, tmp_path / "ckpt", "--add-tokens", ",".join(STAGE_TOKENS))
+    model, tokenizer = load_pretrained(tmp_path / "ckpt")
+    ids = tokenizer.convert_tokens_to_ids(STAGE_TOKENS)
+    # stand-in for what SFT learned: distinct values in the stage rows of both tables
+    trained = np.random.default_rng(0).normal(size=(len(ids), model.cfg.hidden_size)).astype(np.float32)
+    model.embed[...] = model.embed[...].at[jnp.asarray(ids)].set(trained)
+    model.lm_head[...] = model.lm_head[...].at[:, jnp.asarray(ids)].set(trained.T)
+    embed_before, head_before = np.asarray(model.embed[...]), np.asarray(model.lm_head[...])
+
+    again = add_special_tokens(model, tokenizer, STAGE_TOKENS + ["<TIME-IV>"])
+    new_id = tokenizer.convert_tokens_to_ids("<TIME-IV>")
+    assert new_id == len(embed_before) and again.cfg.vocab_size == len(embed_before) + 1
+    embed, head = np.asarray(jax.device_get(again.embed[...])), np.asarray(jax.device_get(again.lm_head[...]))
+    np.testing.assert_array_equal(embed[: len(embed_before)], embed_before)
+    np.testing.assert_array_equal(head[:, : len(embed_before)], head_before)
+    np.testing.assert_allclose(embed[new_id], embed_before.mean(axis=0), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(head[:, new_id], head_before.mean(axis=1), atol=1e-6, rtol=0)
+    assert add_special_tokens(again, tokenizer, STAGE_TOKENS) is again  # nothing new: unchanged

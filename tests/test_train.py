@@ -80,6 +80,39 @@ def test_sft_run_outputs(sft_reference_run):
     assert "max_steps: 8" in resolved
 
 
+def test_dpo_from_an_sft_run_keeps_its_stage_token_rows(sft_reference_run):
+    """DPO's config lists the stage tokens and starts from the SFT run: the weights it starts
+    from are the SFT run's, stage-token rows included, bit for bit."""
+    from persllm_jax import configlib
+    from persllm_jax.model.sharding import make_mesh
+    from persllm_jax.train.config import RunConfig
+    from persllm_jax.train.loop import load_initial_model
+
+    cfg = configlib.load(
+        RunConfig, DPO, [f"model.path={sft_reference_run}", "model.preset=", "model.tokenizer="]
+    )
+    assert cfg.model.add_tokens == ("<TIME-I>", "<TIME-II>", "<TIME-III>")
+    model, tokenizer = load_initial_model(cfg, make_mesh(1, 8, 1))
+    ids = tokenizer.convert_tokens_to_ids(list(cfg.model.add_tokens))
+    from persllm_jax import load_pretrained
+
+    sft = np.asarray(load_pretrained(sft_reference_run)[0].embed[...])
+    np.testing.assert_array_equal(np.asarray(model.embed[...]), sft)
+    initial = final_params_of_preset_with_tokens()
+    assert np.abs(sft[ids] - initial[ids]).max() > 0, "SFT moved the stage-token rows"
+
+
+def final_params_of_preset_with_tokens():
+    """The tiny preset's embedding after adding the stage tokens, before any training."""
+    from persllm_jax import configlib
+    from persllm_jax.model.sharding import make_mesh
+    from persllm_jax.train.config import RunConfig
+    from persllm_jax.train.loop import load_initial_model
+
+    model, _ = load_initial_model(configlib.load(RunConfig, SFT), make_mesh(1, 8, 1))
+    return np.asarray(model.embed[...])
+
+
 @pytest.mark.slow
 def test_stop_and_resume_is_exact(sft_reference_run, tmp_path):
     run_dir = tmp_path / "run"

@@ -17,16 +17,18 @@ log = logging.getLogger(__name__)
 
 
 def register_tokens(tokenizer, tokens: Sequence[str], vocab_size: int) -> tuple[list[str], list[int], int]:
-    """Add `tokens` to the tokenizer as special tokens (in place); (tokens, their ids, the model's
-    vocabulary size after growing to fit the tokenizer)."""
+    """Add `tokens` to the tokenizer as special tokens (in place); (tokens, ids of the tokens the
+    tokenizer did not have before, the model's vocabulary size after growing to fit it)."""
     tokens = [t.strip() for t in tokens if t.strip()]
+    known = set(tokenizer.get_vocab())
     tokenizer.add_tokens(list(tokens), special_tokens=True)
     token_ids = tokenizer.convert_tokens_to_ids(list(tokens))
     for token, token_id in zip(tokens, token_ids):
         pieces = tokenizer.encode(token, add_special_tokens=False)
         if pieces != [token_id]:
             raise ValueError(f"token {token!r} does not encode as one token after adding it: {pieces}")
-    return tokens, token_ids, max(vocab_size, len(tokenizer))
+    added = [token_id for token, token_id in zip(tokens, token_ids) if token not in known]
+    return tokens, added, max(vocab_size, len(tokenizer))
 
 
 def add_special_tokens(
@@ -34,13 +36,17 @@ def add_special_tokens(
 ) -> CausalLM:
     """Register `tokens` as special tokens and give each its own embedding row.
 
-    The embedding (and an untied output head) grows to the tokenizer's new length; the rows of
-    the added tokens, new or already present as vocabulary padding, start at the mean of the
-    model's existing rows, so the new tokens begin as an "average" token rather than noise.
-    Returns a new model; `tokenizer` is changed in place.
+    The embedding (and an untied output head) grows to the tokenizer's new length. Only tokens
+    the tokenizer did not have get a row initialized: past the old vocabulary, or a padding row
+    no token used; they start at the mean of the model's existing rows (an "average" token rather
+    than noise). A token already there (a stage token of an SFT run that DPO starts from) keeps
+    its trained row. Returns a new model; `tokenizer` is changed in place.
     """
     cfg = model.cfg
     tokens, token_ids, new_vocab = register_tokens(tokenizer, tokens, cfg.vocab_size)
+    if not token_ids and new_vocab == cfg.vocab_size:
+        log.info("special tokens %s are already in the vocabulary; their rows are kept", tokens)
+        return model
     new_cfg = cfg.replace(vocab_size=new_vocab)
     graphdef, abstract_state = nnx.split(abstract_model(new_cfg))
     shardings = state_shardings_for(abstract_state, mesh)
@@ -66,6 +72,10 @@ def add_special_tokens(
     grown = nnx.merge(graphdef, state)
     set_source_config(grown, source_config(model))
     log.info(
-        "added special tokens %s (ids %s); vocabulary %d -> %d", tokens, token_ids, cfg.vocab_size, new_vocab
+        "special tokens %s: new ids %s start at the mean row; vocabulary %d -> %d",
+        tokens,
+        token_ids,
+        cfg.vocab_size,
+        new_vocab,
     )
     return grown
