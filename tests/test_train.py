@@ -157,6 +157,29 @@ def _start(kind, run_dir, *overrides):
 
 
 @pytest.mark.slow
+def test_the_same_data_under_another_path_resumes(sft_reference_run, tmp_path):
+    """The data fingerprint covers content, not where the files are."""
+    import shutil
+
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    first.mkdir()
+    for name in ("dialogues.jsonl", "general.jsonl"):
+        shutil.copy(ROOT / "tests" / "data" / name, first / name)
+
+    def sources(folder):
+        return (
+            f"data.sources=[{{path: {folder}/dialogues.jsonl, repeats: 5, split: train}}, "
+            f"{{path: {folder}/general.jsonl, repeats: 1}}]"
+        )
+
+    run_dir = tmp_path / "run"
+    train("sft", run_dir, sources(first), "train.stop_after=4", env=EIGHT_DEVICES)
+    first.rename(moved)
+    train("sft", run_dir, sources(moved), env=EIGHT_DEVICES)
+    assert losses(run_dir) == losses(sft_reference_run)
+
+
+@pytest.mark.slow
 def test_sigkill_after_checkpoint_resumes_exactly(sft_reference_run, tmp_path):
     run_dir = tmp_path / "run"
     # a slower step (bigger batch of work per step is not needed: the checkpoint is awaited)

@@ -3,6 +3,7 @@ metric slices by persona and stage, and the data position saved with each checkp
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -30,12 +31,22 @@ def load_sources(sources: Sequence[DataSource], convert: Callable[[dict], Any]) 
     return loaded
 
 
+# Where an example was read from (file, line) and the id derived from it when a record has none
+# say nothing about what is trained on: moving the data must not change the fingerprint.
+_NOT_CONTENT = ("id", "origin")
+
+
 def fingerprint(examples: list[list[Any]], extra: dict) -> str:
-    """A hash of the examples and settings that fix the data order (checked on resume)."""
+    """A hash of the examples' content and the settings that fix the data order (checked on
+    resume, and part of the reference cache's key)."""
     digest = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
     for source in examples:
+        digest.update(b"\x00source")
         for example in source:
-            digest.update(repr(example).encode())
+            content = [
+                getattr(example, f.name) for f in dataclasses.fields(example) if f.name not in _NOT_CONTENT
+            ]
+            digest.update(repr(content).encode())
     return digest.hexdigest()[:16]
 
 
