@@ -157,6 +157,34 @@ def _start(kind, run_dir, *overrides):
 
 
 @pytest.mark.slow
+def test_resume_with_a_changed_config(sft_reference_run, tmp_path):
+    """Settings that make the run another one stop the resume, each named with old and new
+    value; checkpoint cadence does not; an explicit allow keeps the earlier config."""
+    run_dir = tmp_path / "run"
+    train("sft", run_dir, "train.stop_after=4", env=EIGHT_DEVICES)
+    other = tmp_path / "other_model"
+    result = train(
+        "sft", run_dir, "optim.lr=3e-4", "train.max_steps=16", f"model.path={other}", "model.preset=",
+        env=EIGHT_DEVICES, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    for line in ("optim.lr: 0.001 -> 0.0003", "train.max_steps: 8 -> 16", f"model.path: '' -> '{other}'"):
+        assert line in result.stderr, result.stderr[-2000:]
+    assert "train.allow_config_change=true" in result.stderr
+    assert not (run_dir / "config_history").exists()
+
+    train("sft", run_dir, "checkpoint.every_steps=2", "train.stop_after=6", env=EIGHT_DEVICES)
+    assert (run_dir / "config_history" / "until_step_4.yaml").is_file()
+    assert "every_steps: 2" in (run_dir / "config.yaml").read_text()
+    train("sft", run_dir, "checkpoint.every_steps=2", env=EIGHT_DEVICES)
+    assert losses(run_dir) == losses(sft_reference_run)
+
+    train("sft", run_dir, "train.max_steps=10", "train.allow_config_change=true", env=EIGHT_DEVICES)
+    assert len(losses(run_dir)) == 10
+    assert "max_steps: 8" in (run_dir / "config_history" / "until_step_8.yaml").read_text()
+
+
+@pytest.mark.slow
 def test_the_same_data_under_another_path_resumes(sft_reference_run, tmp_path):
     """The data fingerprint covers content, not where the files are."""
     import shutil

@@ -40,6 +40,7 @@ class TrainSection:
     log_every: int = 1
     logits_chunk: int = 512  # sequence positions per chunk of the vocabulary projection in the loss
     stop_after: int = 0  # leave (with a checkpoint) after this step; the same command resumes
+    allow_config_change: bool = False  # resume even when optim / data / model / dpo settings changed
 
 
 @dataclasses.dataclass(frozen=True)

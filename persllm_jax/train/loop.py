@@ -26,7 +26,7 @@ from persllm_jax.io import pretrained
 from persllm_jax.io.vocabulary import add_special_tokens
 from persllm_jax.model.config import preset
 from persllm_jax.model.decoder import CausalLM
-from persllm_jax.train import distributed
+from persllm_jax.train import distributed, resume_check
 from persllm_jax.train.checkpointing import Checkpointer
 from persllm_jax.train.config import RunConfig
 from persllm_jax.train.metrics_log import MetricsLog, plot_loss
@@ -129,6 +129,8 @@ def train(cfg: RunConfig, make_task: Callable) -> Path:
     is_main = jax.process_index() == 0
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.every_steps)
     resume_step = checkpointer.latest_step()
+    if resume_step is not None:
+        resume_check.check_and_record(run_dir, cfg, resume_step, write=is_main)
     options = model_options(cfg)
 
     if resume_step is None:
