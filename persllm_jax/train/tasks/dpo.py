@@ -22,12 +22,15 @@ from persllm_jax.data import chat_tokenize, formats
 from persllm_jax.train.batches import DPOBatch, SFTBatch
 from persllm_jax.train.config import DPOSection, RunConfig
 from persllm_jax.train.tasks import common, sft
-from persllm_jax.train.tasks.reference_cache import ReferenceCache, gather
+from persllm_jax.train.tasks.reference_cache import ReferenceCache, gather, tokenizer_fingerprint
 from persllm_jax.train.tasks.sft import pad_id, sequence_nll, tokenized_rows
 
 log = logging.getLogger(__name__)
 
 REFERENCE_TYPES = ("cached", "frozen")
+# How a pair longer than seq_len is cut (part of the reference cache's key: another rule gives
+# other log-probs). See data/chat_tokenize.py.
+TRUNCATION_RULE = "keep the first seq_len tokens of each side"
 
 
 def pair_arrays(tokenizer, example, seq_len: int) -> dict[str, np.ndarray]:
@@ -197,6 +200,7 @@ class DPOTask:
         *,
         cfg: RunConfig,
         tokenizer,
+        model_cfg,
         graphdef,
         mesh,
         run_dir: Path,
@@ -206,6 +210,7 @@ class DPOTask:
     ):
         check_settings(cfg)
         self.cfg, self.tokenizer, self.graphdef, self.mesh = cfg, tokenizer, graphdef, mesh
+        self.model_cfg = model_cfg
         self.data = common.TaskData(cfg, formats.preference_example, mesh)
         self.examples, self.groups = self.data.examples, self.data.groups
         self.batch_shardings = batch_shardings(mesh)
@@ -217,8 +222,29 @@ class DPOTask:
             self.reference = None
         else:
             self.frozen, self.frozen_shardings = None, None
-            cache = ReferenceCache(run_dir / "reference_logps", self.data.fingerprint, len(self.examples))
-            self.reference = cache.load_or_compute(initial_params, self._compute_reference)
+            cache = ReferenceCache(
+                run_dir / "reference_logps", self.data.fingerprint, len(self.examples), self._logp_settings()
+            )
+            m = cfg.model
+            source = {
+                "path": m.path,
+                "preset": m.preset,
+                "seed": m.seed,
+                "tokens": m.add_tokens,
+                "dtype": m.dtype,
+            }
+            self.reference = cache.load_or_compute(initial_params, self._compute_reference, source)
+
+    def _logp_settings(self) -> dict:
+        """What, besides the data and the weights, changes a reference log-prob."""
+        return {
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "seq_len": self.cfg.train.seq_len,
+            "truncation": TRUNCATION_RULE,
+            "compute_dtype": self.model_cfg.compute_dtype,
+            "attention": self.model_cfg.attention_impl,
+            "logits_chunk": self.cfg.train.logits_chunk,
+        }
 
     # -- data ------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """The DPO reference log-probs on disk: `<run_dir>/reference_logps/<key>.npz`, one array per
-data source and side, keyed by the data content and the reference weights, plus `current.json`
-naming the key a run began with, so that a restart reads the cache instead of recomputing it."""
+data source and side, keyed by the data content, the reference weights and the settings that
+change a log-prob, plus `current.json` naming the key a run began with, so that a restart reads
+the cache instead of recomputing it."""
 
 from __future__ import annotations
 
@@ -20,20 +21,54 @@ log = logging.getLogger(__name__)
 SIDES = ("chosen", "rejected")
 
 
+def _mix(h):
+    """A 32-bit integer hash (murmur3's finalizer), elementwise on uint32."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+@jax.jit
+def tensor_digest(x: jax.Array) -> jax.Array:
+    """Two uint32 words that change with any bit of any element and with its position.
+
+    Integer arithmetic only, summed with wrap-around: exact for any size (positions are integers,
+    not floats) and independent of how the tensor is sharded, since the sums are reduced where
+    the shards are, in any order, with the same result. Nothing is gathered onto one device."""
+    bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize])
+    bits = bits.astype(jnp.uint32)
+    position = jnp.zeros(x.shape, jnp.uint32)
+    for axis, size in enumerate(x.shape):  # row-major linear index, wrapping past 2^32
+        position = position * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
+    first = _mix(bits ^ _mix(position + jnp.uint32(0x9E3779B9)))
+    second = _mix(first ^ _mix(position ^ jnp.uint32(0x7F4A7C15)))
+    return jnp.stack([first.sum(dtype=jnp.uint32), second.sum(dtype=jnp.uint32)])
+
+
 def weights_fingerprint(params: nnx.State) -> str:
-    """A hash of the weights from per-tensor sums and position-weighted sums (computed on device)."""
-
-    @jax.jit
-    def stats(leaf):
-        x = leaf.astype(jnp.float32).reshape(-1)
-        weights = jnp.sin(jnp.arange(x.size, dtype=jnp.float32) * 0.618)
-        return jnp.stack([x.sum(), (x * weights).sum(), (x * x).sum()])
-
+    """A hash of every weight tensor's path, shape, dtype and `tensor_digest`."""
     digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(params):
-        digest.update(str(leaf.shape).encode())
-        digest.update(np.asarray(jax.device_get(stats(leaf)), np.float32).tobytes())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        digest.update(f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}".encode())
+        digest.update(np.asarray(jax.device_get(tensor_digest(leaf)), np.uint32).tobytes())
     return digest.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """The vocabulary, the added and special tokens and the chat template: what turns a pair into ids."""
+    parts = {
+        "class": type(tokenizer).__name__,
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": tokenizer.special_tokens_map,
+        "template": getattr(tokenizer, "chat_template", None),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def gather(x: jax.Array) -> np.ndarray:
@@ -46,25 +81,37 @@ def gather(x: jax.Array) -> np.ndarray:
 
 
 class ReferenceCache:
-    """Reference log-probs `{side: [array per source]}` for one data fingerprint."""
+    """Reference log-probs `{side: [array per source]}`, keyed by the data content, the reference
+    weights and `settings` (everything else that changes a log-prob: tokenizer and chat template,
+    seq_len and the truncation rule, compute dtype, attention kernel, logits chunk)."""
 
-    def __init__(self, directory: Path, data_fingerprint: str, num_sources: int):
+    def __init__(self, directory: Path, data_fingerprint: str, num_sources: int, settings: dict):
         self.directory, self.data_fingerprint, self.num_sources = directory, data_fingerprint, num_sources
+        self.settings = _digest(settings)
         self.pointer = directory / "current.json"
 
-    def load_or_compute(self, initial_params, compute: Callable[[nnx.State], dict]) -> dict:
-        """The cached log-probs if present, else `compute(params)` saved. `initial_params` is the
-        reference weights, or a function returning them (called only when they are needed)."""
-        if self.pointer.is_file():  # a restart: the key was fixed when the run began
+    def load_or_compute(self, initial_params, compute: Callable[[nnx.State], dict], source: dict) -> dict:
+        """The cached log-probs if present, else `compute(params)` saved.
+
+        `initial_params` is the reference weights, or, when a run resumes from a checkpoint, a
+        function returning them; `source` says where they come from (model path, preset, seed,
+        added tokens). With the weights at hand their fingerprint is part of the key. On a resume
+        they are not loaded just to be hashed: the key the run began with is used if data,
+        settings and source are all unchanged."""
+        source_digest = _digest(source)
+        if callable(initial_params) and self.pointer.is_file():
             current = json.loads(self.pointer.read_text())
-            path = self.directory / f"{current['key']}.npz"
-            if current.get("data_fingerprint") == self.data_fingerprint and path.is_file():
+            path = self.directory / f"{current.get('key')}.npz"
+            same = (current.get("data_fingerprint"), current.get("settings"), current.get("source")) == (
+                self.data_fingerprint,
+                self.settings,
+                source_digest,
+            )
+            if same and path.is_file():
                 log.info("reference log-probs loaded from cache %s", path)
                 return self._load(path)
         params = initial_params() if callable(initial_params) else initial_params
-        key = hashlib.sha256(f"{self.data_fingerprint}:{weights_fingerprint(params)}".encode()).hexdigest()[
-            :20
-        ]
+        key = _digest([self.data_fingerprint, weights_fingerprint(params), self.settings])
         path = self.directory / f"{key}.npz"
         if path.is_file():
             log.info("reference log-probs loaded from cache %s", path)
@@ -76,7 +123,8 @@ class ReferenceCache:
                 log.info("reference log-probs computed and cached in %s", path)
         if jax.process_index() == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self.pointer.write_text(json.dumps({"key": key, "data_fingerprint": self.data_fingerprint}))
+            pointer = {"key": key, "data_fingerprint": self.data_fingerprint, "settings": self.settings}
+            self.pointer.write_text(json.dumps({**pointer, "source": source_digest}))
         return reference
 
     def _save(self, path: Path, reference: dict) -> None:
