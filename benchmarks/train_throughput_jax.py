@@ -174,13 +174,14 @@ def child_ours(args, kind: str) -> dict:
     schedule = learning_rate_schedule(optim, max_steps)
     train_shardings, _ = state_shardings(optimizer, abstract_params, params_shardings, mesh)
     sharding = common.batch_sharding(mesh)
-    side_shardings = SFTBatch(*([sharding] * 6))
+    side_shardings = SFTBatch(*([sharding] * 7))
 
     tokens = random_tokens(args.batch, args.seq + 1, cfg.vocab_size, seed=1)
     ones = np.ones((rows, args.seq), bool)
     no_group = np.full((rows,), -1, np.int32)
+    full_length = np.full((rows,), args.seq, np.int32)  # nothing cut
     if kind == "sft":
-        host_batch = SFTBatch(tokens[:, :-1], tokens[:, 1:], ones, ones, no_group, no_group)
+        host_batch = SFTBatch(tokens[:, :-1], tokens[:, 1:], ones, ones, no_group, no_group, full_length)
         batch_shardings = side_shardings
 
         def loss_fn(model, batch, frozen):
@@ -194,8 +195,10 @@ def child_ours(args, kind: str) -> dict:
         answer = np.broadcast_to(np.arange(args.seq) >= prompt - 1, (rows, args.seq))
         ref = np.zeros((rows,), np.float32)  # replaced below by the reference pass
         host_batch = DPOBatch(
-            chosen=SFTBatch(chosen[:, :-1], chosen[:, 1:], answer, ones, no_group, no_group),
-            rejected=SFTBatch(rejected[:, :-1], rejected[:, 1:], answer, ones, no_group, no_group),
+            chosen=SFTBatch(chosen[:, :-1], chosen[:, 1:], answer, ones, no_group, no_group, full_length),
+            rejected=SFTBatch(
+                rejected[:, :-1], rejected[:, 1:], answer, ones, no_group, no_group, full_length
+            ),
             ref_chosen_logps=ref,
             ref_rejected_logps=ref,
         )

@@ -237,7 +237,8 @@ def test_training_arrays_shift_and_pad(chatml):
     example = tokenize_conversation(chatml, CONVERSATIONS["system_two_turns"], sample_id="s")
     n, seq_len = len(example.input_ids), len(example.input_ids) + 7
     arrays = to_training_arrays(example, seq_len, pad_id=-1)
-    assert all(a.shape == (seq_len,) for a in arrays)
+    assert all(a.shape == (seq_len,) for a in arrays[:4])
+    assert arrays.length.shape == () and int(arrays.length) == n
     assert arrays.input_ids.dtype == np.int32 and arrays.targets.dtype == np.int32
     np.testing.assert_array_equal(arrays.input_ids[:n], example.input_ids)
     np.testing.assert_array_equal(arrays.targets[: n - 1], example.input_ids[1:])

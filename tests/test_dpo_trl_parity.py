@@ -73,6 +73,7 @@ def _side(ids_BT, attention_BT, completion_BT) -> SFTBatch:
         attention_mask=jnp.asarray(attention_BT.astype(bool)),
         persona_ids=jnp.full((rows,), -1, jnp.int32),
         stage_ids=jnp.full((rows,), -1, jnp.int32),
+        length=jnp.asarray(attention_BT.sum(axis=1).astype(np.int32)),
     )
 
 

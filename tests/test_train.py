@@ -157,6 +157,39 @@ def _start(kind, run_dir, *overrides):
 
 
 @pytest.mark.slow
+def test_cut_sequences_are_counted_and_reported(tmp_path):
+    """seq_len 48 cuts some of the tiny dialogues: the per-step counts equal a count made here by
+    tokenizing each step's examples, and the run warns and sums them up."""
+    import transformers
+
+    from persllm_jax import configlib
+    from persllm_jax.data import Mixture, read_records, sft_example, tokenize_sft
+    from persllm_jax.train.config import RunConfig
+
+    run_dir = tmp_path / "run"
+    result = train("sft", run_dir, "train.seq_len=48", "train.max_steps=3", env=EIGHT_DEVICES)
+    cfg = configlib.load(RunConfig, SFT)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ROOT / cfg.model.tokenizer)
+    tokenizer.add_tokens(list(cfg.model.add_tokens), special_tokens=True)
+    sources = [
+        [sft_example(r) for r in read_records(ROOT / s.path, split=s.split or None)] for s in cfg.data.sources
+    ]
+    mixture = Mixture(
+        tuple(map(len, sources)), tuple(s.repeats for s in cfg.data.sources), cfg.data.shuffle_seed
+    )
+    expected = []
+    for step in range(3):
+        lengths = [
+            len(tokenize_sft(tokenizer, sources[s][i]).input_ids) for s, i in mixture.global_batch(step, 8)
+        ]
+        expected.append(sum(n > 48 for n in lengths))
+    assert sum(expected) > 0, "the test needs sequences longer than 48 tokens"
+    assert [r["truncated"] for r in read_metrics(run_dir / "metrics.jsonl")] == expected
+    assert "were longer than train.seq_len=48 and were cut" in result.stderr
+    assert f"truncation: {sum(expected)} of 24 sequences" in result.stderr
+
+
+@pytest.mark.slow
 def test_resume_with_a_changed_config(sft_reference_run, tmp_path):
     """Settings that make the run another one stop the resume, each named with old and new
     value; checkpoint cadence does not; an explicit allow keeps the earlier config."""

@@ -22,7 +22,11 @@ every token, a completion trains the completion and eos.
 Truncation rule: a sequence longer than `seq_len` keeps its first `seq_len` tokens (the end is
 cut). `targets[t]` is token t+1 and `loss_mask[t]` says token t+1 is trainable, so the last kept
 position has no target. When no trainable target remains - or there was none to begin with - a
-DataError names the sample and the reason.
+DataError names the sample and the reason. A preference pair is cut as one: when either side is
+longer than `seq_len`, both answers keep the same number of tokens, the fewer of the two answers'
+lengths and the room left after the longer prompt, so chosen and rejected are always compared
+over answers of one length (see `pair_answer_tokens`). `length` keeps each sequence's token
+count before cutting, for the truncation counts.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class TrainingArrays(NamedTuple):
     targets: np.ndarray  # int32 [seq_len], targets[t] = input_ids[t + 1]
     loss_mask: np.ndarray  # bool [seq_len], target t is trained on
     attention_mask: np.ndarray  # bool [seq_len], False on padding
+    length: np.ndarray  # int32 [], the sequence's token count before it was cut to seq_len
 
 
 @dataclass(frozen=True)
@@ -152,12 +157,40 @@ def tokenize_preference(
             )
         else:
             tokenized = tokenize_prompt_completion(tokenizer, example.prompt_messages, answer, sample_id)
-        sides[side] = to_training_arrays(tokenized, seq_len, pad_id)
-    return TokenizedPair(example.id, sides["chosen"], sides["rejected"])
+        sides[side] = tokenized
+    answer = pair_answer_tokens(sides["chosen"], sides["rejected"], seq_len)
+    arrays = {}
+    for side, t in sides.items():
+        start, end = _answer_span(t)
+        whole = answer is None or (answer >= end - start and len(t.input_ids) <= seq_len)
+        arrays[side] = to_training_arrays(t, seq_len, pad_id, keep=None if whole else start + answer)
+    return TokenizedPair(example.id, arrays["chosen"], arrays["rejected"])
 
 
-def to_training_arrays(example: TokenizedExample, seq_len: int, pad_id: int) -> TrainingArrays:
-    """Shift to next-token targets, keep the first seq_len tokens, right-pad; error if nothing is trained."""
+def _answer_span(example: TokenizedExample) -> tuple[int, int]:
+    """[first, last + 1) of the trained tokens: the answer (before it, the prompt)."""
+    trained = np.flatnonzero(example.loss_mask)
+    if not len(trained):
+        return len(example.input_ids), len(example.input_ids)
+    return int(trained[0]), int(trained[-1]) + 1
+
+
+def pair_answer_tokens(chosen: TokenizedExample, rejected: TokenizedExample, seq_len: int) -> int | None:
+    """The answer tokens both sides keep when the pair does not fit `seq_len` (None: it fits).
+
+    Both keep the same number: the shorter answer's length, and no more than the room the
+    longer prompt leaves. A side whose prompt leaves no room fails later with the usual error."""
+    if max(len(chosen.input_ids), len(rejected.input_ids)) <= seq_len:
+        return None
+    (start_c, end_c), (start_r, end_r) = _answer_span(chosen), _answer_span(rejected)
+    return max(0, min(end_c - start_c, end_r - start_r, seq_len - max(start_c, start_r)))
+
+
+def to_training_arrays(
+    example: TokenizedExample, seq_len: int, pad_id: int, keep: int | None = None
+) -> TrainingArrays:
+    """Shift to next-token targets, keep the first seq_len tokens (or `keep`, when fewer),
+    right-pad; error if nothing is trained."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 (one input and its target), got {seq_len}")
     ids, mask = example.input_ids, example.loss_mask
@@ -166,7 +199,7 @@ def to_training_arrays(example: TokenizedExample, seq_len: int, pad_id: int) -> 
         raise DataError(
             f"sample {example.id}: has no trainable token (no assistant/completion tokens after the first)"
         )
-    kept = min(len(ids), seq_len)
+    kept = min(len(ids), seq_len, len(ids) if keep is None else max(keep, 1))
     target_mask = mask[1:kept]
     if not target_mask.any():
         first = int(np.argmax(mask[1:])) + 1
@@ -179,6 +212,7 @@ def to_training_arrays(example: TokenizedExample, seq_len: int, pad_id: int) -> 
         targets=np.full(seq_len, pad_id, dtype=np.int32),
         loss_mask=np.zeros(seq_len, dtype=bool),
         attention_mask=np.zeros(seq_len, dtype=bool),
+        length=np.asarray(len(ids), dtype=np.int32),
     )
     out.input_ids[:kept] = ids[:kept]
     out.targets[: kept - 1] = ids[1:kept]

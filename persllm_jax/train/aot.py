@@ -70,8 +70,10 @@ def topology_devices(name: str, slices: int = 1) -> list:
     try:
         from jax.experimental import topologies
 
-        # libtpu describes a slice from its name alone when told that this host is its only worker.
+        # libtpu describes a slice from its name alone when told that this host is its only worker;
+        # compiling touches no chip, so other processes compiling at the same time may load it too.
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         return list(
             topologies.get_topology_desc(platform="tpu", topology_name=name, num_slices=slices).devices
         )

@@ -3,7 +3,7 @@
 Padding is on the right. `targets[b, t]` is the token after `input_ids[b, t]`; `loss_mask[b, t]`
 says that target is trained on (an assistant token, or any token for plain text); padding has
 `attention_mask` False and `loss_mask` False. `persona_ids` / `stage_ids` index the run's
-persona and stage names (-1 = none) and only slice metrics.
+persona and stage names (-1 = none) and only slice metrics; `length` only counts truncation.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ class SFTBatch:
     attention_mask: jax.Array  # [B, T] bool
     persona_ids: jax.Array  # [B] int32
     stage_ids: jax.Array  # [B] int32
+    length: jax.Array  # [B] int32, tokens before the sequence was cut to T (> T: it was cut)
 
 
 @struct.dataclass

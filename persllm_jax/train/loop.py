@@ -193,6 +193,8 @@ def _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step) -> None
     bar = tqdm(total=max_steps, initial=start, desc=task.name, disable=not is_main, dynamic_ncols=True)
     pending = None  # (step, metrics, dispatch time) of the step whose metrics are not fetched yet
     last_time = time.perf_counter()
+    cut = {"rows": 0.0, "steps": 0}  # sequences (DPO: pairs) longer than seq_len, over this invocation
+    unit = "pairs" if task.name == "dpo" else "sequences"
 
     def flush():
         nonlocal pending, last_time
@@ -214,6 +216,15 @@ def _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step) -> None
         record = {"step": step, **task.metrics_record(values)}
         record["tokens_per_s"] = float(values["tokens"]) / elapsed if elapsed > 0 else 0.0
         record["step_time_s"] = elapsed
+        if record.get("truncated", 0) > 0:
+            if cut["rows"] == 0:
+                log.warning(
+                    "step %d: %d of %d %s were longer than train.seq_len=%d and were cut (the longest "
+                    "so far has %d tokens); raise train.seq_len to train on their ends",
+                    step, record["truncated"], cfg.train.batch_size, unit, cfg.train.seq_len, task.longest_seen,
+                )  # fmt: skip
+            cut["rows"] += record["truncated"]
+        cut["steps"] += 1
         if step % max(cfg.train.log_every, 1) == 0 or step == max_steps:
             metrics_log.write(record)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -234,6 +245,14 @@ def _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step) -> None
                     log.warning("stopped after step %d (checkpoint saved); run again to resume", step + 1)
                     break
             flush()
+        if cut["steps"] and is_main:
+            seen = cut["steps"] * cfg.train.batch_size
+            log.log(
+                logging.WARNING if cut["rows"] else logging.INFO,
+                "truncation: %d of %d %s trained on in this run (%.1f%%) were longer than train.seq_len=%d "
+                "and were cut; the longest had %d tokens",
+                cut["rows"], seen, unit, 100 * cut["rows"] / seen, cfg.train.seq_len, task.longest_seen,
+            )  # fmt: skip
     finally:
         bar.close()
         metrics_log.close()

@@ -50,6 +50,7 @@ def pair_side(rows: dict, side: str, persona_ids, stage_ids) -> SFTBatch:
         attention_mask=rows[f"{side}_attention_mask"],
         persona_ids=persona_ids,
         stage_ids=stage_ids,
+        length=rows[f"{side}_length"],
     )
 
 
@@ -131,8 +132,11 @@ def dpo_batch_loss(
         label_smoothing=dpo.label_smoothing,
     )
     tokens = batch.chosen.attention_mask.sum() + batch.rejected.attention_mask.sum()
+    seq_len = batch.chosen.input_ids.shape[1]
+    cut_B = (batch.chosen.length > seq_len) | (batch.rejected.length > seq_len)
     sums = {
         "tokens": tokens.astype(jnp.float32),
+        "truncated": cut_B.sum().astype(jnp.float32),
         **metric_sums(chosen_B, rejected_B, policy_c, policy_r),
     }
     correct_B = (chosen_B > rejected_B).astype(jnp.float32)
@@ -216,6 +220,7 @@ class DPOTask:
         self.batch_shardings = batch_shardings(mesh)
         self.loss_fn = make_loss_fn(cfg, graphdef, len(self.groups.personas), len(self.groups.stages))
         self._cache: dict = {}
+        self.longest_seen = 0  # tokens of the longest side this host has loaded, before cutting
         if cfg.dpo.reference == "frozen":
             self.frozen = initial_params() if callable(initial_params) else initial_params
             self.frozen_shardings = params_shardings
@@ -258,6 +263,9 @@ class DPOTask:
         keys = [key for key, _ in picked]
         rows = self._rows(picked)
         ids = self.data.group_ids(picked)
+        self.longest_seen = max(
+            self.longest_seen, int(rows["chosen_length"].max()), int(rows["rejected_length"].max())
+        )
         if self.reference is not None:
             ref_c = np.asarray([self.reference["chosen"][s][i] for s, i in keys], np.float32)
             ref_r = np.asarray([self.reference["rejected"][s][i] for s, i in keys], np.float32)
@@ -319,7 +327,7 @@ class DPOTask:
 
     def metrics_record(self, values: dict) -> dict:
         pairs = float(values["count"])
-        record = {k: float(values[k]) for k in ("loss", "grad_norm", "learning_rate", "tokens")}
+        record = {k: float(values[k]) for k in ("loss", "grad_norm", "learning_rate", "tokens", "truncated")}
         for key in DPO_METRICS:
             record[key] = float(values[key]) / pairs
         for kind, names in (("persona", self.groups.personas), ("stage", self.groups.stages)):

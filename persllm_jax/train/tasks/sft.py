@@ -49,6 +49,7 @@ def sft_loss(model, batch: SFTBatch, *, chunk_size: int, num_personas: int = 0, 
     nll_B, count_B = sequence_nll(model, batch, chunk_size)
     sums = {
         "tokens": batch.attention_mask.sum().astype(jnp.float32),
+        "truncated": (batch.length > batch.input_ids.shape[1]).sum().astype(jnp.float32),
         "persona_nll": common.segment_sums(nll_B, batch.persona_ids, num_personas),
         "persona_count": common.segment_sums(count_B, batch.persona_ids, num_personas),
         "stage_nll": common.segment_sums(nll_B, batch.stage_ids, num_stages),
@@ -59,7 +60,7 @@ def sft_loss(model, batch: SFTBatch, *, chunk_size: int, num_personas: int = 0, 
 
 def batch_shardings(mesh) -> SFTBatch:
     sharding = common.batch_sharding(mesh)
-    return SFTBatch(*([sharding] * 6))
+    return SFTBatch(*([sharding] * 7))
 
 
 def abstract_batch(cfg: RunConfig, shardings: SFTBatch, rows: int | None = None) -> SFTBatch:
@@ -70,6 +71,7 @@ def abstract_batch(cfg: RunConfig, shardings: SFTBatch, rows: int | None = None)
         "attention_mask": ((b, t), bool),
         "persona_ids": ((b,), jnp.int32),
         "stage_ids": ((b,), jnp.int32),
+        "length": ((b,), jnp.int32),
     }
     return SFTBatch(
         **{
@@ -99,6 +101,7 @@ class SFTTask:
         self.loss_fn = make_loss_fn(cfg, len(self.groups.personas), len(self.groups.stages))
         self.frozen, self.frozen_shardings = None, None
         self._cache: dict = {}
+        self.longest_seen = 0  # tokens of the longest sequence this host has loaded, before cutting
         log.info(
             "SFT data: %s examples from %d sources; personas %s; stages %s",
             [len(s) for s in self.examples],
@@ -113,6 +116,7 @@ class SFTTask:
             picked, self._cache, lambda e: sft_arrays(self.tokenizer, e, self.cfg.train.seq_len)
         )
         ids = self.data.group_ids(picked)
+        self.longest_seen = max(self.longest_seen, int(rows["length"].max()))
         return SFTBatch(**rows, persona_ids=ids[:, 0], stage_ids=ids[:, 1])
 
     def global_batch(self, step: int) -> SFTBatch:
@@ -121,7 +125,7 @@ class SFTTask:
         )
 
     def metrics_record(self, values: dict) -> dict:
-        record = {k: float(values[k]) for k in ("loss", "grad_norm", "learning_rate", "tokens")}
+        record = {k: float(values[k]) for k in ("loss", "grad_norm", "learning_rate", "tokens", "truncated")}
         record["trained_tokens"] = float(values["count"])
         record.update(
             common.sliced_means(
