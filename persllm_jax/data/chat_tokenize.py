@@ -146,6 +146,14 @@ def tokenize_preference(
 ) -> TokenizedPair:
     """Training arrays of prompt+chosen and prompt+rejected, trained on the answer tokens only."""
     pad_id = _pad_id(tokenizer) if pad_id is None else pad_id
+    chosen, rejected = tokenize_pair_sides(tokenizer, example, **template_kwargs)
+    return pair_training_arrays(example.id, chosen, rejected, seq_len, pad_id)
+
+
+def tokenize_pair_sides(
+    tokenizer, example: PreferenceExample, **template_kwargs: Any
+) -> tuple[TokenizedExample, TokenizedExample]:
+    """prompt+chosen and prompt+rejected as tokens, uncut and unpadded."""
     sides = {}
     for side, answer in (("chosen", example.chosen_messages), ("rejected", example.rejected_messages)):
         sample_id = f"{example.id} ({side})"
@@ -158,13 +166,20 @@ def tokenize_preference(
         else:
             tokenized = tokenize_prompt_completion(tokenizer, example.prompt_messages, answer, sample_id)
         sides[side] = tokenized
-    answer = pair_answer_tokens(sides["chosen"], sides["rejected"], seq_len)
+    return sides["chosen"], sides["rejected"]
+
+
+def pair_training_arrays(
+    pair_id: str, chosen: TokenizedExample, rejected: TokenizedExample, seq_len: int, pad_id: int
+) -> TokenizedPair:
+    """Both sides cut under the pair rule (`pair_answer_tokens`) and right-padded to seq_len."""
+    answer = pair_answer_tokens(chosen, rejected, seq_len)
     arrays = {}
-    for side, t in sides.items():
+    for side, t in (("chosen", chosen), ("rejected", rejected)):
         start, end = _answer_span(t)
         whole = answer is None or (answer >= end - start and len(t.input_ids) <= seq_len)
         arrays[side] = to_training_arrays(t, seq_len, pad_id, keep=None if whole else start + answer)
-    return TokenizedPair(example.id, arrays["chosen"], arrays["rejected"])
+    return TokenizedPair(pair_id, arrays["chosen"], arrays["rejected"])
 
 
 def _answer_span(example: TokenizedExample) -> tuple[int, int]:

@@ -23,7 +23,8 @@ from persllm_jax.train.batches import DPOBatch, SFTBatch
 from persllm_jax.train.config import DPOSection, RunConfig
 from persllm_jax.train.tasks import common, sft
 from persllm_jax.train.tasks.reference_cache import ReferenceCache, gather, tokenizer_fingerprint
-from persllm_jax.train.tasks.sft import pad_id, sequence_nll, tokenized_rows
+from persllm_jax.train.tasks.sft import pad_id, sequence_nll, stack_rows
+from persllm_jax.train.tasks.token_cache import TokenCache
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,11 @@ TRUNCATION_RULE = "keep the first seq_len tokens of each side"
 
 def pair_arrays(tokenizer, example, seq_len: int) -> dict[str, np.ndarray]:
     pair = chat_tokenize.tokenize_preference(tokenizer, example, seq_len, pad_id=pad_id(tokenizer))
+    return flat_pair(pair)
+
+
+def flat_pair(pair: chat_tokenize.TokenizedPair) -> dict[str, np.ndarray]:
+    """`chosen_input_ids`, ..., `rejected_length`: a pair's arrays as one row."""
     return {
         f"{side}_{name}": value
         for side, arrays in (("chosen", pair.chosen), ("rejected", pair.rejected))
@@ -219,7 +225,7 @@ class DPOTask:
         self.examples, self.groups = self.data.examples, self.data.groups
         self.batch_shardings = batch_shardings(mesh)
         self.loss_fn = make_loss_fn(cfg, graphdef, len(self.groups.personas), len(self.groups.stages))
-        self._cache: dict = {}
+        self._tokens = TokenCache(lambda example: chat_tokenize.tokenize_pair_sides(tokenizer, example))
         self.longest_seen = 0  # tokens of the longest side this host has loaded, before cutting
         if cfg.dpo.reference == "frozen":
             self.frozen = initial_params() if callable(initial_params) else initial_params
@@ -254,9 +260,14 @@ class DPOTask:
     # -- data ------------------------------------------------------------------------------
 
     def _rows(self, picked):
-        return tokenized_rows(
-            picked, self._cache, lambda e: pair_arrays(self.tokenizer, e, self.cfg.train.seq_len)
-        )
+        seq_len, pad = self.cfg.train.seq_len, pad_id(self.tokenizer)
+        pairs = []
+        for key, example in picked:
+            chosen, rejected = self._tokens.get(key, example)
+            pairs.append(
+                flat_pair(chat_tokenize.pair_training_arrays(example.id, chosen, rejected, seq_len, pad))
+            )
+        return stack_rows(pairs)
 
     def host_batch(self, step: int) -> DPOBatch:
         picked = self.data.local_picks(step)

@@ -13,17 +13,13 @@ from persllm_jax.data import chat_tokenize, formats
 from persllm_jax.train.batches import SFTBatch
 from persllm_jax.train.config import RunConfig
 from persllm_jax.train.tasks import common
+from persllm_jax.train.tasks.token_cache import TokenCache
 
 log = logging.getLogger(__name__)
 
 
-def tokenized_rows(examples, cache: dict, tokenize) -> dict[str, np.ndarray]:
-    """Stack the training arrays of `examples` (tokenized once, then cached)."""
-    rows = []
-    for key, example in examples:
-        if key not in cache:
-            cache[key] = tokenize(example)
-        rows.append(cache[key])
+def stack_rows(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Per-example training arrays -> [rows, ...] arrays."""
     return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
 
 
@@ -100,7 +96,7 @@ class SFTTask:
         self.batch_shardings = batch_shardings(mesh)
         self.loss_fn = make_loss_fn(cfg, len(self.groups.personas), len(self.groups.stages))
         self.frozen, self.frozen_shardings = None, None
-        self._cache: dict = {}
+        self._tokens = TokenCache(lambda example: chat_tokenize.tokenize_sft(tokenizer, example))
         self.longest_seen = 0  # tokens of the longest sequence this host has loaded, before cutting
         log.info(
             "SFT data: %s examples from %d sources; personas %s; stages %s",
@@ -112,8 +108,12 @@ class SFTTask:
 
     def host_batch(self, step: int) -> SFTBatch:
         picked = self.data.local_picks(step)
-        rows = tokenized_rows(
-            picked, self._cache, lambda e: sft_arrays(self.tokenizer, e, self.cfg.train.seq_len)
+        seq_len, pad = self.cfg.train.seq_len, pad_id(self.tokenizer)
+        rows = stack_rows(
+            [
+                chat_tokenize.to_training_arrays(self._tokens.get(k, e), seq_len, pad)._asdict()
+                for k, e in picked
+            ]
         )
         ids = self.data.group_ids(picked)
         self.longest_seen = max(self.longest_seen, int(rows["length"].max()))
