@@ -33,3 +33,14 @@ def smollm2_tokenizer(smollm2_hf_dir):
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(smollm2_hf_dir)
+
+
+@pytest.fixture(scope="session")
+def sft_reference_run(tmp_path_factory):
+    """`persllm sft` on the tiny config, 8 steps in one go on 8 devices (fsdp 8): the run the
+    resume, mesh and process tests must reproduce."""
+    from tests.train_runs import EIGHT_DEVICES, train
+
+    run_dir = tmp_path_factory.mktemp("sft_reference") / "run"
+    train("sft", run_dir, env=EIGHT_DEVICES)
+    return run_dir

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+import yaml
 
 from tests.cli_helpers import run_cli
 
@@ -16,6 +17,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # The pipeline runs as a user would on this machine: one CPU device, not the tests' 8 fake ones
 # (the smoke config's batches of 2 do not split over 8 devices).
 ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
+# Given as overrides, as a user would pass real keys; the local servers ignore them.
+SECRET = "sk-persllm-test-7f3c9a1e55d2"
+
+
+def _with_keys() -> list[str]:
+    """The smoke config's build and eval overrides plus an API key for the annotator and judge."""
+    smoke = yaml.safe_load((ROOT / "configs" / "demo_smoke.yaml").read_text())
+    build = smoke["build"]["overrides"] + [f"llm.api_key={SECRET}"]
+    judge = smoke["eval"]["overrides"] + [f"judge.api_key={SECRET}"]
+    return [f"build.overrides={json.dumps(build)}", f"eval.overrides={json.dumps(judge)}"]
 
 
 @pytest.mark.slow
@@ -26,10 +39,16 @@ def test_demo_smoke_pipeline(tmp_path):
         "--config",
         ROOT / "configs" / "demo_smoke.yaml",
         f"out_dir={out}",
+        *_with_keys(),
         cwd=ROOT,
         timeout=2400,
         env=ONE_DEVICE,
     )
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 50
+    assert not [p for p in files if SECRET.encode() in p.read_bytes()], "an API key reached a file"
+    assert SECRET not in result.stdout + result.stderr
+    assert "api_key: env:PERSLLM_BUILD_DATA_LLM_API_KEY" in (out / "configs" / "build-data.yaml").read_text()
     for step in ("base", "build-data", "sft", "dpo", "eval", "export", "talk", "reload"):
         assert (out / "steps" / f"{step}.json").exists(), step
     assert f"report:      {out / 'eval' / 'report.md'}" in result.stdout
@@ -63,6 +82,7 @@ def test_demo_smoke_pipeline(tmp_path):
         "--config",
         ROOT / "configs" / "demo_smoke.yaml",
         f"out_dir={out}",
+        *_with_keys(),
         cwd=ROOT,
         env=ONE_DEVICE,
     )

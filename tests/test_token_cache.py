@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import transformers
 
-from persllm_jax.data import sft_example, tokenize_sft, to_training_arrays
+from persllm_jax.data import sft_example, to_training_arrays, tokenize_sft
 from persllm_jax.train.tasks.token_cache import TokenCache
 
 TOKENIZER = Path(__file__).parent / "data" / "tokenizer"

@@ -34,7 +34,7 @@ from typing import Any
 import openai
 
 from persllm_jax.llm.cache import AnswerCache, cache_key
-from persllm_jax.llm.endpoint import EndpointConfig
+from persllm_jax.llm.endpoint import EndpointConfig, resolve_api_key
 from persllm_jax.llm.retry import (
     BAD_RESPONSE,
     FatalError,
@@ -157,7 +157,7 @@ class LLMClient:
         kwargs = dict(
             base_url=endpoint.base_url,
             model=endpoint.model,
-            api_key=endpoint.api_key or None,
+            api_key=resolve_api_key(endpoint.api_key),
             concurrency=endpoint.concurrency,
             max_retries=endpoint.max_retries,
             timeout=endpoint.timeout_s,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ import yaml
 from persllm_jax import configlib
 from persllm_jax.configlib import ConfigError
 from persllm_jax.io import offline_models
+from persllm_jax.llm.endpoint import ENV_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,7 @@ class Pipeline:
         self.annotator_model = cfg.annotator.model or str(offline_models.smollm2_gguf())
         self.server = None
         self.timings: dict[str, float] = {}
+        self.step_env: dict[str, str] = {}  # API keys for the steps' processes, never written down
 
     # -- paths -----------------------------------------------------------------------------------
 
@@ -129,7 +132,8 @@ class Pipeline:
         cmd = [sys.executable, "-m", "persllm_jax.cli", *args]
         print(f"[pipeline] {step}: persllm {' '.join(args)}  (log: {log_path})", flush=True)
         with open(log_path, "ab") as log_file:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            env = {**os.environ, **self.step_env}
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
             assert proc.stdout is not None
             for line in proc.stdout:
                 log_file.write(line)
@@ -144,10 +148,25 @@ class Pipeline:
     def _write_config(self, step: str, data: dict, cls, overrides) -> Path:
         data = configlib.apply_overrides(data, overrides)
         configlib.from_dict(cls, data, step)  # fail here, naming the key, not inside the subprocess
+        data = self._keys_to_environment(step, data)
         path = self.path("configs", f"{step}.yaml")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
+
+    def _keys_to_environment(self, step: str, data: dict) -> dict:
+        """API keys never reach a file: each is moved into an environment variable of the step's
+        process, and the written config says `api_key: env:NAME`."""
+        data = dict(data)
+        for section, value in list(data.items()):
+            if not isinstance(value, dict):
+                continue
+            key = value.get("api_key")
+            if isinstance(key, str) and key and not key.startswith(ENV_PREFIX):
+                name = f"PERSLLM_{step}_{section}_API_KEY".upper().replace("-", "_")
+                self.step_env[name] = key
+                data[section] = {**value, "api_key": f"{ENV_PREFIX}{name}"}
+        return data
 
     def _base_yaml(self, section: StepSection) -> dict:
         if not section.config:

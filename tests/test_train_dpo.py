@@ -1,0 +1,126 @@
+"""`persllm dpo` end to end: starting from an SFT run, step 0, TRL metric names, the reference
+cache and the frozen reference."""
+
+import math
+
+import numpy as np
+import pytest
+
+from persllm_jax.train.metrics_log import read_metrics
+from tests.train_runs import (
+    DPO,
+    EIGHT_DEVICES,
+    ROOT,
+    SFT,
+    losses,
+    train,
+)
+
+
+def test_dpo_from_an_sft_run_keeps_its_stage_token_rows(sft_reference_run):
+    """DPO's config lists the stage tokens and starts from the SFT run: the weights it starts
+    from are the SFT run's, stage-token rows included, bit for bit."""
+    from persllm_jax import configlib
+    from persllm_jax.model.sharding import make_mesh
+    from persllm_jax.train.config import RunConfig
+    from persllm_jax.train.loop import load_initial_model
+
+    cfg = configlib.load(
+        RunConfig, DPO, [f"model.path={sft_reference_run}", "model.preset=", "model.tokenizer="]
+    )
+    assert cfg.model.add_tokens == ("<TIME-I>", "<TIME-II>", "<TIME-III>")
+    model, tokenizer = load_initial_model(cfg, make_mesh(1, 8, 1))
+    ids = tokenizer.convert_tokens_to_ids(list(cfg.model.add_tokens))
+    from persllm_jax import load_pretrained
+
+    sft = np.asarray(load_pretrained(sft_reference_run)[0].embed[...])
+    np.testing.assert_array_equal(np.asarray(model.embed[...]), sft)
+    initial = final_params_of_preset_with_tokens()
+    assert np.abs(sft[ids] - initial[ids]).max() > 0, "SFT moved the stage-token rows"
+
+
+def final_params_of_preset_with_tokens():
+    """The tiny preset's embedding after adding the stage tokens, before any training."""
+    from persllm_jax import configlib
+    from persllm_jax.model.sharding import make_mesh
+    from persllm_jax.train.config import RunConfig
+    from persllm_jax.train.loop import load_initial_model
+
+    model, _ = load_initial_model(configlib.load(RunConfig, SFT), make_mesh(1, 8, 1))
+    return np.asarray(model.embed[...])
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("dpo") / "run"
+    result = train("dpo", run_dir, "train.stop_after=4", env=EIGHT_DEVICES)
+    return run_dir, result
+
+
+def test_dpo_step0_is_log2_and_metrics_named_like_trl(dpo_run):
+    run_dir, result = dpo_run
+    first = read_metrics(run_dir / "metrics.jsonl")[0]
+    # step 1's metrics are computed before its update: policy == reference
+    assert abs(first["loss"] - math.log(2)) < 1e-6
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert abs(first[key]) < 1e-6, key
+    # (accuracy compares rewards that are equal up to float rounding, so it is not asserted)
+    assert first["logps/chosen"] < 0 and first["logps/rejected"] < 0
+    assert {
+        "rewards/accuracies/persona=holmes",
+        "rewards/margins/stage=late",
+        "loss/persona=darwin",
+    } <= first.keys()
+    assert "reference log-probs computed and cached" in result.stderr
+
+
+def test_dpo_restart_reads_reference_cache(dpo_run):
+    run_dir, _ = dpo_run
+    cache = list((run_dir / "reference_logps").glob("*.npz"))
+    assert len(cache) == 1
+    mtime = cache[0].stat().st_mtime_ns
+    result = train("dpo", run_dir, env=EIGHT_DEVICES)
+    assert "reference log-probs loaded from cache" in result.stderr
+    assert "computed and cached" not in result.stderr
+    assert cache[0].stat().st_mtime_ns == mtime
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert records[-1]["rewards/accuracies"] > 0.5
+
+
+@pytest.mark.slow
+def test_dpo_frozen_reference_matches_cached(dpo_run, tmp_path):
+    run_dir, _ = dpo_run
+    frozen = tmp_path / "frozen"
+    train("dpo", frozen, "dpo.reference=frozen", env=EIGHT_DEVICES)
+    cached = losses(run_dir)  # 4 steps, or 8 once the restart test has run: either order works
+    assert len(cached) >= 4
+    np.testing.assert_allclose(losses(frozen)[: len(cached)], cached, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_reference_cache_follows_weights_tokenizer_and_seq_len(tmp_path):
+    """With no checkpoint the starting weights are loaded again: the same weights read the cache;
+    other weights (model.seed), another chat template or seq_len compute new log-probs."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    template_dir = tmp_path / "tokenizer"
+    shutil.copytree(ROOT / "tests" / "data" / "tokenizer", template_dir)
+    template = template_dir / "chat_template.jinja"
+    template.write_text(template.read_text().replace("<|im_start|>", "<|im_start|> "))
+
+    def run(*overrides):
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # as after a crash before any checkpoint
+        result = train("dpo", run_dir, "train.max_steps=1", *overrides, env=EIGHT_DEVICES)
+        computed = "reference log-probs computed and cached" in result.stderr
+        loaded = "reference log-probs loaded from cache" in result.stderr
+        assert computed != loaded, result.stderr[-2000:]
+        return computed
+
+    assert run() is True
+    assert run() is False  # same weights, data and settings
+    assert run("model.seed=1") is True
+    assert run(f"model.tokenizer={template_dir}") is True
+    assert run("train.seq_len=96") is True
+    assert len(list((run_dir / "reference_logps").glob("*.npz"))) == 4
