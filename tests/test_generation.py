@@ -13,6 +13,7 @@ from persllm_jax.inference.sampling import SamplingParams, filter_top_k_top_p, p
 from persllm_jax.model.config import ModelConfig
 from persllm_jax.model.decoder import init_model
 from persllm_jax.model.sharding import make_mesh
+from tests import hf_fixtures
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -224,3 +225,32 @@ def test_tiny_generation_respects_budget_near_the_context_end():
     out = gen.complete([[5] * 250, [7, 8]], SamplingParams(max_new_tokens=20))
     assert len(out[0].token_ids) <= 6 and out[0].finish_reason in ("length", "stop")
     assert 1 <= len(out[1].token_ids) <= 20 and all(0 <= t < 64 for t in out[1].token_ids)
+
+
+def test_greedy_stops_on_the_generation_configs_eos_and_export_keeps_it(tmp_path, smollm2_tokenizer):
+    """An eos id named only by the model's generation_config.json (as Llama-3.1 names
+    `<|eom_id|>`) ends a greedy reply, and export writes that config back."""
+    import json
+
+    from persllm_jax.io.pretrained import save_pretrained
+
+    src = tmp_path / "src"
+    hf_fixtures.save_tiny("llama_tied_gqa", src, vocab_size=len(smollm2_tokenizer))
+    smollm2_tokenizer.save_pretrained(src)
+    (src / "generation_config.json").unlink(missing_ok=True)
+    prompt = [[1, 2, 3, 4, 5]]
+    free = Generator(*load_pretrained(src)).complete(prompt, SamplingParams(max_new_tokens=6))[0]
+    assert len(free.token_ids) == 6 and free.finish_reason == "length"
+    stop_id = free.token_ids[2]
+    assert stop_id not in free.token_ids[:2]
+    assert stop_id not in Generator(*load_pretrained(src)).eos_ids, "not an end-of-turn id without the config"
+
+    eos = [smollm2_tokenizer.eos_token_id, stop_id]
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "bos_token_id": 1}))
+    model, tokenizer = load_pretrained(src)
+    stopped = Generator(model, tokenizer).complete(prompt, SamplingParams(max_new_tokens=6))[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids[:2] == free.token_ids[:2] and len(stopped.token_ids) <= 3
+
+    save_pretrained(model, tokenizer, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == eos

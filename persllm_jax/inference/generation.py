@@ -19,6 +19,7 @@ import numpy as np
 
 from persllm_jax.inference.sampling import GREEDY, SamplingParams, sample
 from persllm_jax.inference.text_stream import TextStream
+from persllm_jax.io.pretrained import eos_token_ids, generation_config
 from persllm_jax.model.decoder import CausalLM
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -66,6 +67,11 @@ def _model_mesh(state):
     return None
 
 
+# End-of-turn tokens of ChatML, Llama-3, GPT-2-style and Llama-2 templates: only for models that
+# come without a generation config.
+_COMMON_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>")
+
+
 class Generator:
     """Generates from one model; keeps its compiled prefill and decode steps across calls."""
 
@@ -78,7 +84,7 @@ class Generator:
         self._graphdef, self._state = nnx.split(model)
         self._mesh = _model_mesh(self._state)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.eos_ids = self._end_of_turn_ids(tokenizer)
+        self.eos_ids = self._end_of_turn_ids(tokenizer, eos_token_ids(generation_config(model)))
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("cache_len", "greedy_only"))
         self._decode = jax.jit(self._decode_fn, static_argnames=("greedy_only",), donate_argnums=(2, 3))
 
@@ -89,12 +95,14 @@ class Generator:
         self._state = nnx.state(self.model)
 
     @staticmethod
-    def _end_of_turn_ids(tokenizer) -> frozenset[int]:
-        ids = {tokenizer.eos_token_id}
-        vocab = tokenizer.get_vocab()
-        for token in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>"):
-            if token in vocab:
-                ids.add(vocab[token])
+    def _end_of_turn_ids(tokenizer, configured: list[int]) -> frozenset[int]:
+        """The model's generation config's eos ids and the tokenizer's eos. A model without a
+        generation config (a GGUF file) falls back to the end-of-turn tokens of common chat
+        templates found in its vocabulary."""
+        ids = {tokenizer.eos_token_id, *configured}
+        if not configured:
+            vocab = tokenizer.get_vocab()
+            ids.update(vocab[t] for t in _COMMON_END_OF_TURN if t in vocab)
         return frozenset(i for i in ids if i is not None)
 
     @property

@@ -73,6 +73,25 @@ def source_config(model: CausalLM) -> dict:
     return json.loads(getattr(model, "hf_config_json", "{}") or "{}")
 
 
+def set_generation_config(model: CausalLM, generation: dict | None) -> None:
+    """The source's `generation_config.json` (its end-of-turn ids, sampling defaults), kept with
+    the model so that generation stops where the model's authors say and export writes it back."""
+    model.generation_config_json = json.dumps(generation or {}, sort_keys=True, default=str)
+
+
+def generation_config(model: CausalLM) -> dict:
+    return json.loads(getattr(model, "generation_config_json", "{}") or "{}")
+
+
+def eos_token_ids(generation: dict) -> list[int]:
+    """`eos_token_id` of a generation config, which may be one id or a list (Llama-3.1 lists
+    `<|end_of_text|>`, `<|eom_id|>` and `<|eot_id|>`)."""
+    value = generation.get("eos_token_id")
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading.
 
@@ -134,6 +153,9 @@ def load_pretrained(
         cfg, mesh, lambda abstract, shardings: hf_weights.load_state(source, cfg, abstract, shardings)
     )
     set_source_config(model, hf_config.to_dict())
+    generation_file = path / "generation_config.json" if kind != "gguf" else None
+    if generation_file is not None and generation_file.is_file():
+        set_generation_config(model, json.loads(generation_file.read_text()))
     return model, tokenizer
 
 
@@ -206,15 +228,22 @@ def save_model_dir(model: CausalLM, tokenizer, out_dir: str | Path) -> Path:
     if jax.process_index() == 0:
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir / "tokenizer")
-        write_model_meta(out_dir, model.cfg, source_config(model))
+        write_model_meta(out_dir, model.cfg, source_config(model), generation_config(model))
     return out_dir
 
 
-def write_model_meta(out_dir: Path, cfg: ModelConfig, hf_config: dict) -> None:
+def write_model_meta(
+    out_dir: Path, cfg: ModelConfig, hf_config: dict, generation: dict | None = None
+) -> None:
     # How a step ran (the attention kernel, remat) belongs to the hardware it ran on, not to the
     # model: a run trained with TPU splash attention loads with XLA attention on a GPU or CPU.
     cfg = cfg.replace(attention_impl=ModelConfig.attention_impl, remat=ModelConfig.remat)
-    meta = {"format": MODEL_DIR_FORMAT, "model_config": cfg.to_dict(), "hf_config": hf_config}
+    meta = {
+        "format": MODEL_DIR_FORMAT,
+        "model_config": cfg.to_dict(),
+        "hf_config": hf_config,
+        "generation_config": generation or {},
+    }
     (out_dir / MODEL_DIR_MARKER).write_text(json.dumps(meta, indent=2, default=str))
 
 
@@ -259,6 +288,7 @@ def load_model_dir(
     tokenizer_dir = tokenizer_dir or path / "tokenizer"
     model = assemble(cfg, mesh, lambda abstract, shardings: restore_params(params_dir, abstract, shardings))
     set_source_config(model, hf_config)
+    set_generation_config(model, json.loads((path / MODEL_DIR_MARKER).read_text()).get("generation_config"))
     return model, _load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
 
 
@@ -291,7 +321,11 @@ def save_pretrained(
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_weights.write_safetensors(tensors, out_dir, max_shard_bytes)
     hf_config.save_pretrained(out_dir)
-    transformers.GenerationConfig.from_model_config(hf_config).save_pretrained(out_dir)
+    generation = generation_config(model)
+    if generation:  # the source's, as it came (eos ids, sampling defaults)
+        transformers.GenerationConfig.from_dict(generation).save_pretrained(out_dir)
+    else:
+        transformers.GenerationConfig.from_model_config(hf_config).save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -10,7 +10,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from persllm_jax.io.pretrained import set_source_config, source_config, state_shardings_for
+from persllm_jax.io.pretrained import (
+    generation_config,
+    set_generation_config,
+    set_source_config,
+    source_config,
+    state_shardings_for,
+)
 from persllm_jax.model.decoder import CausalLM, abstract_model
 
 log = logging.getLogger(__name__)
@@ -71,6 +77,7 @@ def add_special_tokens(
         )
     grown = nnx.merge(graphdef, state)
     set_source_config(grown, source_config(model))
+    set_generation_config(grown, generation_config(model))
     log.info(
         "special tokens %s: new ids %s start at the mean row; vocabulary %d -> %d",
         tokens,

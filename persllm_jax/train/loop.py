@@ -138,7 +138,9 @@ def train(cfg: RunConfig, make_task: Callable) -> Path:
         model_cfg = model.cfg
         _, params = nnx.split(model)
         if is_main:
-            pretrained.write_model_meta(run_dir, model_cfg, pretrained.source_config(model))
+            pretrained.write_model_meta(
+                run_dir, model_cfg, pretrained.source_config(model), pretrained.generation_config(model)
+            )
             tokenizer.save_pretrained(run_dir / "tokenizer")
         initial_params = params
     else:
