@@ -254,3 +254,13 @@ def test_greedy_stops_on_the_generation_configs_eos_and_export_keeps_it(tmp_path
 
     save_pretrained(model, tokenizer, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == eos
+
+
+def test_cudnn_attention_refuses_left_padding():
+    """cuDNN's kernel takes row lengths; a left-padded mask would silently attend to padding."""
+    model = init_model(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                                   num_heads=2, num_kv_heads=1, head_dim=16, attention_impl="cudnn"))  # fmt: skip
+    ids = jnp.ones((2, 6), jnp.int32)
+    left = jnp.asarray([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]], bool)
+    with pytest.raises(ValueError, match=r"needs right padding .* rows \[1\]"):
+        model(ids, left)

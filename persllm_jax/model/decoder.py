@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from persllm_jax.model import rope
@@ -69,6 +70,7 @@ class CausalLM(nnx.Module):
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if cfg.attention_impl == "cudnn":
+            _check_right_padded(attention_mask_BT)
             mask = (
                 jnp.full((b,), t, jnp.int32)
                 if attention_mask_BT is None
@@ -146,6 +148,23 @@ class CausalLM(nnx.Module):
     def __call__(self, input_ids_BT, attention_mask_BT=None, positions_BT=None):
         """Logits [B, T, V] in float32."""
         return self.logits_from_hidden(self.hidden_states(input_ids_BT, attention_mask_BT, positions_BT))
+
+
+def _check_right_padded(attention_mask_BT) -> None:
+    """cuDNN's fused kernel takes each row's length, so only right padding (real tokens first)
+    describes the mask; left padding would attend to the padding. A concrete mask is checked
+    here; inside `jit` the callers' masks are right-padded by construction (training and
+    evaluation batches), and generation uses XLA attention over its KV cache."""
+    if attention_mask_BT is None or isinstance(attention_mask_BT, jax.core.Tracer):
+        return
+    mask = np.asarray(attention_mask_BT).astype(bool)
+    prefix = np.arange(mask.shape[1])[None, :] < mask.sum(axis=1, keepdims=True)
+    if not (mask == prefix).all():
+        rows = np.flatnonzero((mask != prefix).any(axis=1)).tolist()
+        raise ValueError(
+            f"attention_impl cudnn needs right padding (real tokens first); rows {rows[:8]} of "
+            "attention_mask are padded otherwise: pad on the right, or use attention_impl xla"
+        )
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> CausalLM:
