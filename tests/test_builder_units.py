@@ -172,15 +172,24 @@ def test_cross_stage_pairs_both_directions():
     assert pairs.cross_stage_pairs([same], PERSONAS, STAGES) == []
 
 
-def test_cross_persona_skips_top_and_never_identical():
+def test_cross_persona_skips_top_and_never_identical(monkeypatch):
     items = []
     for k in range(8):
         for persona in "abc":
             item = _item(persona, "early", k, f"topic{k} question about things", f"{persona} answer {k}")
             item.split = "train"
             items.append(item)
-    items[1].answers["early"]["response"] = "a answer 0"  # identical to item 0's answer
+    # Which answer item 0 would get as its rejected one if identical answers were allowed: plant
+    # a copy of item 0's answer exactly there.
+    with monkeypatch.context() as m:
+        m.setattr(pairs, "_same", lambda a, b: False)
+        unchecked = pairs.cross_persona_pairs(items, FakeEmbedder(), PERSONAS, STAGES, skip_top=2)
+    first = next(r for r in unchecked if r["chosen"][0]["content"] == "a answer 0")
+    picked = next(i for i in items if i.answers["early"]["response"] == first["rejected"][0]["content"])
+    picked.answers["early"]["response"] = "A  answer 0"  # the same answer, up to case and spacing
     rows = pairs.cross_persona_pairs(items, FakeEmbedder(), PERSONAS, STAGES, skip_top=2)
+    row0 = next(r for r in rows if r["chosen"][0]["content"] == "a answer 0")
+    assert row0["rejected"][0]["content"] not in ("A  answer 0", "a answer 0")
     assert len(rows) == len(items)
     for row in rows:
         assert row["chosen"][0]["content"] != row["rejected"][0]["content"]

@@ -1,6 +1,5 @@
 """persllm_jax.builder.tfds_output: JSONL rows -> TFDS array_record datasets, read back without TensorFlow."""
 
-import importlib
 import json
 import subprocess
 import sys
@@ -79,9 +78,38 @@ def _expected(rows, split):
     return [dict(r) for r in rows if r["split"] == split]
 
 
-def test_tensorflow_is_not_importable():
-    with pytest.raises(ImportError):
-        importlib.import_module("tensorflow")
+# Put first in a subprocess: `import tensorflow` then fails whether or not TensorFlow is installed
+# (a finder that refuses it; tensorflow_datasets itself stays importable), and etils' paths are
+# told not to look for it, as on a machine without it.
+BLOCK_TENSORFLOW = (
+    "import os, sys\n"
+    "os.environ['EPATH_USE_TF'] = 'false'\n"
+    "class _NoTensorFlow:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'tensorflow' or name.startswith('tensorflow.'):\n"
+    "            raise ModuleNotFoundError('tensorflow is blocked in this test')\n"
+    "sys.meta_path.insert(0, _NoTensorFlow())\n"
+)
+
+
+def test_written_and_read_with_tensorflow_blocked(tmp_path):
+    """Writing and reading need no TensorFlow: with its import blocked, both still work."""
+    code = BLOCK_TENSORFLOW + (
+        "import json, sys, tensorflow_datasets as tfds\n"
+        "from persllm_jax.builder import tfds_output\n"
+        "dialogues, pairs = json.loads(sys.argv[2]), json.loads(sys.argv[3])\n"
+        "out = tfds_output.write(sys.argv[1], dialogues, pairs)\n"
+        "print(len(tfds.data_source('persllm_pairs', data_dir=str(out), split='train')))\n"
+    )
+    args = [str(tmp_path / "tfds"), json.dumps(DIALOGUES), json.dumps(PAIRS)]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "2"
+    with pytest.raises(ImportError):  # the block does block
+        subprocess.run(
+            [sys.executable, "-c", BLOCK_TENSORFLOW + "import tensorflow"], check=True, capture_output=True
+        )
+        raise ImportError("unreachable")
 
 
 def test_round_trip_through_data_source(tmp_path):
@@ -139,7 +167,7 @@ def test_round_trip_through_data_source(tmp_path):
 def test_readable_by_a_process_without_our_code(tmp_path):
     """The datasets describe themselves (features.json): a bare process reads them by name."""
     out = tfds_output.write(tmp_path / "tfds", DIALOGUES, PAIRS)
-    code = (
+    code = BLOCK_TENSORFLOW + (
         "import sys, tensorflow_datasets as tfds\n"
         "ds = tfds.data_source('persllm_pairs', data_dir=sys.argv[1], split='train')\n"
         "print(len(ds), ds[0]['chosen']['content'][0].decode(), 'tensorflow' in sys.modules)\n"
