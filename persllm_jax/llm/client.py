@@ -2,7 +2,9 @@
 
 `LLMClient` wraps `openai.AsyncOpenAI` with the SDK's own retries switched off (`max_retries=0`) and adds:
 
-* bounded concurrency (an `asyncio.Semaphore` held only while a request is on the wire, not while backing off);
+* adaptive concurrency (`persllm_jax.llm.adaptive_limit`): at most `concurrency` requests on the wire, fewer
+  while the server shows overload (timeouts, 429, 503), a slot held only while a request is on the wire,
+  not while backing off;
 * retries by the policy of `persllm_jax.llm.retry`: exponential backoff with full jitter on HTTP
   408/409/429/5xx, timeouts, dropped connections and bodies that are not a valid chat completion (non-JSON,
   truncated JSON, no choices, no content); a `Retry-After` header is honoured, capped at `retry_after_cap`
@@ -33,10 +35,13 @@ from typing import Any
 
 import openai
 
+from persllm_jax.llm.adaptive_limit import AdaptiveLimit
 from persllm_jax.llm.cache import AnswerCache, cache_key
 from persllm_jax.llm.endpoint import EndpointConfig, resolve_api_key
 from persllm_jax.llm.retry import (
     BAD_RESPONSE,
+    RATE_LIMITED,
+    TIMEOUT,
     FatalError,
     RetryableError,
     backoff_delay,
@@ -45,6 +50,11 @@ from persllm_jax.llm.retry import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _is_overload(err: RetryableError) -> bool:
+    """A timeout, 429 or 503: the server has more than it can do; anything else is not a load signal."""
+    return err.reason in (TIMEOUT, RATE_LIMITED) or err.status == 503
 
 
 class LLMCallFailed(Exception):
@@ -124,6 +134,7 @@ class LLMClient:
         backoff_cap: float = 60.0,
         retry_after_cap: float = 120.0,
         rng: random.Random | None = None,
+        adaptive: bool = True,
     ):
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -144,7 +155,7 @@ class LLMClient:
         api_key = api_key or os.environ.get("OPENAI_API_KEY") or "not-needed"
         self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
         self._cache = AnswerCache(Path(cache_dir))
-        self._semaphore: asyncio.Semaphore | None = None
+        self._limit = AdaptiveLimit(concurrency, adaptive=adaptive)
         self._inflight: dict[str, asyncio.Future] = {}
         self._transport_errors = transport_errors()
         self._counters: Counter[str] = Counter()
@@ -291,6 +302,7 @@ class LLMClient:
             "cached_entries": len(self._cache.entries),
             "cache_repaired_bytes": self._cache.repaired_bytes,
             "cache_skipped_lines": self._cache.skipped_lines,
+            **self._limit.stats(),
         }
 
     async def aclose(self) -> None:
@@ -316,8 +328,6 @@ class LLMClient:
         )
 
     async def _fetch(self, key: str, request: dict) -> Completion:
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.concurrency)
         body = {k: request[k] for k in ("model", "messages", "temperature", "max_tokens")}
         if request["seed"] is not None:
             body["seed"] = request["seed"]
@@ -326,9 +336,7 @@ class LLMClient:
         while True:
             attempt += 1
             try:
-                async with self._semaphore:
-                    self._counters["requests_sent"] += 1
-                    text, finish_reason, usage = await self._post(body, extra_body)
+                text, finish_reason, usage = await self._attempt(body, extra_body)
             except RetryableError as err:
                 if attempt > self.max_retries:
                     return self._failed(key, err.reason, err.message, attempt, err.status)
@@ -361,6 +369,19 @@ class LLMClient:
                 self._counters["prompt_tokens"] += int(usage.get("prompt_tokens", 0) or 0)
                 self._counters["completion_tokens"] += int(usage.get("completion_tokens", 0) or 0)
             return Completion(text, finish_reason, usage, cached=False, key=key)
+
+    async def _attempt(self, body: dict, extra_body: dict | None) -> tuple[str, str | None, dict | None]:
+        """One request on the wire, inside the adaptive limit, which learns from how it ended."""
+        started = await self._limit.acquire()
+        overloaded = False
+        try:
+            self._counters["requests_sent"] += 1
+            return await self._post(body, extra_body)
+        except RetryableError as err:
+            overloaded = _is_overload(err)
+            raise
+        finally:
+            await self._limit.release(started, overloaded)
 
     def _failed(self, key: str, reason: str, message: str, attempts: int, status: int | None) -> Completion:
         self._failures[reason] += 1
