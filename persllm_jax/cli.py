@@ -82,6 +82,8 @@ def _chat(args) -> None:
 
 
 def _serve(args) -> None:
+    import os
+
     from persllm_jax.inference import serving
 
     serving.serve(
@@ -94,6 +96,9 @@ def _serve(args) -> None:
         batch_window_s=args.batch_window_ms / 1000,
         default_max_tokens=args.default_max_tokens,
         warmup=not args.no_warmup,
+        max_queue=args.max_queue,
+        api_key=args.api_key or os.environ.get("PERSLLM_API_KEY") or None,
+        docs=args.docs,
     )
 
 
@@ -211,12 +216,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("serve", help="OpenAI-compatible chat server (/v1/chat/completions)")
     p.add_argument("model", help=model_help)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model-name", default=None, help="model id clients use (default: the path's basename)")
-    p.add_argument("--max-batch", type=int, default=16, help="most requests generated together")
     p.add_argument(
-        "--batch-window-ms", type=float, default=15.0, help="how long a batch waits for more requests"
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /health (default: $PERSLLM_API_KEY; "
+        "none: no check, with a warning when --host is not loopback)",
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=64, help="requests that may wait; more get 429 with Retry-After (64)"
+    )
+    p.add_argument("--docs", action="store_true", help="serve the interactive /docs pages (off by default)")
+    p.add_argument("--model-name", default=None, help="model id clients use (default: the path's basename)")
+    p.add_argument("--max-batch", type=int, default=16, help="most requests generated together (16)")
+    p.add_argument(
+        "--batch-window-ms", type=float, default=15.0, help="how long a batch waits for more requests (15 ms)"
     )
     p.add_argument(
         "--default-max-tokens",

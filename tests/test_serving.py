@@ -47,13 +47,15 @@ class EchoGenerator:
             raise RuntimeError("Conversation roles must alternate user/assistant")
         return [ord(c) for c in text + "\nassistant:"]
 
-    def complete(self, prompts, params, on_text=None):
+    def complete(self, prompts, params, on_text=None, cancelled=None):
         with self.lock:
             self.batch_sizes.append(len(prompts))
         time.sleep(self.delay_s)
         texts = ["".join(map(chr, ids)) for ids in prompts]
         if any("FAIL" in t for t in texts):
             raise RuntimeError("injected generation failure")
+        if any("DIE" in t for t in texts):
+            raise SystemExit("injected worker death")
         out = []
         for row, (text, p) in enumerate(zip(texts, params)):
             last = text.rsplit("\n", 2)[-2].split(":", 1)[1]
@@ -199,6 +201,9 @@ def test_models_health_and_errors(echo_server):
     assert status == 400 and set(body["error"]) >= {"message", "type"}
     status, body = http_json(echo_server.base_url + "/nowhere")
     assert status == 404 and "message" in body["error"]
+    for page in ("/docs", "/openapi.json"):  # the interactive pages are off unless --docs
+        status, _ = http_json(echo_server.base_url.removesuffix("/v1") + page)
+        assert status == 404, page
 
 
 def test_failed_batch_answers_500_and_the_server_goes_on(echo_server):
@@ -350,3 +355,115 @@ def test_build_data_against_persllm_serve(smollm2_server, tmp_path):
     pair_keys = {"id", "persona", "stage", "source", "prompt", "chosen", "rejected", "split"}
     assert all(set(p) == pair_keys for p in pairs) and stats["pairs"] == len(pairs)
     assert re.search(r"batch \d+: [2-9]\d* request", smollm2_server.log_tail(200_000)), "no batch of 2+"
+
+
+# ---------------------------------------------------------------------------------------------
+# Under load and faults
+
+
+class StepEcho(EchoGenerator):
+    """Decodes one character per step, `step_s` each, and stops a row its client left."""
+
+    def __init__(self, step_s: float = 0.05):
+        super().__init__(delay_s=0.0)
+        self.step_s = step_s
+        self.steps_done: list[int] = []  # characters generated per row, last batch
+
+    def complete(self, prompts, params, on_text=None, cancelled=None):
+        replies = [c.text for c in super().complete(prompts, params)]
+        done = [0] * len(prompts)
+        for step in range(max(map(len, replies))):
+            time.sleep(self.step_s)
+            for row, reply in enumerate(replies):
+                if step >= len(reply) or (cancelled is not None and cancelled(row)) or done[row] < step:
+                    continue
+                done[row] = step + 1
+                if on_text is not None:
+                    on_text(row, reply[step])
+        self.steps_done = done
+        return [
+            Completion(r[:n], [ord(c) for c in r[:n]], "stop", len(p))
+            for r, n, p in zip(replies, done, prompts)
+        ]
+
+
+def test_a_flood_over_the_queue_gets_429_and_every_admitted_request_is_answered():
+    generator = EchoGenerator(delay_s=0.3)
+    with serving.ServerThread(
+        generator, model_name="echo", max_batch=2, max_queue=3, batch_window_s=0.01
+    ) as server:
+        url = server.base_url + "/chat/completions"
+
+        def ask(i):
+            body = json.dumps({"messages": say(f"q{i}")}).encode()
+            request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    return response.status, json.loads(response.read()), None
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read()), err.headers.get("Retry-After")
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(ask, range(16)))
+    refused = [r for r in results if r[0] == 429]
+    answered = [(i, r) for i, r in enumerate(results) if r[0] == 200]
+    assert refused and answered, [r[0] for r in results]
+    assert {r[0] for r in results} == {200, 429}  # nothing else: no 500, no timeout
+    assert all(r[2] == "1" and "--max-queue 3" in r[1]["error"]["message"] for r in refused)
+    assert all(r[1]["choices"][0]["message"]["content"] == f"echo: q{i}" for i, r in answered)
+
+
+def test_a_streaming_client_that_leaves_stops_its_row():
+    generator = StepEcho(step_s=0.05)
+    with serving.ServerThread(generator, model_name="echo", batch_window_s=0.01) as server:
+        stream = client_for(server).chat.completions.create(
+            model="echo", messages=say("a long question that takes a while to echo"), stream=True
+        )
+        chunks = iter(stream)
+        for _ in range(4):
+            next(chunks)
+        stream.close()  # the client goes away mid-reply
+        deadline = time.monotonic() + 10
+        while server.engine.cancelled_rows == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        full = len("echo: a long question that takes a while to echo")
+        assert server.engine.cancelled_rows >= 1
+        assert 3 <= generator.steps_done[0] < full - 5, generator.steps_done
+        # the server goes on serving
+        assert (
+            client_for(server)
+            .chat.completions.create(model="echo", messages=say("hi"))
+            .choices[0]
+            .message.content
+            == "echo: hi"
+        )
+
+
+def test_an_api_key_is_required_when_set():
+    with serving.ServerThread(EchoGenerator(), model_name="echo", api_key="sk-right") as server:
+        wrong = openai.OpenAI(base_url=server.base_url, api_key="sk-wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as err:
+            wrong.chat.completions.create(model="echo", messages=say("hi"))
+        assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
+        status, body = http_json(server.base_url + "/chat/completions", {"messages": say("hi")})  # no key
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        right = openai.OpenAI(base_url=server.base_url, api_key="sk-right", max_retries=0)
+        assert (
+            right.chat.completions.create(model="echo", messages=say("hi")).choices[0].message.content
+            == "echo: hi"
+        )
+        status, body = http_json(server.base_url.removesuffix("/v1") + "/health")
+        assert status == 200
+
+
+def test_a_dead_worker_fails_requests_instead_of_hanging(echo_server):
+    client = client_for(echo_server, timeout=30)
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(model="echo", messages=say("DIE now"))
+    assert err.value.status_code == 503 and "worker died" in err.value.body["message"]
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(model="echo", messages=say("hi"))
+    assert err.value.status_code == 503
+    status, _ = http_json(echo_server.base_url.removesuffix("/v1") + "/health")
+    assert status == 503

@@ -153,8 +153,11 @@ class Generator:
         prompts: Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams],
         on_text: Callable[[int, str], None] | None = None,
+        cancelled: Callable[[int], bool] | None = None,
     ) -> list[Completion]:
-        """Continue each token-id prompt. `on_text(row, delta)` receives text as it becomes final."""
+        """Continue each token-id prompt. `on_text(row, delta)` receives text as it becomes final;
+        a row for which `cancelled(row)` turns true stops at the next step (finish "cancelled"),
+        and the batch stops once every row has."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
@@ -174,12 +177,18 @@ class Generator:
             def shifted(row, delta, start=start):
                 on_text(start + row, delta)
 
+            def shifted_cancelled(row, start=start):
+                return cancelled(start + row)
+
             results += self._complete_batch(
-                list(prompts[chunk]), list(params[chunk]), shifted if on_text else None
+                list(prompts[chunk]),
+                list(params[chunk]),
+                shifted if on_text else None,
+                shifted_cancelled if cancelled else None,
             )
         return results
 
-    def _complete_batch(self, prompts, params, on_text) -> list[Completion]:
+    def _complete_batch(self, prompts, params, on_text, cancelled=None) -> list[Completion]:
         n = len(prompts)
         batch = _batch_bucket(n)
         prompt_len = _length_bucket(max(len(p) for p in prompts))
@@ -215,6 +224,9 @@ class Generator:
                     if finish[row] is not None:
                         continue
                     stream = streams[row]
+                    if cancelled is not None and cancelled(row):
+                        finish[row] = "cancelled"
+                        continue
                     if int(tokens[row]) in self.eos_ids:
                         finish[row] = "stop"
                     else:

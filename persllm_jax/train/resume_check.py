@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 # where and how it runs, how often it logs or saves, and where it stops this time.
 HARMLESS = (
     "run_dir",
+    "data.sources.paths",
     "train.log_every",
     "train.stop_after",
     "train.allow_config_change",
@@ -34,11 +35,16 @@ HARMLESS = (
 
 
 def flat(config) -> dict:
-    """Dotted keys -> values of a config dataclass (lists compared whole)."""
+    """Dotted keys -> values of a config dataclass (lists compared whole). Where the data sources
+    are read from is kept apart (`data.sources.paths`, harmless): the data fingerprint checks
+    their content, so the same data under another path resumes."""
     out = {}
 
     def walk(value, prefix):
-        if dataclasses.is_dataclass(value):
+        if prefix == "data.sources.":
+            out["data.sources"] = tuple((s.repeats, s.split) for s in value)
+            out["data.sources.paths"] = tuple(s.path for s in value)
+        elif dataclasses.is_dataclass(value):
             for field in dataclasses.fields(value):
                 walk(getattr(value, field.name), f"{prefix}{field.name}.")
         else:

@@ -5,6 +5,7 @@ error bodies and usage counts."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -21,14 +22,46 @@ from persllm_jax.inference.serving.protocol import RequestError, parse_request
 
 
 def _error_response(err: RequestError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
-def create_app(engine: BatchEngine, model_name: str, aliases: Sequence[str] = ()):
-    """The FastAPI app. `model_name` is the id clients see; `aliases` (the model path) are accepted too."""
-    app = FastAPI(title="persllm serve")
+def create_app(
+    engine: BatchEngine,
+    model_name: str,
+    aliases: Sequence[str] = (),
+    *,
+    api_key: str | None = None,
+    docs: bool = False,
+):
+    """The FastAPI app. `model_name` is the id clients see; `aliases` (the model path) are accepted
+    too. With `api_key`, every route but /health needs `Authorization: Bearer <api_key>`; `docs`
+    serves the interactive /docs pages and the OpenAPI schema."""
+    app = FastAPI(
+        title="persllm serve",
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     created = int(time.time())
     accepted = {model_name, *aliases}
+
+    if api_key:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def require_key(request: Request, call_next):
+            given = request.headers.get("authorization", "").encode()
+            if request.url.path != "/health" and not hmac.compare_digest(given, expected):
+                return _error_response(
+                    RequestError(
+                        401,
+                        "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'",
+                        type="invalid_request_error",
+                        code="invalid_api_key",
+                    )
+                )
+            return await call_next(request)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request, exc: HTTPException):
@@ -66,14 +99,9 @@ def create_app(engine: BatchEngine, model_name: str, aliases: Sequence[str] = ()
             if isinstance(body, dict) and body.get("model") not in (None, *accepted):
                 raise _unknown_model(body["model"], model_name)
             chat = parse_request(body)
+            job = await engine.submit(chat)
         except RequestError as err:
             return _error_response(err)
-        if not engine.alive:
-            return _error_response(
-                RequestError(503, "the generation worker is not running", type="server_error")
-            )
-
-        job = engine.submit(chat)
         try:
             first = await job.events.get()
         except asyncio.CancelledError:

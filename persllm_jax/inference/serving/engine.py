@@ -1,14 +1,20 @@
 """The batching engine of `persllm serve`: `BatchEngine` and its `Job`, one per request.
 
-Request handlers put jobs on a queue, and one worker thread (the only thread that touches JAX or
-the tokenizer) takes the first waiting job, waits `batch_window_s` for more, up to `max_batch`, and
-runs them as one `Generator.complete` call with per-row sampling settings. Each job's events, the
-streamed text among them, go back to its asyncio queue with `loop.call_soon_threadsafe`.
+A request is admitted in its handler: refused with 429 when `max_queue` requests already wait,
+then its chat template is rendered and its length checked on a preparation thread (so a bad
+request is answered at once and rendering never holds up decoding), and the prepared job is
+queued. One worker thread (the only one that touches JAX) takes the first waiting job, waits
+`batch_window_s` for more, up to `max_batch`, and runs them as one `Generator.complete` call with
+per-row sampling settings; a row whose client went away stops decoding at the next step. Each
+job's events, the streamed text among them, go back to its asyncio queue with
+`loop.call_soon_threadsafe`. If the worker dies, every waiting job and every later request gets
+a 503 instead of waiting forever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import queue
@@ -22,6 +28,8 @@ from persllm_jax.inference.serving.protocol import DEFAULT_MAX_TOKENS, ChatReque
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_WINDOW_S = 0.015
+DEFAULT_MAX_QUEUE = 64  # waiting requests before new ones get 429
+RETRY_AFTER_S = 1
 
 
 @dataclasses.dataclass
@@ -31,6 +39,8 @@ class Job:
     events: asyncio.Queue
     cancelled: bool = False
     sent: str = ""  # streamed text so far, to reconcile with the final Completion
+    ids: list[int] = dataclasses.field(default_factory=list)  # the rendered prompt
+    params: Any = None  # its SamplingParams
 
     def post(self, *event) -> None:
         try:
@@ -54,9 +64,18 @@ class BatchEngine:
         batch_window_s: float = DEFAULT_BATCH_WINDOW_S,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         warmup: bool = True,
+        max_queue: int = DEFAULT_MAX_QUEUE,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self.max_queue = max_queue
+        self._waiting = 0  # admitted, not yet taken into a batch
+        self._waiting_lock = threading.Lock()
+        self._prepare_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="persllm-prepare")
+        self.died: BaseException | None = None
+        self.cancelled_rows = 0  # rows that stopped decoding because their client left
         self._load = load
         self.max_batch = max_batch
         self.batch_window_s = batch_window_s
@@ -71,7 +90,12 @@ class BatchEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self._ready.is_set()
+        return (
+            self._thread is not None
+            and self._thread.is_alive()
+            and self._ready.is_set()
+            and self.died is None
+        )
 
     def start(self) -> BatchEngine:
         """Start the worker; return once the model is loaded (and warmed up), or raise its load error."""
@@ -87,11 +111,48 @@ class BatchEngine:
             self._queue.put(None)
             self._thread.join(timeout)
             self._thread = None
+        self._prepare_pool.shutdown(wait=False)
 
-    def submit(self, request: ChatRequest) -> Job:
+    async def submit(self, request: ChatRequest) -> Job:
+        """Admit a request: its job, prepared and queued. Raises RequestError: 429 when the queue
+        is full, 503 when the worker is not running, 400 for a prompt that cannot be served."""
+        if not self.alive:
+            raise RequestError(503, "the generation worker is not running", type="server_error")
+        with self._waiting_lock:
+            if self._waiting >= self.max_queue:
+                raise RequestError(
+                    429,
+                    f"the server has {self._waiting} requests waiting (--max-queue {self.max_queue}); "
+                    f"retry after {RETRY_AFTER_S} s",
+                    type="rate_limit_error",
+                    retry_after=RETRY_AFTER_S,
+                )
+            self._waiting += 1
         job = Job(request, asyncio.get_running_loop(), asyncio.Queue())
+        try:
+            job.ids, job.params = await job.loop.run_in_executor(
+                self._prepare_pool, self._prepare_checked, request
+            )
+        except BaseException:
+            self._taken()
+            raise
         self._queue.put(job)
+        if self.died is not None:  # the worker died meanwhile: it will not take this job
+            self._fail_waiting()
         return job
+
+    def _taken(self) -> None:
+        with self._waiting_lock:
+            self._waiting -= 1
+
+    def _prepare_checked(self, request: ChatRequest):
+        try:
+            return self._prepare(request)
+        except RequestError:
+            raise
+        except Exception as err:  # a template that rejects the conversation, for one
+            log.warning("could not prepare a request: %s", err)
+            raise RequestError(400, f"could not render the messages: {err}", param="messages") from err
 
     # ----- worker thread -----
 
@@ -105,12 +166,31 @@ class BatchEngine:
             self._ready.set()
             return
         self._ready.set()
+        try:
+            while True:
+                batch = self._collect()
+                if batch is None:
+                    return
+                if batch:
+                    self._run_batch(batch)
+        except BaseException as err:
+            log.critical("the generation worker died: %r; requests now get 503", err)
+            self.died = err
+            self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
+        """Answer every queued job with 503 (the worker will not take them)."""
         while True:
-            batch = self._collect()
-            if batch is None:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
                 return
-            if batch:
-                self._run_batch(batch)
+            if job is not None:
+                self._taken()
+                job.post(
+                    "error",
+                    RequestError(503, f"the generation worker died: {self.died!r}", type="server_error"),
+                )
 
     def _warm_up(self) -> None:
         from persllm_jax.inference.generation import SamplingParams
@@ -141,19 +221,11 @@ class BatchEngine:
         return batch
 
     def _admit(self, job: Job, batch: list) -> None:
+        self._taken()
         if job.cancelled:
             return
-        try:
-            ids, params = self._prepare(job.request)
-        except RequestError as err:
-            job.post("error", err)
-            return
-        except Exception as err:  # a template that rejects the conversation, for one
-            log.warning("could not prepare a request: %s", err)
-            job.post("error", RequestError(400, f"could not render the messages: {err}", param="messages"))
-            return
-        job.post("start", len(ids))
-        batch.append((job, ids, params))
+        job.post("start", len(job.ids))
+        batch.append((job, job.ids, job.params))
 
     def _prepare(self, request: ChatRequest):
         from persllm_jax.inference.generation import SamplingParams
@@ -204,16 +276,28 @@ class BatchEngine:
                 jobs[row].sent += delta
                 jobs[row].post("delta", delta)
 
+        def cancelled(row: int) -> bool:
+            if jobs[row].cancelled:
+                self.cancelled_rows += 1
+                return True
+            return False
+
         t0 = time.perf_counter()
         try:
             completions = self.generator.complete(
-                [ids for _, ids, _ in batch], [p for _, _, p in batch], on_text
+                [ids for _, ids, _ in batch], [p for _, _, p in batch], on_text, cancelled=cancelled
             )
         except Exception as err:
             log.exception("batch of %d failed", len(batch))
             for job in jobs:
                 job.post("error", RequestError(500, f"generation failed: {err}", type="server_error"))
             return
+        except BaseException as err:  # the worker itself is going down: answer this batch first
+            for job in jobs:
+                job.post(
+                    "error", RequestError(503, f"the generation worker died: {err!r}", type="server_error")
+                )
+            raise
         seconds = time.perf_counter() - t0
         self.batches += 1
         prompt = sum(c.prompt_tokens for c in completions)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from persllm_jax.inference.serving.app import create_app
-from persllm_jax.inference.serving.engine import DEFAULT_BATCH_WINDOW_S, BatchEngine
+from persllm_jax.inference.serving.engine import DEFAULT_BATCH_WINDOW_S, DEFAULT_MAX_QUEUE, BatchEngine
 from persllm_jax.inference.serving.protocol import DEFAULT_MAX_TOKENS
 from persllm_jax.llm.loopback import LoopbackServer, free_port
 
@@ -45,6 +45,18 @@ def _loader(model_path: str | os.PathLike, dtype: str, max_batch: int) -> Callab
     return load
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def serve(
     model_path: str | os.PathLike,
     host: str = "127.0.0.1",
@@ -56,12 +68,21 @@ def serve(
     batch_window_s: float = DEFAULT_BATCH_WINDOW_S,
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
     warmup: bool = True,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    api_key: str | None = None,
+    docs: bool = False,
 ) -> None:
     """Load the model, then serve until SIGINT/SIGTERM. Raises the load error if the model cannot load."""
     import uvicorn
 
     if not Path(model_path).exists():
         raise FileNotFoundError(f"model path does not exist: {model_path}")
+    if not api_key and not is_loopback(host):
+        log.warning(
+            "serving on %s without an API key: anyone who can reach this address can use the model; "
+            "set --api-key or PERSLLM_API_KEY",
+            host,
+        )
     name = model_name or default_model_name(model_path)
     engine = BatchEngine(
         _loader(model_path, dtype, max_batch),
@@ -69,6 +90,7 @@ def serve(
         batch_window_s=batch_window_s,
         default_max_tokens=default_max_tokens,
         warmup=warmup,
+        max_queue=max_queue,
     )
     t0 = time.perf_counter()
     engine.start()
@@ -80,7 +102,8 @@ def serve(
         host,
         port,
     )
-    app = create_app(engine, name, aliases=(str(model_path), str(Path(model_path).resolve())))
+    aliases = (str(model_path), str(Path(model_path).resolve()))
+    app = create_app(engine, name, aliases=aliases, api_key=api_key, docs=docs)
     try:
         # log_config=None: uvicorn's loggers go through the logging set up by the CLI.
         uvicorn.run(app, host=host, port=port, log_config=None, timeout_graceful_shutdown=5)
@@ -157,16 +180,20 @@ class ServerThread:
         max_batch: int | None = None,
         batch_window_s: float = DEFAULT_BATCH_WINDOW_S,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        api_key: str | None = None,
     ):
         self.host = host
         self.port = port or free_port(host)
         self.model_name = model_name
+        self.api_key = api_key
         self.engine = BatchEngine(
             lambda: generator,
             max_batch=max_batch or getattr(generator, "max_batch", 16),
             batch_window_s=batch_window_s,
             default_max_tokens=default_max_tokens,
             warmup=False,
+            max_queue=max_queue,
         )
         self._server = None
         self._thread: threading.Thread | None = None
@@ -180,7 +207,10 @@ class ServerThread:
 
         self.engine.start()
         config = uvicorn.Config(
-            create_app(self.engine, self.model_name), host=self.host, port=self.port, log_config=None
+            create_app(self.engine, self.model_name, api_key=self.api_key),
+            host=self.host,
+            port=self.port,
+            log_config=None,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="persllm-serve", daemon=True)

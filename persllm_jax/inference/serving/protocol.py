@@ -26,8 +26,10 @@ class RequestError(Exception):
         param: str | None = None,
         type: str = "invalid_request_error",
         code: str | None = None,
+        retry_after: int | None = None,
     ):
         super().__init__(message)
+        self.retry_after = retry_after  # seconds, sent as the Retry-After header
         self.status = status
         self.message = message
         self.param = param
