@@ -51,6 +51,11 @@ def test_demo_smoke_pipeline(tmp_path):
     assert "api_key: env:PERSLLM_BUILD_DATA_LLM_API_KEY" in (out / "configs" / "build-data.yaml").read_text()
     for step in ("base", "build-data", "sft", "dpo", "eval", "export", "talk", "reload"):
         assert (out / "steps" / f"{step}.json").exists(), step
+        # every step's peak resident memory is recorded, real (over 100 MB: the step loaded a
+        # model) and within a laptop's 8 GB
+        peak = json.loads((out / "steps" / f"{step}.json").read_text())["peak_rss_mb"]
+        assert 100 < peak < 8 * 1024, (step, peak)
+        assert f"[pipeline] {step}: finished in" in result.stdout
     assert f"report:      {out / 'eval' / 'report.md'}" in result.stdout
 
     report = json.loads((out / "eval" / "report.json").read_text())

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -107,6 +108,7 @@ class Pipeline:
         self.server = None
         self.timings: dict[str, float] = {}
         self.step_env: dict[str, str] = {}  # API keys for the steps' processes, never written down
+        self.peak_rss_mb: dict[str, float] = {}  # per step: its process's peak resident memory
 
     # -- paths -----------------------------------------------------------------------------------
 
@@ -141,7 +143,10 @@ class Pipeline:
                 text = line.decode(errors="replace").rstrip()
                 if text and not text.startswith(" ") and "it/s]" not in text and "s/it]" not in text:
                     print(f"  {text[-200:]}", flush=True)
-            proc.wait()
+            # wait4 gives this child's own resource use: its peak resident memory
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            self.peak_rss_mb[step] = round(usage.ru_maxrss / 1024, 1)  # Linux reports KiB
         if proc.returncode != 0:
             raise PipelineError(f"step {step} failed (exit {proc.returncode}); see {log_path}")
 
@@ -337,9 +342,18 @@ class Pipeline:
                 t0 = time.time()
                 getattr(self, "step_" + step.replace("-", "_"))()
                 self.timings[step] = round(time.time() - t0, 1)
+                if step not in self.peak_rss_mb:  # ran in this process: its peak so far bounds it
+                    self.peak_rss_mb[step] = round(
+                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+                    )
                 marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text(json.dumps({"seconds": self.timings[step], "finished": time.time()}))
-                print(f"[pipeline] {step}: finished in {self.timings[step]:.0f} s", flush=True)
+                record = {"seconds": self.timings[step], "peak_rss_mb": self.peak_rss_mb[step]}
+                marker.write_text(json.dumps({**record, "finished": time.time()}))
+                print(
+                    f"[pipeline] {step}: finished in {self.timings[step]:.0f} s, "
+                    f"peak memory {self.peak_rss_mb[step] / 1024:.2f} GB",
+                    flush=True,
+                )
                 if step == "eval":
                     self.stop_server()
         finally:
@@ -351,7 +365,9 @@ class Pipeline:
             "answers": self.path("hf_answers", "answers.md"),
         }
         total = time.time() - started
-        self.path("steps", "timings.json").write_text(json.dumps({**self.timings, "total_this_run": total}))
+        self.path("steps", "timings.json").write_text(
+            json.dumps({**self.timings, "total_this_run": total, "peak_rss_mb": self.peak_rss_mb})
+        )
         print(f"\n[pipeline] finished in {total / 60:.1f} min")
         print(f"  report:      {results['report']}")
         print(f"  model (HF):  {results['model']}")
