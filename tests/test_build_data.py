@@ -107,6 +107,7 @@ def test_splits_and_pairs_are_clean(built):
     splits_by_seed = {}
     for d in dialogues:
         splits_by_seed.setdefault(d["seed_id"], set()).add(d["split"])
+    assert splits_by_seed.values(), "nothing to check"
     assert all(len(s) == 1 for s in splits_by_seed.values())
     annotations = read_jsonl(out / "annotations.jsonl")
     author = {}
@@ -132,6 +133,7 @@ def test_outputs_load_into_trl_and_train(built, tmp_path):
     for row in read_jsonl(out / "dialogues.jsonl") + read_jsonl(out / "pairs.jsonl"):
         assert is_conversational(row)
         rendered = maybe_apply_chat_template(row, tokenizer)
+        assert rendered.values(), "nothing to check"
         assert all(isinstance(v, str) and v for v in rendered.values())
     common = [
         "model.preset=tiny",
@@ -213,6 +215,7 @@ def test_killed_build_resumes_with_the_same_records(server, tmp_path):
         result = run_cli(*args, cwd=ROOT)
         # Nothing answered before the kill reaches the server again (a request still in flight at
         # the kill had no answer to keep, so it is sent once more).
+        assert answered, "nothing to check"
         assert all(proxy.forwarded_for_messages(m) == 1 for m in answered)
         assert proxy.max_forwarded() <= 2
     stats = json.loads((out / "stats.json").read_text())
@@ -256,6 +259,7 @@ def test_faults_are_retried_and_failures_counted(server, tmp_path):
     induced = [a for a in read_jsonl(out / "annotations.jsonl") if a["kind"] == "induced"]
     assert induced, "the seeded kinds drew no induced question"
     assert stats["llm"]["failures"] == len(induced)
+    assert induced, "nothing to check"
     assert all(a["dropped"].startswith("question request failed") for a in induced)
 
 

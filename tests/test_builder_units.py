@@ -134,6 +134,7 @@ def test_split_by_seed_paragraph_is_seeded_and_leak_free():
     by_seed = {}
     for item in items:
         by_seed.setdefault(item.seed_id, set()).add(item.split)
+    assert by_seed.values(), "nothing to check"
     assert all(len(splits) == 1 for splits in by_seed.values())
     assert sum(1 for s in by_seed.values() if s == {"test"}) == 4
     first = [i.split for i in items]

@@ -337,6 +337,7 @@ def test_jsonl_positions_and_split_filter(tmp_path):
     )
     records = read_records(path)
     assert [(r["_index"], r["_line"]) for r in records] == [(0, 1), (1, 3), (2, 4)]
+    assert records, "nothing to check"
     assert all(r["_source"] == str(path) for r in records)
     assert _public(records) == [DIALOGUE, test_record, no_split]
     assert [r.get("id") for r in read_records(path, split="train")] == ["ada-0001", None]

@@ -141,6 +141,7 @@ def test_parse_ranking(reply, ranks):
         assert parsed is None
     else:
         assert {e["model"]: e["rank"] for e in parsed} == ranks
+        assert parsed, "nothing to check"
         assert all(set(e) == {"model", "reason", "rank"} for e in parsed)
 
 

@@ -95,10 +95,12 @@ def test_judge_end_to_end_on_real_server(server, tmp_path):
         sent = proxy.forwarded_total
 
         judgments = first["judgments"]
+        assert judgments, "nothing to check"
         assert all(j["ok"] for j in judgments), [j["error"] for j in judgments if not j["ok"]]
         # (a) one classification per item, each a known label or counted as unparsed
         classify = [j for j in judgments if j["step"] == "classify"]
         assert sorted(j["item_id"] for j in classify) == [i["item_id"] for i in ITEMS]
+        assert classify, "nothing to check"
         assert all(j["value"] in (*LABELS, None) for j in classify)
         cls = first["classification"]
         assert cls["asked"] == 2 and cls["failed"] == 0

@@ -135,6 +135,7 @@ def test_unreachable_server_fails_without_raising(tmp_path):
             return results, client.stats()
 
     results, stats = asyncio.run(run())
+    assert results, "nothing to check"
     assert all(isinstance(r.error, LLMCallFailed) and r.error.reason == CONNECTION for r in results)
     assert all(r.error.attempts == 3 for r in results)
     assert stats["failures"] == 3 and stats["retries"] == {CONNECTION: 6} and stats["requests_sent"] == 9
@@ -206,6 +207,7 @@ def test_repeated_prompt_with_distinct_tags_and_in_flight_dedup(server, proxy, t
             return results, client.stats()
 
     results, stats = asyncio.run(run())
+    assert results, "nothing to check"
     assert all(r.ok for r in results)
     assert results[0].key == results[2].key != results[1].key
     assert stats["requests_sent"] == 2 and stats["deduplicated"] == 1
@@ -230,6 +232,7 @@ def test_each_fault_type_is_retried_and_the_batch_completes(server, proxy, tmp_p
 
     results, stats, seconds = asyncio.run(run())
     print(f"\nfault {fault}: {seconds:.1f}s, stats {stats}")
+    assert results, "nothing to check"
     assert all(r.ok and r.text is not None for r in results), [r.error for r in results if not r.ok]
     assert proxy.faults == {fault: 2}
     reason = REASON_OF_FAULT[fault]
@@ -261,6 +264,7 @@ def test_seeded_random_faults_and_a_request_that_always_fails(server, proxy, tmp
     print(f"\nrandom faults {dict(proxy.faults)}: stats {stats}")
     poison, bad_param = results[4], results[-1]
     others = [r for i, r in enumerate(results) if i not in (4, len(results) - 1)]
+    assert others, "nothing to check"
     assert all(r.ok for r in others), [r.error for r in others if not r.ok]
     assert isinstance(poison.error, LLMCallFailed) and poison.text is None
     assert poison.error.reason == SERVER_ERROR and poison.error.attempts == 9 and poison.error.status == 500
@@ -324,6 +328,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(server, proxy, tmp_path):
             return await client.complete_many(requests, progress_desc="resume"), client.stats()
 
     results, stats = asyncio.run(resume())
+    assert results, "nothing to check"
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
     assert stats["cache_hits"] == len(before)
     assert stats["requests_sent"] == len(requests) - len(before)

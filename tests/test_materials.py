@@ -38,6 +38,7 @@ def test_examples_load(examples):
         assert len(persona.description.split()) >= 10
         assert [s.id for s in persona.stages] == ["early", "late"]
         assert [s.token for s in persona.stages] == ["<TIME-I>", "<TIME-II>"]
+        assert persona.stages, "nothing to check"
         assert all(s.when for s in persona.stages)
     assert stage_tokens(examples) == ["<TIME-I>", "<TIME-II>"]
 
@@ -60,6 +61,7 @@ def test_examples_ids_unique_and_stable(examples):
     paragraphs = [p for persona in examples for p in persona.paragraphs]
     ids = [p.id for p in paragraphs]
     assert len(ids) == len(set(ids))
+    assert ids, "nothing to check"
     assert all(re.fullmatch(r"[a-z]+/(early|late)/(knowledge|experiences|speech)/\d{3}", i) for i in ids)
     holmes = next(p for p in examples if p.id == "holmes")
     first = holmes.stage("early").of_kind("knowledge")[0]

@@ -350,9 +350,11 @@ def test_build_data_against_persllm_serve(smollm2_server, tmp_path):
     dialogues = [json.loads(line) for line in (out / "dialogues.jsonl").read_text().splitlines()]
     pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     keys = {"id", "persona", "stage", "kind", "messages", "analysis", "seed_id", "split"}
+    assert dialogues, "nothing to check"
     assert all(set(d) == keys for d in dialogues)
     assert stats["dialogues"] == sum(d["kind"] != "general" for d in dialogues)
     pair_keys = {"id", "persona", "stage", "source", "prompt", "chosen", "rejected", "split"}
+    assert pairs, "nothing to check"
     assert all(set(p) == pair_keys for p in pairs) and stats["pairs"] == len(pairs)
     assert re.search(r"batch \d+: [2-9]\d* request", smollm2_server.log_tail(200_000)), "no batch of 2+"
 

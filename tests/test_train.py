@@ -23,6 +23,7 @@ from tests.train_runs import (
 def test_sft_run_outputs(sft_reference_run):
     records = read_metrics(sft_reference_run / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 9))
+    assert records, "nothing to check"
     assert all(math.isfinite(r["loss"]) for r in records)
     assert records[-1]["loss"] < records[0]["loss"]
     assert {
