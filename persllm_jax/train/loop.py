@@ -78,7 +78,7 @@ def model_options(cfg: RunConfig) -> dict:
 def load_initial_model(cfg: RunConfig, mesh) -> tuple[CausalLM, object]:
     """The model training starts from: a pretrained path, or a preset with random weights."""
     m = cfg.model
-    options = dict(compute_dtype=m.compute_dtype, remat=m.remat, attention_impl=m.attention_impl)
+    options = {k: v for k, v in model_options(cfg).items() if k != "param_dtype"}  # dtype is passed apart
     if m.path and m.preset:
         raise ValueError("set model.path or model.preset, not both")
     if m.path:
