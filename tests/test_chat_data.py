@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +24,9 @@ from persllm_jax.data import (
     tokenize_text,
 )
 
-TEMPLATES = Path(__file__).parent / "assets" / "chat_templates"
+ASSETS = Path(__file__).parent / "assets"
+TEMPLATES = ASSETS / "chat_templates"
 STAGE_TOKENS = ["<TIME-I>", "<TIME-II>", "<TIME-III>"]
-LLAMA3_TOKENS = [
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eot_id|>",
-]
 
 CONVERSATIONS = {
     "system_two_turns": [
@@ -71,6 +66,14 @@ PAIR = {
     "rejected": [{"role": "assistant", "content": "I am retired and write no more."}],
     "split": "train",
 }
+# Texts used below beyond the conversations; tests/assets/make_tokenizers.py keeps the small Llama-3 and
+# Qwen2 tokenizers exact on all of them.
+EXTRA_TEXTS = [" Hi ", "Hello."]
+
+
+def between_stage_tokens(text: str) -> list[str]:
+    """The pieces of a text that BPE sees once the stage tokens are added (each stage token is matched first)."""
+    return [piece for piece in re.split("|".join(map(re.escape, STAGE_TOKENS)), text) if piece]
 
 
 # ---------------------------------------------------------------- tokenizers with three templates
@@ -84,27 +87,24 @@ def chatml(smollm2_tokenizer):
     return tokenizer
 
 
-@pytest.fixture(scope="module")
-def llama3(chatml):
-    tokenizer = copy.deepcopy(chatml)
-    tokenizer.add_tokens(LLAMA3_TOKENS, special_tokens=True)
-    tokenizer.bos_token, tokenizer.eos_token = "<|begin_of_text|>", "<|eot_id|>"
-    tokenizer.chat_template = _template("llama3.jinja")
+def _real_tokenizer(name: str):
+    """A small copy of the real tokenizer (real merges, pre-tokenizer, special tokens and ids; see
+    tests/assets/make_tokenizers.py) with its published chat template, plus the stage tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tokenizers" / name)
+    tokenizer.add_tokens(STAGE_TOKENS, special_tokens=True)
     return tokenizer
 
 
 @pytest.fixture(scope="module")
-def qwen2(chatml):
-    tokenizer = copy.deepcopy(chatml)
-    tokenizer.add_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], special_tokens=True)
-    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
-    tokenizer.chat_template = _template("qwen2.jinja")
-    return tokenizer
+def llama3():
+    return _real_tokenizer("llama3")
 
 
-def _template(name: str) -> str:
-    # Jinja drops one trailing newline of a template anyway; strip it so the file's ending never matters.
-    return (TEMPLATES / name).read_text(encoding="utf-8").removesuffix("\n")
+@pytest.fixture(scope="module")
+def qwen2():
+    return _real_tokenizer("qwen2")
 
 
 @pytest.fixture(params=["chatml", "llama3", "qwen2"])
@@ -165,6 +165,39 @@ def test_templates_render_as_published(llama3, qwen2):
     )
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "ids"),
+    [
+        # the published ids of each model's turn header
+        ("llama3", "<|start_header_id|>user<|end_header_id|>\n\n", [128006, 882, 128007, 271]),
+        ("llama3", "<|start_header_id|>assistant<|end_header_id|>\n\n", [128006, 78191, 128007, 271]),
+        ("qwen2", "<|im_start|>user\n", [151644, 872, 198]),
+        ("qwen2", "<|im_start|>assistant\n", [151644, 77091, 198]),
+    ],
+)
+def test_small_tokenizers_keep_real_ids(name, text, ids, request):
+    tokenizer = request.getfixturevalue(name)
+    assert tokenizer.encode(text, add_special_tokens=False) == ids
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen2"])
+def test_small_tokenizers_are_exact_on_every_test_text(name, request):
+    """The small copies hold only the merges these tests need: every text the audit tokenizes must be one
+    that tests/assets/make_tokenizers.py checked against the full tokenizer (rerun it after adding one)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tokenizers" / name)  # as made: no stage tokens
+    covered = json.loads((ASSETS / "tokenizers" / name / "covered.json").read_text(encoding="utf-8"))
+    texts = {m["content"] for messages in CONVERSATIONS.values() for m in messages} | set(EXTRA_TEXTS)
+    texts |= {m["content"] for key in ("prompt", "chosen", "rejected") for m in PAIR[key]}
+    texts |= {piece for text in texts for piece in between_stage_tokens(text)}
+    missing = texts - {entry["text"] for entry in covered}
+    assert not missing, f"rerun tests/assets/make_tokenizers.py; not covered: {sorted(missing)}"
+    assert len(covered) >= len(texts)
+    for entry in covered:
+        assert tokenizer.encode(entry["text"], add_special_tokens=False) == entry["ids"], entry["text"]
+
+
 def test_mask_matches_hf_generation_tags(chatml):
     """On a ChatML template with {% generation %} tags around content + <|im_end|>, HF's mask equals ours."""
     tagged = copy.deepcopy(chatml)
@@ -181,11 +214,12 @@ def test_mask_matches_hf_generation_tags(chatml):
     assert ours.loss_mask.astype(int).tolist() == hf["assistant_masks"]
 
 
-def test_stage_tokens_stay_single_tokens(chatml, llama3):
-    for tokenizer in (chatml, llama3):
+def test_stage_tokens_stay_single_tokens(chatml, llama3, qwen2):
+    # each stage token gets an id past the model's vocabulary (SmolLM2 49152, Llama-3 128256, Qwen2 151646)
+    for tokenizer, vocabulary in ((chatml, 49152), (llama3, 128256), (qwen2, 151646)):
         example = tokenize_sft(tokenizer, sft_example(DIALOGUE))
         stage_id = tokenizer.convert_tokens_to_ids("<TIME-II>")
-        assert stage_id >= 49152 and stage_id in example.input_ids.tolist()
+        assert stage_id >= vocabulary and stage_id in example.input_ids.tolist()
         assert tokenizer.encode("<TIME-II>", add_special_tokens=False) == [stage_id]
 
 
