@@ -3,7 +3,8 @@
 A stdlib-asyncio HTTP/1.1 reverse proxy on loopback that forwards `/v1/*` to a real server and injects
 faults (`FAULTS`) by schedule (arrival order), by seeded probability, or forever for bodies that contain a
 marker. It counts every request and, per request-body hash (`body_hash`), how often the request reached
-the real server.
+the real server. With `slow_s` it also makes the server slow: forwarded requests are served one at a time,
+each after `slow_s` seconds, and are finished even when their client has gone (as a busy server does).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import json
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
@@ -133,6 +135,7 @@ class FaultProxy:
         seed: int = 0,
         retry_after: float = 1.0,
         delay_s: float = 5.0,
+        slow_s: float = 0.0,
         host: str = "127.0.0.1",
         port: int = 0,
     ):
@@ -146,6 +149,8 @@ class FaultProxy:
         self.port = port
         self.retry_after = retry_after
         self.delay_s = delay_s
+        self.slow_s = slow_s
+        self._serial: asyncio.Lock | None = None  # made on the proxy's own loop
         self._lock = threading.Lock()
         self._rules: list[tuple[Callable[[bytes], bool], str]] = []
         self.set_faults(schedule=schedule, probabilities=probabilities, seed=seed)
@@ -205,6 +210,8 @@ class FaultProxy:
             self.forwarded: Counter[str] = Counter()
             self.bodies: dict[str, object] = {}
             self.events: list[dict] = []
+            self.server_in_flight = 0  # forwarded requests the real server has not answered yet
+            self.in_flight_timeline: list[tuple[float, int]] = []  # (monotonic time, server_in_flight)
 
     # ----- queries -----
 
@@ -376,7 +383,7 @@ class FaultProxy:
             await writer.drain()
             return
 
-        response = await self._forward(method, target, request, event["hash"])
+        response = await self._server_answer(method, target, request, event["hash"])
         status = int(response.start_line.split(" ", 2)[1])
         event["status"] = status
         if fault == "truncate":
@@ -388,6 +395,26 @@ class FaultProxy:
         else:
             writer.write(_render_response(status, response.headers, response.body))
         await writer.drain()
+
+    def _count_in_flight(self, change: int) -> None:
+        with self._lock:
+            self.server_in_flight += change
+            self.in_flight_timeline.append((time.monotonic(), self.server_in_flight))
+
+    async def _server_answer(self, method: str, target: str, request: _HTTPMessage, digest: str) -> _HTTPMessage:
+        """The real server's answer, through the slow server when `slow_s` is set. Runs to the end
+        whether or not the client still waits: nothing here watches the client's connection."""
+        self._count_in_flight(+1)
+        try:
+            if not self.slow_s:
+                return await self._forward(method, target, request, digest)
+            if self._serial is None:
+                self._serial = asyncio.Lock()
+            async with self._serial:
+                await asyncio.sleep(self.slow_s)
+                return await self._forward(method, target, request, digest)
+        finally:
+            self._count_in_flight(-1)
 
     async def _forward(self, method: str, target: str, request: _HTTPMessage, digest: str) -> _HTTPMessage:
         up_reader, up_writer = await asyncio.open_connection(

@@ -4,7 +4,9 @@
 
 * adaptive concurrency (`persllm_jax.llm.adaptive_limit`): at most `concurrency` requests on the wire, fewer
   while the server shows overload (timeouts, 429, 503), a slot held only while a request is on the wire,
-  not while backing off;
+  not while backing off; and, when adaptive, a request that timed out waits twice as long on its next
+  attempt (up to `TIMEOUT_GROWTH` times `timeout`): the server is most likely still computing the first
+  copy, and a second copy given the same short wait would only add to its queue;
 * retries by the policy of `persllm_jax.llm.retry`: exponential backoff with full jitter on HTTP
   408/409/429/5xx, timeouts, dropped connections and bodies that are not a valid chat completion (non-JSON,
   truncated JSON, no choices, no content); a `Retry-After` header is honoured, capped at `retry_after_cap`
@@ -50,6 +52,10 @@ from persllm_jax.llm.retry import (
 )
 
 log = logging.getLogger(__name__)
+
+
+# How far a timed-out request's wait may grow over its retries, as a multiple of the configured timeout.
+TIMEOUT_GROWTH = 8
 
 
 def _is_overload(err: RetryableError) -> bool:
@@ -161,6 +167,7 @@ class LLMClient:
         self._counters: Counter[str] = Counter()
         self._retries: Counter[str] = Counter()
         self._failures: Counter[str] = Counter()
+        self._longest_timeout = timeout
 
     @classmethod
     def from_config(cls, endpoint: EndpointConfig, cache_dir: str | os.PathLike, **overrides) -> LLMClient:
@@ -170,6 +177,7 @@ class LLMClient:
             model=endpoint.model,
             api_key=resolve_api_key(endpoint.api_key),
             concurrency=endpoint.concurrency,
+            adaptive=endpoint.adaptive,
             max_retries=endpoint.max_retries,
             timeout=endpoint.timeout_s,
         )
@@ -303,6 +311,7 @@ class LLMClient:
             "cache_repaired_bytes": self._cache.repaired_bytes,
             "cache_skipped_lines": self._cache.skipped_lines,
             **self._limit.stats(),
+            "timeout_longest_s": self._longest_timeout,
         }
 
     async def aclose(self) -> None:
@@ -333,14 +342,18 @@ class LLMClient:
             body["seed"] = request["seed"]
         extra_body = dict(request["params"]) or None
         attempt = 0
+        timeout = self.timeout
         while True:
             attempt += 1
             try:
-                text, finish_reason, usage = await self._attempt(body, extra_body)
+                text, finish_reason, usage = await self._attempt(body, extra_body, timeout)
             except RetryableError as err:
                 if attempt > self.max_retries:
                     return self._failed(key, err.reason, err.message, attempt, err.status)
                 self._retries[err.reason] += 1
+                if err.reason == "timeout" and self._limit.adaptive:
+                    timeout = min(2 * timeout, TIMEOUT_GROWTH * self.timeout)
+                    self._longest_timeout = max(self._longest_timeout, timeout)
                 delay = backoff_delay(
                     attempt,
                     err.retry_after,
@@ -370,13 +383,15 @@ class LLMClient:
                 self._counters["completion_tokens"] += int(usage.get("completion_tokens", 0) or 0)
             return Completion(text, finish_reason, usage, cached=False, key=key)
 
-    async def _attempt(self, body: dict, extra_body: dict | None) -> tuple[str, str | None, dict | None]:
+    async def _attempt(
+        self, body: dict, extra_body: dict | None, timeout: float
+    ) -> tuple[str, str | None, dict | None]:
         """One request on the wire, inside the adaptive limit, which learns from how it ended."""
         started = await self._limit.acquire()
         overloaded = False
         try:
             self._counters["requests_sent"] += 1
-            return await self._post(body, extra_body)
+            return await self._post(body, extra_body, timeout)
         except RetryableError as err:
             overloaded = _is_overload(err)
             raise
@@ -389,10 +404,14 @@ class LLMClient:
         error = LLMCallFailed(reason, message, attempts=attempts, status=status, key=key)
         return Completion(None, None, None, cached=False, error=error, key=key)
 
-    async def _post(self, body: dict, extra_body: dict | None) -> tuple[str, str | None, dict | None]:
+    async def _post(
+        self, body: dict, extra_body: dict | None, timeout: float
+    ) -> tuple[str, str | None, dict | None]:
         """One HTTP attempt: the parsed answer, else `RetryableError` or `FatalError`."""
         try:
-            raw = await self._client.chat.completions.with_raw_response.create(**body, extra_body=extra_body)
+            raw = await self._client.chat.completions.with_raw_response.create(
+                **body, extra_body=extra_body, timeout=timeout
+            )
             content = raw.http_response.content
         except Exception as err:
             raise classify(err, self._transport_errors) from err

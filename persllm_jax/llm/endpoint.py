@@ -22,7 +22,10 @@ class EndpointConfig:
     # empty: OPENAI_API_KEY, else a placeholder for local servers; `env:NAME`: environment
     # variable NAME. Kept out of repr so that logging a config cannot leak it.
     api_key: str = dataclasses.field(default="", repr=False)
-    concurrency: int = 8  # requests on the wire at once
+    concurrency: int = 8  # requests on the wire at once (the most, when adaptive)
+    # lower the concurrency on timeouts, 429 and 503 and raise it back slowly (additive increase,
+    # multiplicative decrease); false keeps exactly `concurrency` on the wire
+    adaptive: bool = True
     max_retries: int = 6  # retries after the first attempt
     timeout_s: float = 120.0  # per attempt
 
