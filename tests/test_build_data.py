@@ -286,3 +286,29 @@ def test_unknown_build_key_named(tmp_path):
     result = run_cli("build-data", "--config", CONFIG, "llm.modle=x", check=False, cwd=ROOT)
     assert result.returncode == 2
     assert "unknown config key 'llm.modle'" in result.stderr and "base_url" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_slow_server_is_not_stormed(server, tmp_path):
+    """The real server made slow (one request at a time, 0.5 s each, abandoned requests still computed):
+    a fixed pool of 8 with a 6 s timeout resends while the first copies queue; the adaptive client
+    backs off, waits longer on retries and finishes the build with fewer requests and no failures."""
+    stats = {}
+    for adaptive in (False, True):
+        with FaultProxy(server.base_url, slow_s=0.5) as proxy:
+            out = tmp_path / f"adaptive_{adaptive}"
+            build(
+                out, proxy.url, server.model, "personas=[holmes]", "limits.seeds_per_stage=4",
+                "general_data.path=", "llm.concurrency=8", "llm.timeout_s=6", "llm.max_retries=8",
+                f"llm.adaptive={str(adaptive).lower()}",
+            )  # fmt: skip
+            while proxy.server_in_flight:  # count what the server still computes for gone clients
+                time.sleep(0.2)
+            stats[adaptive] = json.loads((out / "stats.json").read_text())["llm"]
+            stats[adaptive]["reached_server"] = proxy.forwarded_total
+    fixed, adaptive = stats[False], stats[True]
+    assert fixed["retries"].get("timeout", 0) > 0, "the fixed pool must meet the overload"
+    assert adaptive["failures"] == 0 and adaptive["answered"] > fixed["answered"], (adaptive, fixed)
+    assert adaptive["requests_sent"] < fixed["requests_sent"], (adaptive, fixed)
+    assert adaptive["reached_server"] < fixed["reached_server"]
+    assert adaptive["concurrency_decreases"] >= 1 and adaptive["timeout_longest_s"] > 6
