@@ -25,7 +25,6 @@ from persllm_jax.data import (
 )
 
 ASSETS = Path(__file__).parent / "assets"
-TEMPLATES = ASSETS / "chat_templates"
 STAGE_TOKENS = ["<TIME-I>", "<TIME-II>", "<TIME-III>"]
 
 CONVERSATIONS = {
@@ -74,6 +73,14 @@ EXTRA_TEXTS = [" Hi ", "Hello."]
 def between_stage_tokens(text: str) -> list[str]:
     """The pieces of a text that BPE sees once the stage tokens are added (each stage token is matched first)."""
     return [piece for piece in re.split("|".join(map(re.escape, STAGE_TOKENS)), text) if piece]
+
+
+def audited_texts() -> set[str]:
+    """Every text the tests below tokenize with the Llama-3 and Qwen2 copies, whole and as BPE sees it."""
+    texts = {m["content"] for messages in CONVERSATIONS.values() for m in messages} | set(EXTRA_TEXTS)
+    texts |= {m["content"] for m in DIALOGUE["messages"]}
+    texts |= {m["content"] for key in ("prompt", "chosen", "rejected") for m in PAIR[key]}
+    return texts | {piece for text in texts for piece in between_stage_tokens(text)}
 
 
 # ---------------------------------------------------------------- tokenizers with three templates
@@ -188,9 +195,7 @@ def test_small_tokenizers_are_exact_on_every_test_text(name, request):
 
     tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tokenizers" / name)  # as made: no stage tokens
     covered = json.loads((ASSETS / "tokenizers" / name / "covered.json").read_text(encoding="utf-8"))
-    texts = {m["content"] for messages in CONVERSATIONS.values() for m in messages} | set(EXTRA_TEXTS)
-    texts |= {m["content"] for key in ("prompt", "chosen", "rejected") for m in PAIR[key]}
-    texts |= {piece for text in texts for piece in between_stage_tokens(text)}
+    texts = audited_texts()
     missing = texts - {entry["text"] for entry in covered}
     assert not missing, f"rerun tests/assets/make_tokenizers.py; not covered: {sorted(missing)}"
     assert len(covered) >= len(texts)

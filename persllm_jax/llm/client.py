@@ -351,7 +351,7 @@ class LLMClient:
                 if attempt > self.max_retries:
                     return self._failed(key, err.reason, err.message, attempt, err.status)
                 self._retries[err.reason] += 1
-                if err.reason == "timeout" and self._limit.adaptive:
+                if err.reason == TIMEOUT and self._limit.adaptive:
                     timeout = min(2 * timeout, TIMEOUT_GROWTH * self.timeout)
                     self._longest_timeout = max(self._longest_timeout, timeout)
                 delay = backoff_delay(

@@ -121,18 +121,11 @@ def reference_cases(models_dir: Path, name: str) -> list[tuple[str, list[int]]]:
 
 
 def test_texts() -> list[str]:
-    """Every message text of tests/test_chat_data.py, and each template rendered around them."""
+    """Every text tests/test_chat_data.py tokenizes with these tokenizers."""
     sys.path.insert(0, str(ASSETS.parents[1]))
     from tests import test_chat_data as audit
 
-    texts = set()
-    for messages in audit.CONVERSATIONS.values():
-        texts.update(m["content"] for m in messages)
-    for record in (audit.DIALOGUE, audit.PAIR):
-        for key in ("messages", "prompt", "chosen", "rejected"):
-            texts.update(m["content"] for m in record.get(key) or [])
-    texts.update(audit.EXTRA_TEXTS)
-    return sorted(texts | {piece for text in texts for piece in audit.between_stage_tokens(text)})
+    return sorted(audit.audited_texts())
 
 
 def rendered(texts: list[str], template_name: str) -> list[str]:
