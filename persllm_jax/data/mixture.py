@@ -28,6 +28,8 @@ class Mixture:
     sizes: tuple[int, ...]
     repeats: tuple[float, ...]
     seed: int = 0
+    # Independent orders from one seed: each batch row of the input pipeline has its own stream.
+    stream: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "sizes", tuple(int(n) for n in self.sizes))
@@ -53,7 +55,7 @@ class Mixture:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The [epoch_size, 2] (source, index) pairs of one epoch, in training order (read-only)."""
-        return _cached_epoch_order(self.sizes, self.repeats, self.seed, int(epoch))
+        return _cached_epoch_order(self.sizes, self.repeats, self.seed, int(epoch), self.stream)
 
     def examples(self, start: int, stop: int) -> np.ndarray:
         """Stream positions [start, stop) as [stop - start, 2] (source, index) pairs."""
@@ -107,23 +109,25 @@ def _copies(size: int, repeats: float) -> tuple[int, int]:
     return whole, min(size, math.floor((repeats - whole) * size + 0.5))
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=1024)
 def _cached_epoch_order(
-    sizes: tuple[int, ...], repeats: tuple[float, ...], seed: int, epoch: int
+    sizes: tuple[int, ...], repeats: tuple[float, ...], seed: int, epoch: int, stream: int | None = None
 ) -> np.ndarray:
-    """One epoch's order; cached because consecutive batches read the same epoch."""
+    """One epoch's order; cached because consecutive batches (and each row's next example) read
+    the same epoch."""
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
+    key = [seed] if stream is None else [seed, 1_000_003 + stream]
     parts = []
     for source, (size, r) in enumerate(zip(sizes, repeats)):
         whole, extra = _copies(size, r)
         # Each source draws its subset from its own stream, so changing one source leaves the others' alone.
-        subset_rng = np.random.default_rng([seed, epoch, 1 + source])
+        subset_rng = np.random.default_rng([*key, epoch, 1 + source])
         indices = np.concatenate(
             [np.tile(np.arange(size, dtype=np.int64), whole), np.sort(subset_rng.permutation(size)[:extra])]
         )
         parts.append(np.stack([np.full(len(indices), source, dtype=np.int64), indices], axis=1))
     order = np.concatenate(parts)
-    order = order[np.random.default_rng([seed, epoch, 0]).permutation(len(order))]
+    order = order[np.random.default_rng([*key, epoch, 0]).permutation(len(order))]
     order.flags.writeable = False
     return order

@@ -4,6 +4,8 @@ used by generation."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -19,15 +21,25 @@ from persllm_jax.model.splash import splash_attention
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
+class DenseMask(NamedTuple):
+    """A boolean [B, T, S] mask for cuDNN, which otherwise takes per-row lengths."""
+
+    mask_BTS: jax.Array
+
+
 def attend(q_BTNH, k_BSKH, v_BSKH, mask, impl: str = "xla"):
     """Grouped-query attention; N query heads share K key/value heads. Returns [B, T, N, H].
 
     `mask` is a boolean [B, T, S] (xla); for cudnn the number of real keys per row [B] (causal,
-    right padding: cuDNN's fused kernel takes lengths, not a dense mask); for splash the segment
-    id of every token [B, T] (causal within a segment, 0 = padding)."""
+    right padding: cuDNN's fused kernel takes lengths), or a `DenseMask` for packed rows;
+    for splash the segment id of every token [B, T] (causal within a segment, 0 = padding)."""
     if impl == "splash":
         return splash_attention(q_BTNH, k_BSKH, v_BSKH, mask)
     if impl == "cudnn":
+        if isinstance(mask, DenseMask):  # packed rows: the block-diagonal mask
+            return jax.nn.dot_product_attention(
+                q_BTNH, k_BSKH, v_BSKH, mask=mask.mask_BTS[:, None], is_causal=True, implementation="cudnn"
+            )
         return jax.nn.dot_product_attention(
             q_BTNH, k_BSKH, v_BSKH, is_causal=True, key_value_seq_lengths=mask, implementation="cudnn"
         )

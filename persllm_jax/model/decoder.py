@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from persllm_jax.model import rope
-from persllm_jax.model.attention import Attention
+from persllm_jax.model.attention import Attention, DenseMask
 from persllm_jax.model.config import ModelConfig
 from persllm_jax.model.layers import MLP, RMSNorm, param
 from persllm_jax.model.sharding import constrain
@@ -63,29 +63,18 @@ class CausalLM(nnx.Module):
             else param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
         )
 
-    def hidden_states(self, input_ids_BT, attention_mask_BT=None, positions_BT=None):
-        """Final-normed hidden states [B, T, D] in compute dtype."""
+    def hidden_states(self, input_ids_BT, attention_mask_BT=None, positions_BT=None, segment_ids_BT=None):
+        """Final-normed hidden states [B, T, D] in compute dtype.
+
+        Packed rows give `segment_ids_BT` (1, 2, ... for the sequences packed into a row, 0 for
+        padding) and `positions_BT` (each sequence's own positions, restarting at 0): a token then
+        attends only to the earlier tokens of its own segment. Without segment ids, the real tokens
+        of `attention_mask_BT` form one sequence per row."""
         cfg = self.cfg
         b, t = input_ids_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        if cfg.attention_impl == "cudnn":
-            _check_right_padded(attention_mask_BT)
-            mask = (
-                jnp.full((b,), t, jnp.int32)
-                if attention_mask_BT is None
-                else attention_mask_BT.astype(jnp.int32).sum(-1)
-            )
-        elif cfg.attention_impl == "splash":  # real tokens are segment 1, padding segment 0
-            mask = (
-                jnp.ones((b, t), jnp.int32)
-                if attention_mask_BT is None
-                else attention_mask_BT.astype(jnp.int32)
-            )
-        else:
-            mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), dtype=bool)), (b, t, t))
-            if attention_mask_BT is not None:
-                mask = mask & attention_mask_BT.astype(bool)[:, None, :]
+        mask = attention_mask(cfg.attention_impl, b, t, attention_mask_BT, segment_ids_BT)
         cos, sin = rope.cos_sin(cfg, positions_BT)
         x_BTD = self._embed(input_ids_BT)
         graphdef, stacked_state = nnx.split(self.layers)
@@ -148,6 +137,26 @@ class CausalLM(nnx.Module):
     def __call__(self, input_ids_BT, attention_mask_BT=None, positions_BT=None):
         """Logits [B, T, V] in float32."""
         return self.logits_from_hidden(self.hidden_states(input_ids_BT, attention_mask_BT, positions_BT))
+
+
+def attention_mask(impl: str, b: int, t: int, attention_mask_BT=None, segment_ids_BT=None):
+    """The mask in the form `attend` takes for `impl` (see attention.py)."""
+    packed = segment_ids_BT is not None
+    if not packed:
+        segment_ids_BT = (
+            jnp.ones((b, t), jnp.int32) if attention_mask_BT is None else attention_mask_BT.astype(jnp.int32)
+        )
+    segment_ids_BT = segment_ids_BT.astype(jnp.int32)
+    if impl == "splash":  # the kernel takes segment ids itself
+        return segment_ids_BT
+    if impl == "cudnn" and not packed:  # one sequence per row: cuDNN's fused kernel takes lengths
+        _check_right_padded(attention_mask_BT)
+        return jnp.full((b,), t, jnp.int32) if attention_mask_BT is None else segment_ids_BT.sum(-1)
+    same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    causal_TS = jnp.tril(jnp.ones((t, t), dtype=bool))
+    mask_BTS = same_BTS & causal_TS[None] & (segment_ids_BT[:, None, :] > 0)
+    # cuDNN with packed rows takes the block-diagonal mask as a dense one (with its causal flag).
+    return DenseMask(mask_BTS) if impl == "cudnn" else mask_BTS
 
 
 def _check_right_padded(attention_mask_BT) -> None:

@@ -4,6 +4,12 @@ Padding is on the right. `targets[b, t]` is the token after `input_ids[b, t]`; `
 says that target is trained on (an assistant token, or any token for plain text); padding has
 `attention_mask` False and `loss_mask` False. `persona_ids` / `stage_ids` index the run's
 persona and stage names (-1 = none) and only slice metrics; `length` only counts truncation.
+
+A packed row holds several sequences: `segment_ids` numbers them 1, 2, ... (0 = padding) and
+`positions` restarts at 0 in each, so a token attends only to its own sequence; the per-token
+`persona_ids`, `stage_ids` and `length` (each sequence's token count before cutting, at its
+first token, 0 elsewhere) then say which sequence a token belongs to. An unpacked batch may
+leave `segment_ids` and `positions` None and give per-row `persona_ids`, `stage_ids`, `length`.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ class SFTBatch:
     targets: jax.Array  # [B, T] int32
     loss_mask: jax.Array  # [B, T] bool
     attention_mask: jax.Array  # [B, T] bool
-    persona_ids: jax.Array  # [B] int32
-    stage_ids: jax.Array  # [B] int32
-    length: jax.Array  # [B] int32, tokens before the sequence was cut to T (> T: it was cut)
+    persona_ids: jax.Array  # [B] or [B, T] int32
+    stage_ids: jax.Array  # [B] or [B, T] int32
+    length: jax.Array  # [B] or [B, T] int32, tokens before the sequence was cut to T (> T: it was cut)
+    segment_ids: jax.Array | None = None  # [B, T] int32, packed rows
+    positions: jax.Array | None = None  # [B, T] int32, packed rows
 
 
 @struct.dataclass

@@ -5,6 +5,7 @@ Layout of a run directory:
     checkpoints/<step>/params          parameters (also what `load_pretrained(run_dir)` reads)
     checkpoints/<step>/opt_state       optimizer state, as a flat list of arrays
     checkpoints/<step>/data            JSON: step, data position, batch size and seeds
+    checkpoints/<step>/rows            JSON per process: the input pipeline's state of each batch row
 
 Restore order: the latest finished step under checkpoints/ (Orbax only renames a step directory
 into place once every item is written, so a run killed mid-save resumes from the step before).
@@ -13,8 +14,11 @@ Saves are asynchronous; `wait` blocks until the last one is on disk.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -25,6 +29,45 @@ from persllm_jax.train.state import TrainState
 log = logging.getLogger(__name__)
 
 
+class RowStatesHandler(ocp.CheckpointHandler):
+    """Each process writes the input-pipeline states of its batch rows to its own file; a restore
+    reads every file, so each process finds its rows whatever the number of processes was."""
+
+    def save(self, directory, args: RowStatesSave):
+        path = Path(directory) / f"rows_{jax.process_index()}.json"
+        path.write_text(json.dumps(args.states))
+
+    def restore(self, directory, args: RowStatesRestore | None = None) -> dict[str, Any]:
+        states: dict[str, Any] = {}
+        for path in sorted(Path(directory).glob("rows_*.json")):
+            states.update(json.loads(path.read_text()))
+        return states
+
+    def structure(self, directory):
+        return None
+
+    def metadata(self, directory):
+        return None
+
+    def finalize(self, directory):
+        pass
+
+    def close(self):
+        pass
+
+
+@ocp.args.register_with_handler(RowStatesHandler, for_save=True)
+@dataclasses.dataclass
+class RowStatesSave(ocp.args.CheckpointArgs):
+    states: dict
+
+
+@ocp.args.register_with_handler(RowStatesHandler, for_restore=True)
+@dataclasses.dataclass
+class RowStatesRestore(ocp.args.CheckpointArgs):
+    pass
+
+
 class Checkpointer:
     def __init__(self, run_dir: str | Path, keep: int, every_steps: int):
         self.directory = (Path(run_dir) / "checkpoints").absolute()
@@ -33,7 +76,7 @@ class Checkpointer:
             max_to_keep=keep, enable_async_checkpointing=True, create=True, save_interval_steps=1
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("params", "opt_state", "data")
+            self.directory, options=options, item_names=("params", "opt_state", "data", "rows")
         )
 
     def latest_step(self) -> int | None:
@@ -42,7 +85,7 @@ class Checkpointer:
     def due(self, step: int, max_steps: int) -> bool:
         return step == max_steps or (self.every_steps > 0 and step % self.every_steps == 0)
 
-    def save(self, step: int, state: TrainState, data: dict) -> None:
+    def save(self, step: int, state: TrainState, data: dict, rows: dict) -> None:
         params = nnx.to_pure_dict(state.params)
         opt_leaves = {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(state.opt_state))}
         self.manager.save(
@@ -51,12 +94,13 @@ class Checkpointer:
                 params=ocp.args.StandardSave(params),
                 opt_state=ocp.args.StandardSave(opt_leaves),
                 data=ocp.args.JsonSave(data),
+                rows=RowStatesSave(rows),
             ),
             force=True,
         )
         log.info("checkpoint of step %d started in %s", step, self.directory)
 
-    def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
+    def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict, dict]:
         """Restore onto the shardings carried by `abstract_state` (ShapeDtypeStruct leaves)."""
         params_target = nnx.to_pure_dict(abstract_state.params)
         opt_leaves, opt_def = jax.tree.flatten(abstract_state.opt_state)
@@ -67,6 +111,7 @@ class Checkpointer:
                 params=ocp.args.StandardRestore(params_target),
                 opt_state=ocp.args.StandardRestore(opt_target),
                 data=ocp.args.JsonRestore(),
+                rows=RowStatesRestore(),
             ),
         )
         params = jax.tree.map(lambda x: x, abstract_state.params)
@@ -76,7 +121,7 @@ class Checkpointer:
         )
         data = dict(restored["data"])
         state = TrainState(step=abstract_state.step, params=params, opt_state=opt_state)
-        return state, data
+        return state, data, dict(restored["rows"])
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -29,13 +29,17 @@ class DataSource:
 class DataSection:
     sources: tuple[DataSource, ...] = ()
     shuffle_seed: int = 0
+    workers: int = 2  # background tokenizing threads per batch row
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
     max_steps: int = 100
-    batch_size: int = 16  # sequences (DPO: pairs) per optimizer step, over all hosts
-    seq_len: int = 3000
+    batch_size: int = 16  # rows per optimizer step, over all hosts (unpacked: sequences, DPO pairs)
+    seq_len: int = 3000  # tokens per sequence (DPO: per side; a packed DPO row holds 2 x seq_len)
+    packing: bool = True  # several examples per row, each attending only to itself
+    packing_bins: int = 8  # rows the best-fit packer fills at once
+    max_segments: int = 64  # most examples (DPO: pairs) in one packed row
     grad_accum_steps: int = 1
     log_every: int = 1
     logits_chunk: int = 512  # sequence positions per chunk of the vocabulary projection in the loss

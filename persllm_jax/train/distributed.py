@@ -3,10 +3,12 @@ environment, and the device mesh from the `mesh` section."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 import jax
+import numpy as np
 
 from persllm_jax.model.sharding import make_mesh
 from persllm_jax.train.config import DistributedSection, MeshSection
@@ -55,3 +57,17 @@ def build_mesh(cfg: MeshSection, devices: list | None = None):
     return make_mesh(
         cfg.data, cfg.fsdp, cfg.tensor, devices=devices, dcn_data=cfg.dcn_data, dcn_fsdp=cfg.dcn_fsdp
     )
+
+
+def allgather_json(value) -> list:
+    """`value` (anything JSON can hold) from every process, in process order."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value, sort_keys=True).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.asarray([len(data)], np.int64))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: len(data)] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(row[: int(n)]).decode()) for row, n in zip(gathered, lengths)]

@@ -13,22 +13,28 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from persllm_jax.data import mixture
+from persllm_jax.data import mixture, pipeline
 from persllm_jax.data.readers import read_records
+from persllm_jax.train import distributed
 from persllm_jax.train.config import DataSource, RunConfig
 
 
-def load_sources(sources: Sequence[DataSource], convert: Callable[[dict], Any]) -> list[list[Any]]:
-    """Every source read and converted; an empty source is an error naming it."""
+def load_shards(
+    sources: Sequence[DataSource], convert: Callable[[dict], Any], keep: Callable[[int], bool]
+) -> tuple[list[list[tuple[tuple[int, int], Any]]], list[int]]:
+    """Each source's records that `keep` accepts (by `_index`), converted, as ((source, _index),
+    example) pairs, and how many records each source has in all processes (one empty is an error)."""
     if not sources:
         raise ValueError("data.sources is empty: give at least one {path, repeats, split}")
     loaded = []
-    for source in sources:
-        records = read_records(source.path, split=source.split or None)
-        if not records:
+    for number, source in enumerate(sources):
+        records = read_records(source.path, split=source.split or None, keep=keep)
+        loaded.append([((number, record["_index"]), convert(record)) for record in records])
+    totals = [sum(counts) for counts in zip(*distributed.allgather_json([len(s) for s in loaded]))]
+    for source, total in zip(sources, totals):
+        if not total:
             raise ValueError(f"data source {source.path} has no records for split {source.split!r}")
-        loaded.append([convert(record) for record in records])
-    return loaded
+    return loaded, totals
 
 
 # Where an example was read from (file, line) and the id derived from it when a record has none
@@ -36,26 +42,35 @@ def load_sources(sources: Sequence[DataSource], convert: Callable[[dict], Any]) 
 _NOT_CONTENT = ("id", "origin")
 
 
-def fingerprint(examples: list[list[Any]], extra: dict) -> str:
-    """A hash of the examples' content and the settings that fix the data order (checked on
-    resume, and part of the reference cache's key)."""
+def example_digest(example) -> str:
+    """A hash of what an example trains on (not where it was read from)."""
+    content = [getattr(example, f.name) for f in dataclasses.fields(example) if f.name not in _NOT_CONTENT]
+    return hashlib.sha256(repr(content).encode()).hexdigest()[:16]
+
+
+def fingerprint(local: list[list[tuple[tuple[int, int], Any]]], extra: dict) -> str:
+    """A hash of every process's examples (with their places) and the settings that fix the data
+    order (checked on resume, and part of the reference cache's key). Each process hashes only the
+    examples it read; the digests are exchanged, so every process gets the same fingerprint."""
+    mine = {f"{key[0]}:{key[1]}": example_digest(example) for source in local for key, example in source}
+    everything: dict[str, str] = {}
+    for part in distributed.allgather_json(mine):
+        everything.update(part)
     digest = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
-    for source in examples:
-        digest.update(b"\x00source")
-        for example in source:
-            content = [
-                getattr(example, f.name) for f in dataclasses.fields(example) if f.name not in _NOT_CONTENT
-            ]
-            digest.update(repr(content).encode())
+    digest.update(json.dumps(sorted(everything.items())).encode())
     return digest.hexdigest()[:16]
 
 
 class GroupNames:
-    """Persona and stage names -> small integer ids for metric slices (-1 = none)."""
+    """Persona and stage names (of every process's examples) -> small integer ids for metric
+    slices (-1 = none)."""
 
     def __init__(self, examples: list[list[Any]]):
-        self.personas = sorted({e.persona for s in examples for e in s if e.persona})
-        self.stages = sorted({e.stage for s in examples for e in s if e.stage})
+        personas = sorted({e.persona for s in examples for e in s if e.persona})
+        stages = sorted({e.stage for s in examples for e in s if e.stage})
+        gathered = distributed.allgather_json([personas, stages])
+        self.personas = sorted({name for part in gathered for name in part[0]})
+        self.stages = sorted({name for part in gathered for name in part[1]})
 
     def ids(self, example) -> tuple[int, int]:
         persona = self.personas.index(example.persona) if example.persona in self.personas else -1
@@ -74,45 +89,71 @@ def sliced_means(prefix: str, sums: np.ndarray, counts: np.ndarray, names: list[
     return {f"{prefix}/{kind}={name}": float(s / c) for name, s, c in zip(names, sums, counts) if c > 0}
 
 
-class DataOrder:
-    """Which examples each process loads at each step (see data/mixture.py): the rows of the
-    global batch that its devices hold under the batch sharding."""
-
-    def __init__(self, sizes: list[int], repeats: list[float], batch_size: int, seed: int, rows: np.ndarray):
-        self.mixture = mixture.Mixture(tuple(sizes), tuple(repeats), seed)
-        self.batch_size, self.rows = batch_size, rows
-
-    def local_examples(self, step: int) -> list[tuple[int, int]]:
-        return [(int(s), int(i)) for s, i in self.mixture.batch_rows(step, self.batch_size, self.rows)]
-
-
 class TaskData:
-    """A task's examples, metric groups, data order and fingerprint, from `data.sources`."""
+    """A task's examples (this process's shards), metric groups, row streams and fingerprint,
+    from `data.sources` (see data/pipeline.py for which rows read what)."""
 
     def __init__(self, cfg: RunConfig, convert: Callable[[dict], Any], mesh):
         self.cfg = cfg
-        self.examples = load_sources(cfg.data.sources, convert)
+        batch = cfg.train.batch_size
+        self.rows = process_rows(batch_sharding(mesh), batch)
+        held = set(self.rows.tolist())
+        local, self.totals = load_shards(cfg.data.sources, convert, lambda i: pipeline.shard_of(i, batch) in held)
+        self.records_read = sum(len(s) for s in local)
+        self.examples = [[example for _, example in source] for source in local]
         self.groups = GroupNames(self.examples)
-        repeats = [s.repeats for s in cfg.data.sources]
-        self.rows = process_rows(batch_sharding(mesh), cfg.train.batch_size)
-        self.order = DataOrder(
-            [len(s) for s in self.examples], repeats, cfg.train.batch_size, cfg.data.shuffle_seed, self.rows
+        self.repeats = [s.repeats for s in cfg.data.sources]
+        self.shards = {
+            int(row): pipeline.RowShard(
+                int(row),
+                tuple(
+                    tuple(item for item in source if pipeline.shard_of(item[0][1], batch) == row)
+                    for source in local
+                ),
+            )
+            for row in self.rows
+        }
+        for row, shard in self.shards.items():
+            if not any(len(s) * r for s, r in zip(shard.examples, self.repeats)):
+                raise ValueError(
+                    f"batch row {row} has no examples: the sources hold {self.totals} records, and row r "
+                    f"reads the records at positions r, r + {batch}, ...; lower train.batch_size to at "
+                    "most the number of records"
+                )
+        self.fingerprint = fingerprint(local, {"seq_len": cfg.train.seq_len, "repeats": self.repeats})
+
+    def orders(self) -> dict[int, mixture.Mixture]:
+        return {row: shard.mixture(self.repeats, self.cfg.data.shuffle_seed) for row, shard in self.shards.items()}
+
+    def host_rows(self, features, names, options: pipeline.PipelineOptions, pad) -> pipeline.HostRows:
+        """This process's row streams over `features(key, example)` (see data/pipeline.py)."""
+        orders = self.orders()
+        return pipeline.HostRows(
+            {
+                row: pipeline.row_dataset(shard, orders[row], features, names, options, pad)
+                for row, shard in self.shards.items()
+            }
         )
-        self.fingerprint = fingerprint(self.examples, {"seq_len": cfg.train.seq_len, "repeats": repeats})
 
-    def local_picks(self, step: int) -> list[tuple[tuple[int, int], Any]]:
-        """((source, index), example) of the rows this process loads at `step`."""
-        return [((s, i), self.examples[s][i]) for s, i in self.order.local_examples(step)]
-
-    def group_ids(self, picks) -> np.ndarray:
-        """[rows, 2] persona and stage ids of picked examples."""
-        return np.asarray([self.groups.ids(e) for _, e in picks], np.int32).reshape(-1, 2)
+    def group_ids(self, example) -> tuple[int, int]:
+        return self.groups.ids(example)
 
     def position(self, step: int) -> dict:
         return data_position(step, self.cfg, self.fingerprint)
 
     def check_resume(self, saved: dict) -> None:
         check_resume(saved, self.cfg, self.fingerprint)
+
+
+def pipeline_options(cfg: RunConfig, row_len: int) -> pipeline.PipelineOptions:
+    return pipeline.PipelineOptions(
+        row_len=row_len,
+        packing=cfg.train.packing,
+        packing_bins=cfg.train.packing_bins,
+        max_segments=cfg.train.max_segments,
+        threads=cfg.data.workers,
+        seed=cfg.data.shuffle_seed,
+    )
 
 
 def batch_sharding(mesh) -> NamedSharding:
@@ -158,13 +199,16 @@ def data_position(step: int, cfg: RunConfig, data_fingerprint: str) -> dict:
         "batch_size": cfg.train.batch_size,
         "shuffle_seed": cfg.data.shuffle_seed,
         "data_fingerprint": data_fingerprint,
+        "packing": cfg.train.packing,
+        "packing_bins": cfg.train.packing_bins,
+        "max_segments": cfg.train.max_segments,
     }
 
 
 def check_resume(saved: dict, cfg: RunConfig, data_fingerprint: str) -> None:
     """Resuming with another batch size, seed or data would silently skip or repeat examples."""
     expected = data_position(saved.get("step", 0), cfg, data_fingerprint)
-    for key in ("batch_size", "shuffle_seed", "data_fingerprint"):
+    for key in ("batch_size", "shuffle_seed", "data_fingerprint", "packing", "packing_bins", "max_segments"):
         if saved.get(key) != expected[key]:
             raise ValueError(
                 f"cannot resume: the checkpoint was written with {key}={saved.get(key)!r} but the "

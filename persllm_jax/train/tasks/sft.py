@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from persllm_jax import losses
-from persllm_jax.data import chat_tokenize, formats
+from persllm_jax.data import chat_tokenize, formats, pipeline
 from persllm_jax.train.batches import SFTBatch
 from persllm_jax.train.config import RunConfig
 from persllm_jax.train.tasks import common
@@ -18,9 +18,8 @@ from persllm_jax.train.tasks.token_cache import TokenCache
 log = logging.getLogger(__name__)
 
 
-def stack_rows(rows: list[dict]) -> dict[str, np.ndarray]:
-    """Per-example training arrays -> [rows, ...] arrays."""
-    return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
+# The per-token arrays of one SFT example in the input pipeline (see data/pipeline.py).
+FEATURES = ("input_ids", "targets", "loss_mask", "persona", "stage", "length")
 
 
 def sft_arrays(tokenizer, example, seq_len: int) -> dict[str, np.ndarray]:
@@ -32,43 +31,86 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def sequence_features(arrays: chat_tokenize.TrainingArrays, persona: int, stage: int) -> dict[str, np.ndarray]:
+    """One cut sequence's real tokens as pipeline features; ids are stored +1 so that padding
+    (0) reads as -1, no group."""
+    n = int(arrays.attention_mask.sum())
+    length = np.zeros(n, np.int32)
+    length[0] = arrays.length
+    return {
+        "input_ids": arrays.input_ids[:n],
+        "targets": arrays.targets[:n],
+        "loss_mask": arrays.loss_mask[:n],
+        "persona": np.full(n, persona + 1, np.int32),
+        "stage": np.full(n, stage + 1, np.int32),
+        "length": length,
+    }
+
+
+def batch_from_rows(rows: dict[str, np.ndarray]) -> SFTBatch:
+    """Stacked pipeline rows (packed or one segment each) -> an SFTBatch in the packed layout."""
+    return SFTBatch(
+        input_ids=rows["input_ids"],
+        targets=rows["targets"],
+        loss_mask=rows["loss_mask"],
+        attention_mask=rows["segment_ids"] > 0,
+        persona_ids=rows["persona"] - 1,
+        stage_ids=rows["stage"] - 1,
+        length=rows["length"],
+        segment_ids=rows["segment_ids"],
+        positions=rows["positions"],
+    )
+
+
+def token_logps(model, batch: SFTBatch, chunk_size: int):
+    """Log-probs of every target [B, T] (packed rows: each sequence sees only itself)."""
+    hidden = model.hidden_states(batch.input_ids, batch.attention_mask, batch.positions, batch.segment_ids)
+    return losses.token_logps(hidden, model.output_kernel(), batch.targets, chunk_size=chunk_size)
+
+
 def sequence_nll(model, batch: SFTBatch, chunk_size: int):
-    """Summed negative log-likelihood of the trained targets per sequence [B], and their count [B]."""
-    hidden = model.hidden_states(batch.input_ids, batch.attention_mask)
-    logps = losses.token_logps(hidden, model.output_kernel(), batch.targets, chunk_size=chunk_size)
+    """Summed negative log-likelihood of the trained targets per row [B], and their count [B]."""
+    logps = token_logps(model, batch, chunk_size)
     mask = batch.loss_mask.astype(jnp.float32)
     return -(logps * mask).sum(-1), mask.sum(-1)
 
 
+def per_token(ids, shape):
+    """Per-row ids [B] broadcast to the tokens [B, T]; per-token ids as they are."""
+    return ids if ids.ndim == 2 else jnp.broadcast_to(ids[:, None], shape)
+
+
 def sft_loss(model, batch: SFTBatch, *, chunk_size: int, num_personas: int = 0, num_stages: int = 0):
     """(summed NLL of trained tokens, their count, metric sums incl. per-persona/stage slices)."""
-    nll_B, count_B = sequence_nll(model, batch, chunk_size)
+    logps = token_logps(model, batch, chunk_size)
+    mask = batch.loss_mask.astype(jnp.float32)
+    nll_BT = -(logps * mask)
+    shape = batch.input_ids.shape
+    persona, stage = per_token(batch.persona_ids, shape).reshape(-1), per_token(batch.stage_ids, shape).reshape(-1)
     sums = {
         "tokens": batch.attention_mask.sum().astype(jnp.float32),
-        "truncated": (batch.length > batch.input_ids.shape[1]).sum().astype(jnp.float32),
-        "persona_nll": common.segment_sums(nll_B, batch.persona_ids, num_personas),
-        "persona_count": common.segment_sums(count_B, batch.persona_ids, num_personas),
-        "stage_nll": common.segment_sums(nll_B, batch.stage_ids, num_stages),
-        "stage_count": common.segment_sums(count_B, batch.stage_ids, num_stages),
+        "truncated": (batch.length > shape[1]).sum().astype(jnp.float32),
+        "persona_nll": common.segment_sums(nll_BT.reshape(-1), persona, num_personas),
+        "persona_count": common.segment_sums(mask.reshape(-1), persona, num_personas),
+        "stage_nll": common.segment_sums(nll_BT.reshape(-1), stage, num_stages),
+        "stage_count": common.segment_sums(mask.reshape(-1), stage, num_stages),
     }
-    return nll_B.sum(), count_B.sum(), sums
+    return nll_BT.sum(), mask.sum(), sums
 
 
 def batch_shardings(mesh) -> SFTBatch:
     sharding = common.batch_sharding(mesh)
-    return SFTBatch(*([sharding] * 7))
+    return SFTBatch(*([sharding] * 9))
 
 
-def abstract_batch(cfg: RunConfig, shardings: SFTBatch, rows: int | None = None) -> SFTBatch:
+def abstract_batch(cfg: RunConfig, shardings: SFTBatch, rows: int | None = None, row_len: int = 0) -> SFTBatch:
     """The shapes and dtypes of a global batch (what `SFTTask.global_batch` returns), no data."""
-    b, t = rows or cfg.train.batch_size, cfg.train.seq_len
+    b, t = rows or cfg.train.batch_size, row_len or cfg.train.seq_len
     shapes = {"input_ids": ((b, t), jnp.int32), "targets": ((b, t), jnp.int32), "loss_mask": ((b, t), bool)}
     shapes |= {
-        "attention_mask": ((b, t), bool),
-        "persona_ids": ((b,), jnp.int32),
-        "stage_ids": ((b,), jnp.int32),
-        "length": ((b,), jnp.int32),
+        name: ((b, t), jnp.int32) for name in ("persona_ids", "stage_ids", "length", "segment_ids", "positions")
     }
+    shapes["attention_mask"] = ((b, t), bool)
     return SFTBatch(
         **{
             name: jax.ShapeDtypeStruct(shape, dtype, sharding=getattr(shardings, name))
@@ -98,26 +140,28 @@ class SFTTask:
         self.frozen, self.frozen_shardings = None, None
         self._tokens = TokenCache(lambda example: chat_tokenize.tokenize_sft(tokenizer, example))
         self.longest_seen = 0  # tokens of the longest sequence this host has loaded, before cutting
+        self.rows = self.data.host_rows(
+            self._features, FEATURES, common.pipeline_options(cfg, cfg.train.seq_len), pipeline.one_segment
+        )
         log.info(
-            "SFT data: %s examples from %d sources; personas %s; stages %s",
+            "SFT data: %s examples from %d sources (this process's rows); personas %s; stages %s; packing %s",
             [len(s) for s in self.examples],
             len(self.examples),
             self.groups.personas,
             self.groups.stages,
+            "on" if cfg.train.packing else "off",
         )
 
+    def _features(self, key, example) -> dict[str, np.ndarray]:
+        tokens = self._tokens.get(key, example)
+        arrays = chat_tokenize.to_training_arrays(tokens, self.cfg.train.seq_len, pad_id(self.tokenizer))
+        return sequence_features(arrays, *self.data.group_ids(example))
+
     def host_batch(self, step: int) -> SFTBatch:
-        picked = self.data.local_picks(step)
-        seq_len, pad = self.cfg.train.seq_len, pad_id(self.tokenizer)
-        rows = stack_rows(
-            [
-                chat_tokenize.to_training_arrays(self._tokens.get(k, e), seq_len, pad)._asdict()
-                for k, e in picked
-            ]
-        )
-        ids = self.data.group_ids(picked)
-        self.longest_seen = max(self.longest_seen, int(rows["length"].max()))
-        return SFTBatch(**rows, persona_ids=ids[:, 0], stage_ids=ids[:, 1])
+        """This process's rows of the next global batch (the pipeline keeps its own position)."""
+        batch = batch_from_rows(self.rows.next())
+        self.longest_seen = max(self.longest_seen, int(batch.length.max()))
+        return batch
 
     def global_batch(self, step: int) -> SFTBatch:
         return common.to_global(
@@ -127,6 +171,7 @@ class SFTTask:
     def metrics_record(self, values: dict) -> dict:
         record = {k: float(values[k]) for k in ("loss", "grad_norm", "learning_rate", "tokens", "truncated")}
         record["trained_tokens"] = float(values["count"])
+        record["packing_efficiency"] = float(values["tokens"]) / (self.cfg.train.batch_size * self.cfg.train.seq_len)
         record.update(
             common.sliced_means(
                 "loss", values["persona_nll"], values["persona_count"], self.groups.personas, "persona"
@@ -142,5 +187,14 @@ class SFTTask:
     def data_position(self, step: int) -> dict:
         return self.data.position(step)
 
+    def data_state(self) -> dict:
+        return self.rows.state()
+
+    def restore_data_state(self, states: dict) -> None:
+        self.rows.restore(states)
+
     def check_resume(self, saved: dict) -> None:
         self.data.check_resume(saved)
+
+    def close(self) -> None:
+        self.rows.close()
