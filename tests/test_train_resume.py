@@ -33,31 +33,33 @@ def test_stop_and_resume_is_exact(sft_reference_run, tmp_path):
 
 @pytest.mark.slow
 def test_cut_sequences_are_counted_and_reported(tmp_path):
-    """seq_len 48 cuts some of the tiny dialogues: the per-step counts equal a count made here by
-    tokenizing each step's examples, and the run warns and sums them up."""
+    """seq_len 48 cuts some of the tiny dialogues: the per-step counts (unpacked: one example per
+    row) equal a count made here by tokenizing each row's examples in the documented order (row
+    r reads the records dealt to it, in its own mixture order), and the run warns and sums them up."""
     import transformers
 
     from persllm_jax import configlib
     from persllm_jax.data import Mixture, read_records, sft_example, tokenize_sft
+    from persllm_jax.data.pipeline import row_of_records
+    from persllm_jax.data.readers import count_records
     from persllm_jax.train.config import RunConfig
 
     run_dir = tmp_path / "run"
-    result = train("sft", run_dir, "train.seq_len=48", "train.max_steps=3", env=EIGHT_DEVICES)
+    result = train(
+        "sft", run_dir, "train.seq_len=48", "train.max_steps=3", "train.packing=false", env=EIGHT_DEVICES
+    )
     cfg = configlib.load(RunConfig, SFT)
     tokenizer = transformers.AutoTokenizer.from_pretrained(ROOT / cfg.model.tokenizer)
     tokenizer.add_tokens(list(cfg.model.add_tokens), special_tokens=True)
-    sources = [
-        [sft_example(r) for r in read_records(ROOT / s.path, split=s.split or None)] for s in cfg.data.sources
-    ]
-    mixture = Mixture(
-        tuple(map(len, sources)), tuple(s.repeats for s in cfg.data.sources), cfg.data.shuffle_seed
-    )
-    expected = []
-    for step in range(3):
-        lengths = [
-            len(tokenize_sft(tokenizer, sources[s][i]).input_ids) for s, i in mixture.global_batch(step, 8)
-        ]
-        expected.append(sum(n > 48 for n in lengths))
+    batch, seed = cfg.train.batch_size, cfg.data.shuffle_seed
+    records = [read_records(ROOT / s.path, split=s.split or None) for s in cfg.data.sources]
+    dealt = [row_of_records(count_records(ROOT / s.path), batch, seed) for s in cfg.data.sources]
+    expected = [0, 0, 0]
+    for row in range(batch):
+        shard = [[sft_example(r) for r in source if rows[r["_index"]] == row] for source, rows in zip(records, dealt)]
+        order = Mixture(tuple(map(len, shard)), tuple(s.repeats for s in cfg.data.sources), seed, stream=row)
+        for step, (s, i) in enumerate(order.examples(0, 3)):
+            expected[step] += len(tokenize_sft(tokenizer, shard[s][i]).input_ids) > 48
     assert sum(expected) > 0, "the test needs sequences longer than 48 tokens"
     assert [r["truncated"] for r in read_metrics(run_dir / "metrics.jsonl")] == expected
     assert "were longer than train.seq_len=48 and were cut" in result.stderr

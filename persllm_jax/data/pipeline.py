@@ -2,7 +2,7 @@
 every source, tokenizing in background threads, and packing (or padding) examples into rows.
 
 Row r of a global batch of B rows reads the records whose position in their source (`_index`,
-counted before split filtering) is r mod B, orders them by its own mixture (the sources'
+counted before split filtering) are dealt to r (`row_of_records`), orders them by its own mixture (the sources'
 repeats, shuffled from `data.shuffle_seed` and r, see mixture.py) and turns each into a row:
 - packed: grain's best-fit packer fills rows of `row_len` tokens from the row's next examples,
   several sequences per row, each a segment (ids 1, 2, ...; 0 is padding) with its own positions;
@@ -43,9 +43,14 @@ class PipelineOptions:
     seed: int = 0
 
 
-def shard_of(index: int, batch_size: int) -> int:
-    """The batch row that reads the record at position `index` of its source."""
-    return index % batch_size
+def row_of_records(num_records: int, batch_size: int, seed: int) -> np.ndarray:
+    """The batch row that reads each record position of a source: the positions dealt to the
+    rows in a seeded random order, so rows hold equal numbers of records (within one) and a
+    pattern in the file (every 8th record held out) is spread over all rows."""
+    order = np.random.default_rng([seed, 0x5EED]).permutation(num_records)
+    rows = np.empty(num_records, np.int64)
+    rows[order] = np.arange(num_records) % batch_size
+    return rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +88,21 @@ def row_dataset(
     else:
         ds = ds.map(lambda f: pad(f, options.row_len))
     return grain_exp.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=options.prefetch)
+
+
+def one_pass(
+    shard: RowShard,
+    features: Callable[[Key, Any], Features],
+    names: Sequence[str],
+    options: PipelineOptions,
+    pad: Callable[[Features, int], Features],
+) -> grain.IterDataset:
+    """Every example of the shard once, in source order, as rows (packed or padded): for passes
+    over the data that are not training (the DPO reference log-probs, evaluation)."""
+    items = [item for source in shard.examples for item in source]
+    read = grain.ReadOptions(num_threads=options.threads, prefetch_buffer_size=max(options.threads * 2, 1))
+    ds = grain.MapDataset.source(items).map(lambda item: features(*item)).to_iter_dataset(read)
+    return pack(ds, options, names) if options.packing else ds.map(lambda f: pad(f, options.row_len))
 
 
 def pack(ds: grain.IterDataset, options: PipelineOptions, names: Sequence[str]) -> grain.IterDataset:

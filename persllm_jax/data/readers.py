@@ -55,6 +55,36 @@ def read_records(path: str | Path, split: str | None = None, keep: Keep | None =
     return [r for r in records if r.get("split") is None or r.get("split") == split]
 
 
+def count_records(path: str | Path, split: str | None = None) -> int:
+    """How many records `read_records` numbers in a source (before split filtering), without
+    parsing them: JSONL's non-blank lines, Parquet's row count, a dataset's length."""
+    path = Path(path)
+    if path.is_dir():
+        import datasets
+
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError as e:
+            raise DataError(f"{path}: not a datasets directory saved with save_to_disk ({e})") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            name = split or DEFAULT_SPLIT
+            if name not in loaded:
+                raise DataError(f"{path}: no split {name!r}; available splits: {', '.join(sorted(loaded))}")
+            loaded = loaded[name]
+        return len(loaded)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory (expected JSONL, Parquet or a datasets directory)")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except Exception as e:  # pyarrow raises several types for a damaged file
+            raise DataError(f"{path}: cannot read as Parquet ({e})") from None
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
 def _read_jsonl(path: Path, keep: Keep | None = None) -> list[dict[str, Any]]:
     """One JSON object per line; blank lines are skipped."""
     records, index = [], -1

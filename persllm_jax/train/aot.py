@@ -148,7 +148,7 @@ def compile_step(task: str, cfg: RunConfig, devices: list) -> dict:
         frozen, frozen_shardings = None, None
     else:
         dpo.check_settings(cfg)
-        shardings = dpo.batch_shardings(mesh)
+        shardings = dpo.batch_shardings(mesh, packed=cfg.train.packing)
         batch, loss_fn = dpo.abstract_batch(cfg, shardings), dpo.make_loss_fn(cfg, program.graphdef, 1, 1)
         frozen_shardings = program.params_shardings if cfg.dpo.reference == "frozen" else None
         frozen = program.abstract_params if frozen_shardings is not None else None

@@ -37,3 +37,17 @@ class DPOBatch:
     rejected: SFTBatch  # prompt + rejected answer
     ref_chosen_logps: jax.Array  # [B] float32, summed over the answer (cached reference pass)
     ref_rejected_logps: jax.Array  # [B] float32
+
+
+@struct.dataclass
+class PackedDPOBatch:
+    """Several pairs per row. In `tokens` ([B, 2 * seq_len]), pair slot k of a row is segments
+    2k + 1 (prompt + chosen) and 2k + 2 (prompt + rejected), each attending only to itself; the
+    per-pair arrays are [B, P], P = the most pairs a row holds, `valid` False on empty slots."""
+
+    tokens: SFTBatch
+    ref_chosen_logps: jax.Array  # [B, P] float32
+    ref_rejected_logps: jax.Array  # [B, P] float32
+    valid: jax.Array  # [B, P] bool
+    persona_ids: jax.Array  # [B, P] int32
+    stage_ids: jax.Array  # [B, P] int32

@@ -172,15 +172,19 @@ def train(cfg: RunConfig, make_task: Callable) -> Path:
             state = program.init_state(params)
             del params, initial_params
         else:
-            state, data = checkpointer.restore(resume_step, program.abstract_state())
+            state, data, rows = checkpointer.restore(resume_step, program.abstract_state())
             state = state.replace(
                 step=jax.device_put(jnp.asarray(data["step"], jnp.int32), program.shardings.step)
             )
             task.check_resume(data)
+            task.restore_data_state(rows)
             log.info("resumed from step %d in %s", resume_step, checkpointer.directory)
 
         step_fn = program.jit_step(task.loss_fn, task.batch_shardings, task.frozen_shardings)
-        _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step)
+        try:
+            _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step)
+        finally:
+            task.close()
     checkpointer.close()
     if is_main:
         png = plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", f"{task.name} {run_dir.name}")
@@ -242,7 +246,7 @@ def _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step) -> None
                 stop = preemption.reached(step + 1) or (step + 1) == cfg.train.stop_after
                 if checkpointer.due(step + 1, max_steps) or stop:
                     flush()
-                    checkpointer.save(step + 1, state, task.data_position(step + 1))
+                    checkpointer.save(step + 1, state, task.data_position(step + 1), task.data_state())
                 if stop:
                     log.warning("stopped after step %d (checkpoint saved); run again to resume", step + 1)
                     break

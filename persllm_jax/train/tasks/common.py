@@ -14,27 +14,31 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from persllm_jax.data import mixture, pipeline
-from persllm_jax.data.readers import read_records
+from persllm_jax.data.readers import count_records, read_records
 from persllm_jax.train import distributed
 from persllm_jax.train.config import DataSource, RunConfig
 
 
 def load_shards(
-    sources: Sequence[DataSource], convert: Callable[[dict], Any], keep: Callable[[int], bool]
-) -> tuple[list[list[tuple[tuple[int, int], Any]]], list[int]]:
-    """Each source's records that `keep` accepts (by `_index`), converted, as ((source, _index),
-    example) pairs, and how many records each source has in all processes (one empty is an error)."""
+    sources: Sequence[DataSource], convert: Callable[[dict], Any], batch_size: int, held: set[int], seed: int
+) -> tuple[list[list[tuple[tuple[int, int], Any]]], list[int], list[np.ndarray]]:
+    """Each source's records that batch rows `held` read (see `pipeline.row_of_records`),
+    converted, as ((source, _index), example) pairs; how many records each source has over all
+    processes (one with none is an error); and the row of each record position."""
     if not sources:
         raise ValueError("data.sources is empty: give at least one {path, repeats, split}")
-    loaded = []
+    loaded, row_of = [], []
     for number, source in enumerate(sources):
-        records = read_records(source.path, split=source.split or None, keep=keep)
+        split = source.split or None
+        rows = pipeline.row_of_records(count_records(source.path, split), batch_size, seed)
+        records = read_records(source.path, split=split, keep=lambda i, rows=rows: int(rows[i]) in held)
         loaded.append([((number, record["_index"]), convert(record)) for record in records])
+        row_of.append(rows)
     totals = [sum(counts) for counts in zip(*distributed.allgather_json([len(s) for s in loaded]))]
     for source, total in zip(sources, totals):
         if not total:
             raise ValueError(f"data source {source.path} has no records for split {source.split!r}")
-    return loaded, totals
+    return loaded, totals, row_of
 
 
 # Where an example was read from (file, line) and the id derived from it when a record has none
@@ -98,7 +102,7 @@ class TaskData:
         batch = cfg.train.batch_size
         self.rows = process_rows(batch_sharding(mesh), batch)
         held = set(self.rows.tolist())
-        local, self.totals = load_shards(cfg.data.sources, convert, lambda i: pipeline.shard_of(i, batch) in held)
+        local, self.totals, row_of = load_shards(cfg.data.sources, convert, batch, held, cfg.data.shuffle_seed)
         self.records_read = sum(len(s) for s in local)
         self.examples = [[example for _, example in source] for source in local]
         self.groups = GroupNames(self.examples)
@@ -107,7 +111,7 @@ class TaskData:
             int(row): pipeline.RowShard(
                 int(row),
                 tuple(
-                    tuple(item for item in source if pipeline.shard_of(item[0][1], batch) == row)
+                    tuple(item for item in source if row_of[item[0][0]][item[0][1]] == row)
                     for source in local
                 ),
             )
@@ -116,9 +120,8 @@ class TaskData:
         for row, shard in self.shards.items():
             if not any(len(s) * r for s, r in zip(shard.examples, self.repeats)):
                 raise ValueError(
-                    f"batch row {row} has no examples: the sources hold {self.totals} records, and row r "
-                    f"reads the records at positions r, r + {batch}, ...; lower train.batch_size to at "
-                    "most the number of records"
+                    f"batch row {row} has no examples: the sources hold {self.totals} records, each "
+                    f"read by one of {batch} rows; lower train.batch_size well below the number of records"
                 )
         self.fingerprint = fingerprint(local, {"seq_len": cfg.train.seq_len, "repeats": self.repeats})
 

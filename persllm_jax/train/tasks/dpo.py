@@ -18,12 +18,13 @@ from flax import nnx
 from tqdm import tqdm
 
 from persllm_jax import losses
-from persllm_jax.data import chat_tokenize, formats
-from persllm_jax.train.batches import DPOBatch, SFTBatch
+from persllm_jax.data import chat_tokenize, formats, pipeline
+from persllm_jax.train import distributed
+from persllm_jax.train.batches import DPOBatch, PackedDPOBatch, SFTBatch
 from persllm_jax.train.config import DPOSection, RunConfig
 from persllm_jax.train.tasks import common, sft
-from persllm_jax.train.tasks.reference_cache import ReferenceCache, gather, tokenizer_fingerprint
-from persllm_jax.train.tasks.sft import pad_id, sequence_nll, stack_rows
+from persllm_jax.train.tasks.reference_cache import SIDES, ReferenceCache, gather, tokenizer_fingerprint
+from persllm_jax.train.tasks.sft import pad_id, sequence_nll, token_logps
 from persllm_jax.train.tasks.token_cache import TokenCache
 
 log = logging.getLogger(__name__)
@@ -49,15 +50,116 @@ def flat_pair(pair: chat_tokenize.TokenizedPair) -> dict[str, np.ndarray]:
 
 
 def pair_side(rows: dict, side: str, persona_ids, stage_ids) -> SFTBatch:
+    mask = rows[f"{side}_attention_mask"]
     return SFTBatch(
         input_ids=rows[f"{side}_input_ids"],
         targets=rows[f"{side}_targets"],
         loss_mask=rows[f"{side}_loss_mask"],
-        attention_mask=rows[f"{side}_attention_mask"],
+        attention_mask=mask,
         persona_ids=persona_ids,
         stage_ids=stage_ids,
         length=rows[f"{side}_length"],
+        segment_ids=np.asarray(mask, np.int32),
+        positions=np.broadcast_to(np.arange(mask.shape[-1], dtype=np.int32), mask.shape),
     )
+
+
+# The per-token arrays of one pair in the packed input pipeline: prompt + chosen, then prompt +
+# rejected, `side` 1 / 2, each side's own positions, the cached reference log-prob of each side at
+# its first token, and where the pair was read (for the reference pass).
+PACKED_FEATURES = (
+    "input_ids",
+    "targets",
+    "loss_mask",
+    "persona",
+    "stage",
+    "length",
+    "side",
+    "token_positions",
+    "ref_logp",
+    "key_source",
+    "key_index",
+)
+
+
+def packed_pair_features(pair: chat_tokenize.TokenizedPair, key, persona: int, stage: int, ref) -> dict:
+    """One pair as a packed element; `ref` = (chosen, rejected) reference log-probs or None."""
+    sides = [sft.sequence_features(arrays, persona, stage) for arrays in (pair.chosen, pair.rejected)]
+    out = {name: np.concatenate([side[name] for side in sides]) for name in sides[0]}
+    n_c, n_r = (len(side["input_ids"]) for side in sides)
+    out["length"][:] = 0
+    out["length"][0] = max(int(pair.chosen.length), int(pair.rejected.length))  # a cut pair counts once
+    out["side"] = np.repeat(np.asarray([1, 2], np.int32), [n_c, n_r])
+    out["token_positions"] = np.concatenate([np.arange(n_c), np.arange(n_r)]).astype(np.int32)
+    out["ref_logp"] = np.zeros(n_c + n_r, np.float32)
+    if ref is not None:
+        out["ref_logp"][0], out["ref_logp"][n_c] = ref
+    out["key_source"] = np.full(n_c + n_r, key[0], np.int32)
+    out["key_index"] = np.full(n_c + n_r, key[1], np.int32)
+    return out
+
+
+def packed_batch(rows: dict, max_pairs: int) -> tuple[PackedDPOBatch, np.ndarray]:
+    """Stacked packed rows -> a PackedDPOBatch, and the [B, P, 2] (source, index) of each slot
+    (-1 on empty slots)."""
+    pair_BT, side_BT = rows["segment_ids"], rows["side"]
+    b = pair_BT.shape[0]
+    segments = np.where(pair_BT > 0, 2 * (pair_BT - 1) + side_BT, 0).astype(np.int32)
+    tokens = SFTBatch(
+        input_ids=rows["input_ids"],
+        targets=rows["targets"],
+        loss_mask=rows["loss_mask"],
+        attention_mask=pair_BT > 0,
+        persona_ids=rows["persona"] - 1,
+        stage_ids=rows["stage"] - 1,
+        length=rows["length"],
+        segment_ids=segments,
+        positions=rows["token_positions"],
+    )
+    slot = np.where(pair_BT > 0, pair_BT - 1, max_pairs)  # max_pairs: padding's bin, dropped
+    row = np.broadcast_to(np.arange(b)[:, None], slot.shape)
+    chosen = side_BT == 1
+
+    def per_slot(values, where, fill, dtype):
+        out = np.full((b, max_pairs + 1), fill, dtype)
+        out[row[where], slot[where]] = values[where]
+        return out[:, :max_pairs]
+
+    first = np.zeros_like(chosen)
+    first[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first[:, 0] = segments[:, 0] > 0
+    ref_c = per_slot(rows["ref_logp"], first & chosen, 0.0, np.float32)
+    ref_r = per_slot(rows["ref_logp"], first & (side_BT == 2), 0.0, np.float32)
+    valid = per_slot(np.ones_like(chosen), chosen, False, bool)
+    persona = per_slot(rows["persona"] - 1, chosen, -1, np.int32)
+    stage = per_slot(rows["stage"] - 1, chosen, -1, np.int32)
+    keys = np.stack(
+        [per_slot(rows["key_source"], chosen, -1, np.int64), per_slot(rows["key_index"], chosen, -1, np.int64)],
+        axis=-1,
+    )
+    batch = PackedDPOBatch(
+        tokens=tokens, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r, valid=valid,
+        persona_ids=persona, stage_ids=stage,
+    )  # fmt: skip
+    return batch, keys
+
+
+def packed_pair_logps(model, tokens: SFTBatch, max_pairs: int, chunk_size: int):
+    """Summed answer log-probs and answer lengths of every pair slot, one forward pass over the
+    packed rows: (chosen_logps [B, P], rejected_logps, chosen_lengths, rejected_lengths)."""
+    b = tokens.input_ids.shape[0]
+    mask = tokens.loss_mask.astype(jnp.float32)
+    logps = token_logps(model, tokens, chunk_size) * mask
+    bins = 2 * max_pairs + 1  # slot k's chosen, rejected at 2k, 2k + 1; padding in the last
+    local = jnp.where(tokens.segment_ids > 0, tokens.segment_ids - 1, 2 * max_pairs)
+    flat = (jnp.arange(b, dtype=jnp.int32)[:, None] * bins + local).reshape(-1)
+
+    def per_slot(values_BT):
+        sums = jax.ops.segment_sum(values_BT.reshape(-1), flat, b * bins).reshape(b, bins)
+        return sums[:, : 2 * max_pairs].reshape(b, max_pairs, 2)
+
+    summed, counts = per_slot(logps), per_slot(mask)
+    return summed[..., 0], summed[..., 1], counts[..., 0], counts[..., 1]
 
 
 def pair_logps(model, chosen: SFTBatch, rejected: SFTBatch, chunk_size: int):
@@ -109,7 +211,7 @@ def metric_sums(chosen_B, rejected_B, policy_c, policy_r) -> dict:
 
 def dpo_batch_loss(
     model,
-    batch: DPOBatch,
+    batch: DPOBatch | PackedDPOBatch,
     reference,
     *,
     dpo: DPOSection,
@@ -119,13 +221,31 @@ def dpo_batch_loss(
 ):
     """(summed per-pair losses, number of pairs, metric sums incl. per-persona/stage slices).
     `reference` is a frozen model, or None to use the cached log-probs carried by the batch."""
-    policy_c, policy_r, len_c, len_r = pair_logps(model, batch.chosen, batch.rejected, chunk_size)
-    if reference is not None:
-        ref_c, ref_r, _, _ = jax.lax.stop_gradient(
-            pair_logps(reference, batch.chosen, batch.rejected, chunk_size)
-        )
+    if isinstance(batch, PackedDPOBatch):
+        pairs = batch.valid.shape[1]
+
+        def logps(m):
+            return packed_pair_logps(m, batch.tokens, pairs, chunk_size)
+
+        valid = batch.valid.reshape(-1)
+        persona_ids, stage_ids = batch.persona_ids.reshape(-1), batch.stage_ids.reshape(-1)
+        tokens = batch.tokens.attention_mask.sum()
+        cut = (batch.tokens.length > batch.tokens.input_ids.shape[1] // 2).sum()
     else:
-        ref_c, ref_r = batch.ref_chosen_logps, batch.ref_rejected_logps
+
+        def logps(m):
+            return pair_logps(m, batch.chosen, batch.rejected, chunk_size)
+
+        valid = jnp.ones(batch.chosen.input_ids.shape[:1], bool)
+        persona_ids, stage_ids = batch.chosen.persona_ids, batch.chosen.stage_ids
+        tokens = batch.chosen.attention_mask.sum() + batch.rejected.attention_mask.sum()
+        seq_len = batch.chosen.input_ids.shape[1]
+        cut = ((batch.chosen.length > seq_len) | (batch.rejected.length > seq_len)).sum()
+    policy_c, policy_r, len_c, len_r = (x.reshape(-1) for x in logps(model))
+    if reference is not None:
+        ref_c, ref_r = (x.reshape(-1) for x in jax.lax.stop_gradient(logps(reference)[:2]))
+    else:
+        ref_c, ref_r = batch.ref_chosen_logps.reshape(-1), batch.ref_rejected_logps.reshape(-1)
     loss_B, chosen_B, rejected_B = preference_loss(
         policy_c,
         policy_r,
@@ -137,25 +257,22 @@ def dpo_batch_loss(
         loss_type=dpo.loss_type,
         label_smoothing=dpo.label_smoothing,
     )
-    tokens = batch.chosen.attention_mask.sum() + batch.rejected.attention_mask.sum()
-    seq_len = batch.chosen.input_ids.shape[1]
-    cut_B = (batch.chosen.length > seq_len) | (batch.rejected.length > seq_len)
+    weight = valid.astype(jnp.float32)
+    loss_B, chosen_B, rejected_B = loss_B * weight, chosen_B * weight, rejected_B * weight
     sums = {
         "tokens": tokens.astype(jnp.float32),
-        "truncated": cut_B.sum().astype(jnp.float32),
-        **metric_sums(chosen_B, rejected_B, policy_c, policy_r),
+        "truncated": cut.astype(jnp.float32),
+        **metric_sums(chosen_B, rejected_B, policy_c * weight, policy_r * weight),
     }
-    correct_B = (chosen_B > rejected_B).astype(jnp.float32)
-    margin_B, ones = chosen_B - rejected_B, jnp.ones_like(loss_B)
-    for kind, ids, count in (
-        ("persona", batch.chosen.persona_ids, num_personas),
-        ("stage", batch.chosen.stage_ids, num_stages),
-    ):
-        sums[f"{kind}_count"] = common.segment_sums(ones, ids, count)
+    correct_B = ((chosen_B > rejected_B) & valid).astype(jnp.float32)
+    margin_B = chosen_B - rejected_B
+    persona_ids, stage_ids = jnp.where(valid, persona_ids, -1), jnp.where(valid, stage_ids, -1)
+    for kind, ids, count in (("persona", persona_ids, num_personas), ("stage", stage_ids, num_stages)):
+        sums[f"{kind}_count"] = common.segment_sums(weight, ids, count)
         sums[f"{kind}_accuracies"] = common.segment_sums(correct_B, ids, count)
         sums[f"{kind}_margins"] = common.segment_sums(margin_B, ids, count)
         sums[f"{kind}_loss"] = common.segment_sums(jax.lax.stop_gradient(loss_B), ids, count)
-    return loss_B.sum(), jnp.asarray(loss_B.shape[0], jnp.float32), sums
+    return loss_B.sum(), weight.sum(), sums
 
 
 def check_settings(cfg: RunConfig) -> None:
@@ -166,20 +283,33 @@ def check_settings(cfg: RunConfig) -> None:
     losses.dpo_loss(zero, zero, zero, zero, loss_type=cfg.dpo.loss_type)
 
 
-def batch_shardings(mesh) -> DPOBatch:
+def batch_shardings(mesh, packed: bool = False) -> DPOBatch | PackedDPOBatch:
     sharding = common.batch_sharding(mesh)
     side = sft.batch_shardings(mesh)
+    if packed:
+        return PackedDPOBatch(side, *([sharding] * 5))
     return DPOBatch(chosen=side, rejected=side, ref_chosen_logps=sharding, ref_rejected_logps=sharding)
 
 
-def abstract_batch(cfg: RunConfig, shardings: DPOBatch) -> DPOBatch:
+def abstract_batch(cfg: RunConfig, shardings: DPOBatch | PackedDPOBatch) -> DPOBatch | PackedDPOBatch:
     """The shapes and dtypes of a global batch of pairs (what `DPOTask.global_batch` returns)."""
-    pairs = cfg.train.batch_size
+    rows = cfg.train.batch_size
+    if isinstance(shardings, PackedDPOBatch):
+        slots = (rows, cfg.train.max_segments)
+        dtypes = (jnp.float32, jnp.float32, bool, jnp.int32, jnp.int32)
+        names = ("ref_chosen_logps", "ref_rejected_logps", "valid", "persona_ids", "stage_ids")
+        return PackedDPOBatch(
+            tokens=sft.abstract_batch(cfg, shardings.tokens, row_len=2 * cfg.train.seq_len),
+            **{
+                name: jax.ShapeDtypeStruct(slots, dtype, sharding=getattr(shardings, name))
+                for name, dtype in zip(names, dtypes)
+            },
+        )
     return DPOBatch(
         chosen=sft.abstract_batch(cfg, shardings.chosen),
         rejected=sft.abstract_batch(cfg, shardings.rejected),
-        ref_chosen_logps=jax.ShapeDtypeStruct((pairs,), jnp.float32, sharding=shardings.ref_chosen_logps),
-        ref_rejected_logps=jax.ShapeDtypeStruct((pairs,), jnp.float32, sharding=shardings.ref_rejected_logps),
+        ref_chosen_logps=jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=shardings.ref_chosen_logps),
+        ref_rejected_logps=jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=shardings.ref_rejected_logps),
     )
 
 
@@ -221,16 +351,17 @@ class DPOTask:
         check_settings(cfg)
         self.cfg, self.tokenizer, self.graphdef, self.mesh = cfg, tokenizer, graphdef, mesh
         self.model_cfg = model_cfg
+        self.packed, self.max_pairs = cfg.train.packing, cfg.train.max_segments
         self.data = common.TaskData(cfg, formats.preference_example, mesh)
         self.examples, self.groups = self.data.examples, self.data.groups
-        self.batch_shardings = batch_shardings(mesh)
+        self.batch_shardings = batch_shardings(mesh, self.packed)
         self.loss_fn = make_loss_fn(cfg, graphdef, len(self.groups.personas), len(self.groups.stages))
         self._tokens = TokenCache(lambda example: chat_tokenize.tokenize_pair_sides(tokenizer, example))
         self.longest_seen = 0  # tokens of the longest side this host has loaded, before cutting
+        self.reference = None  # {(source, index): (chosen, rejected)} of this process's pairs
         if cfg.dpo.reference == "frozen":
             self.frozen = initial_params() if callable(initial_params) else initial_params
             self.frozen_shardings = params_shardings
-            self.reference = None
         else:
             self.frozen, self.frozen_shardings = None, None
             cache = ReferenceCache(
@@ -244,7 +375,10 @@ class DPOTask:
                 "tokens": m.add_tokens,
                 "dtype": m.dtype,
             }
-            self.reference = cache.load_or_compute(initial_params, self._compute_reference, source)
+            self.reference = self._local_reference(
+                cache.load_or_compute(initial_params, self._compute_reference, source)
+            )
+        self.rows = self.data.host_rows(self._features, self._names, self._options(), self._pad)
 
     def _logp_settings(self) -> dict:
         """What, besides the data and the weights, changes a reference log-prob."""
@@ -255,44 +389,66 @@ class DPOTask:
             "compute_dtype": self.model_cfg.compute_dtype,
             "attention": self.model_cfg.attention_impl,
             "logits_chunk": self.cfg.train.logits_chunk,
+            "packing": self.packed,
         }
 
     # -- data ------------------------------------------------------------------------------
 
-    def _rows(self, picked):
-        seq_len, pad = self.cfg.train.seq_len, pad_id(self.tokenizer)
-        pairs = []
-        for key, example in picked:
-            chosen, rejected = self._tokens.get(key, example)
-            pairs.append(
-                flat_pair(chat_tokenize.pair_training_arrays(example.id, chosen, rejected, seq_len, pad))
-            )
-        return stack_rows(pairs)
+    @property
+    def _names(self):
+        return PACKED_FEATURES if self.packed else ()
 
-    def host_batch(self, step: int) -> DPOBatch:
-        picked = self.data.local_picks(step)
-        keys = [key for key, _ in picked]
-        rows = self._rows(picked)
-        ids = self.data.group_ids(picked)
+    def _options(self):
+        return common.pipeline_options(self.cfg, 2 * self.cfg.train.seq_len if self.packed else self.cfg.train.seq_len)
+
+    @staticmethod
+    def _pad(features, row_len):
+        return features  # unpacked pairs are padded by `pair_training_arrays`
+
+    def _features(self, key, example) -> dict[str, np.ndarray]:
+        seq_len, pad = self.cfg.train.seq_len, pad_id(self.tokenizer)
+        chosen, rejected = self._tokens.get(key, example)
+        pair = chat_tokenize.pair_training_arrays(example.id, chosen, rejected, seq_len, pad)
+        persona, stage = self.data.group_ids(example)
+        ref = None if self.reference is None else self.reference.get(tuple(key))
+        if self.packed:
+            return packed_pair_features(pair, key, persona, stage, ref)
+        ref = (0.0, 0.0) if ref is None else ref
+        return {
+            **flat_pair(pair),
+            "persona": np.int32(persona),
+            "stage": np.int32(stage),
+            "ref_chosen": np.float32(ref[0]),
+            "ref_rejected": np.float32(ref[1]),
+            "key_source": np.int64(key[0]),
+            "key_index": np.int64(key[1]),
+        }
+
+    def _batch(self, rows: dict) -> tuple[DPOBatch | PackedDPOBatch, np.ndarray]:
+        """Stacked pipeline rows -> the batch and each pair's (source, index), -1 where empty."""
+        if self.packed:
+            batch, keys = packed_batch(rows, self.max_pairs)
+            self.longest_seen = max(self.longest_seen, int(rows["length"].max()))
+            return batch, keys
         self.longest_seen = max(
             self.longest_seen, int(rows["chosen_length"].max()), int(rows["rejected_length"].max())
         )
-        if self.reference is not None:
-            ref_c = np.asarray([self.reference["chosen"][s][i] for s, i in keys], np.float32)
-            ref_r = np.asarray([self.reference["rejected"][s][i] for s, i in keys], np.float32)
-        else:
-            ref_c = ref_r = np.zeros(len(keys), np.float32)
-        return DPOBatch(
-            chosen=pair_side(rows, "chosen", ids[:, 0], ids[:, 1]),
-            rejected=pair_side(rows, "rejected", ids[:, 0], ids[:, 1]),
-            ref_chosen_logps=ref_c,
-            ref_rejected_logps=ref_r,
+        batch = DPOBatch(
+            chosen=pair_side(rows, "chosen", rows["persona"], rows["stage"]),
+            rejected=pair_side(rows, "rejected", rows["persona"], rows["stage"]),
+            ref_chosen_logps=rows["ref_chosen"],
+            ref_rejected_logps=rows["ref_rejected"],
         )
+        return batch, np.stack([rows["key_source"], rows["key_index"]], axis=-1)[:, None]
 
-    def global_batch(self, step: int) -> DPOBatch:
+    def host_batch(self, step: int) -> DPOBatch | PackedDPOBatch:
+        """This process's rows of the next global batch (the pipeline keeps its own position)."""
+        return self._batch(self.rows.next())[0]
+
+    def global_batch(self, step: int) -> DPOBatch | PackedDPOBatch:
         return common.to_global(
             self.host_batch(step),
-            self.batch_shardings.ref_chosen_logps,
+            common.batch_sharding(self.mesh),
             self.data.rows,
             self.cfg.train.batch_size,
         )
@@ -300,38 +456,81 @@ class DPOTask:
     # -- the reference pass ----------------------------------------------------------------
 
     def _compute_reference(self, params) -> dict:
-        """One sharded forward pass over every pair, in the micro-batch shape of the train step
-        (chosen and rejected concatenated, as in `loss_fn`), so that at step 0 the policy's
-        log-probs reproduce the reference's."""
-        batch_size = self.cfg.train.batch_size // self.cfg.train.grad_accum_steps
-        chunk, graphdef = self.cfg.train.logits_chunk, self.graphdef
+        """One sharded forward pass over every pair, in the layout of the train step (packed
+        rows, or chosen and rejected concatenated as in `loss_fn`), so that at step 0 the
+        policy's log-probs reproduce the reference's. Each row passes once over its own shard;
+        the result, `{side: [array per source, by record position]}`, is gathered from every
+        process (NaN where a position holds no pair)."""
+        chunk, graphdef, max_pairs = self.cfg.train.logits_chunk, self.graphdef, self.max_pairs
+        options = self._options()
 
         @jax.jit
-        def reference_logps(params, chosen: SFTBatch, rejected: SFTBatch):
-            return pair_logps(nnx.merge(graphdef, params), chosen, rejected, chunk)[:2]
+        def reference_logps(params, batch):
+            model = nnx.merge(graphdef, params)
+            if isinstance(batch, PackedDPOBatch):
+                return packed_pair_logps(model, batch.tokens, max_pairs, chunk)[:2]
+            return pair_logps(model, batch.chosen, batch.rejected, chunk)[:2]
 
-        keys = [(s, i) for s, source in enumerate(self.examples) for i in range(len(source))]
-        out = {
-            side: [np.zeros(len(source), np.float32) for source in self.examples]
-            for side in ("chosen", "rejected")
-        }
-        sharding = self.batch_shardings.ref_chosen_logps
-        held = common.process_rows(sharding, batch_size)
-        for start in tqdm(
-            range(0, len(keys), batch_size), desc="reference log-probs", disable=jax.process_index() != 0
-        ):
-            chunk_keys = keys[start : start + batch_size]
-            padded = chunk_keys + [chunk_keys[0]] * (batch_size - len(chunk_keys))
-            local = [padded[row] for row in held]
-            rows = self._rows([(k, self.examples[k[0]][k[1]]) for k in local])
-            ids = np.full(len(local), -1, np.int32)
-            sides = [
-                common.to_global(pair_side(rows, side, ids, ids), sharding, held, batch_size)
-                for side in ("chosen", "rejected")
-            ]
-            for side, values in zip(("chosen", "rejected"), reference_logps(params, *sides)):
-                for (s, i), value in zip(chunk_keys, gather(values)[: len(chunk_keys)]):
-                    out[side][s][i] = value
+        iterators = [
+            iter(pipeline.one_pass(self.data.shards[row], self._features, self._names, options, self._pad))
+            for row in self.data.rows
+        ]
+        template = self._features(*self._any_local_pair())
+        empty = (
+            pipeline.one_segment({k: np.zeros(0, v.dtype) for k, v in template.items()}, options.row_len)
+            if self.packed
+            else {**{k: np.zeros_like(v) for k, v in template.items()}, "key_source": np.int64(-1)}
+        )
+        found: dict[str, list[float]] = {}
+        sharding, batch_size = common.batch_sharding(self.mesh), self.cfg.train.batch_size
+        bar = tqdm(desc="reference log-probs", unit=" rows", disable=jax.process_index() != 0)
+        while True:
+            parts = [next(it, None) for it in iterators]
+            if not any(distributed.allgather_json(any(p is not None for p in parts))):
+                break
+            rows = {k: np.stack([empty[k] if p is None else p[k] for p in parts]) for k in empty}
+            batch, keys = self._batch(rows)
+            values = reference_logps(params, common.to_global(batch, sharding, self.data.rows, batch_size))
+            chosen, rejected = (gather(v).reshape(batch_size, -1)[self.data.rows] for v in values)
+            for (s, i), c, r in zip(keys.reshape(-1, 2), chosen.reshape(-1), rejected.reshape(-1)):
+                if s >= 0:
+                    found[f"{s}:{i}"] = [float(c), float(r)]
+            bar.update(batch_size)
+        bar.close()
+        everything: dict[str, list[float]] = {}
+        for part in distributed.allgather_json(found):
+            everything.update(part)
+        sizes = [0] * len(self.cfg.data.sources)
+        for key in everything:
+            s, i = map(int, key.split(":"))
+            sizes[s] = max(sizes[s], i + 1)
+        out = {side: [np.full(n, np.nan, np.float32) for n in sizes] for side in ("chosen", "rejected")}
+        for key, (c, r) in everything.items():
+            s, i = map(int, key.split(":"))
+            out["chosen"][s][i], out["rejected"][s][i] = c, r
+        return out
+
+    def _any_local_pair(self):
+        for shard in self.data.shards.values():
+            for source in shard.examples:
+                if source:
+                    return source[0]
+        raise ValueError("this process's batch rows hold no preference pairs")
+
+    def _local_reference(self, reference: dict) -> dict:
+        """{(source, index): (chosen, rejected)} for this process's pairs; a pair without a cached
+        value means the cache does not match the data."""
+        out = {}
+        for shard in self.data.shards.values():
+            for source in shard.examples:
+                for (s, i), _ in source:
+                    c, r = (reference[side][s][i] if i < len(reference[side][s]) else np.nan for side in SIDES)
+                    if not (np.isfinite(c) and np.isfinite(r)):
+                        raise ValueError(
+                            f"the reference log-probs cache has no value for pair {i} of source {s}; delete "
+                            "the run's reference_logps directory to recompute it"
+                        )
+                    out[(s, i)] = (float(c), float(r))
         return out
 
     # -- the loss ----------------------------------------------------------------------------
@@ -339,6 +538,10 @@ class DPOTask:
     def metrics_record(self, values: dict) -> dict:
         pairs = float(values["count"])
         record = {k: float(values[k]) for k in ("loss", "grad_norm", "learning_rate", "tokens", "truncated")}
+        record["pairs"] = pairs
+        record["packing_efficiency"] = float(values["tokens"]) / (
+            2 * self.cfg.train.batch_size * self.cfg.train.seq_len
+        )
         for key in DPO_METRICS:
             record[key] = float(values[key]) / pairs
         for kind, names in (("persona", self.groups.personas), ("stage", self.groups.stages)):
@@ -356,5 +559,14 @@ class DPOTask:
     def data_position(self, step: int) -> dict:
         return self.data.position(step)
 
+    def data_state(self) -> dict:
+        return self.rows.state()
+
+    def restore_data_state(self, states: dict) -> None:
+        self.rows.restore(states)
+
     def check_resume(self, saved: dict) -> None:
         self.data.check_resume(saved)
+
+    def close(self) -> None:
+        self.rows.close()
