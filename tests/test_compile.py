@@ -65,9 +65,8 @@ def _tiny_state_bytes_per_device(fsdp: int) -> int:
 def test_sft_on_fake_cpu_devices_holds_its_shards(tmp_path):
     result, report = _compile("sft", "cpu:8", tmp_path)
     assert set(report) == KEYS and report["devices"] == 8 and report["fits"] is True
-    batch_bytes = (8 // 8) * 128 * (4 + 4 + 1 + 1) + (8 // 8) * (
-        4 + 4 + 4
-    )  # ids, targets, 2 masks; group ids, length
+    # per token: ids, targets, 2 masks; persona, stage, length, segment ids, positions (int32)
+    batch_bytes = (8 // 8) * 128 * (4 + 4 + 1 + 1 + 5 * 4)
     counters = 3 * 4  # the step and two optimizer counts
     assert report["argument_bytes"] == _tiny_state_bytes_per_device(8) + batch_bytes + counters
     assert report["alias_bytes"] == _tiny_state_bytes_per_device(8) + counters  # the state is donated

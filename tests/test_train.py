@@ -2,6 +2,7 @@
 export and errors."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -81,9 +82,16 @@ def test_splash_attention_run_equals_xla(sft_reference_run, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_equal_one(sft_reference_run, tmp_path):
-    """Two processes with 4 fake devices each = one process with 8 (fsdp 8 over both)."""
-    _two_processes(tmp_path / "run")
+    """Two processes with 4 fake devices each = one process with 8 (fsdp 8 over both), and each
+    process reads only the records of its own batch rows."""
+    logs = _two_processes(tmp_path / "run")
     np.testing.assert_allclose(losses(tmp_path / "run"), losses(sft_reference_run), rtol=1e-5)
+    read = [re.search(r"process (\d) read (\d+) of (\d+) records", log) for log in logs]
+    assert all(read), "each process logs what it read"
+    counts = {int(m.group(1)): (int(m.group(2)), int(m.group(3))) for m in read}
+    assert sorted(counts) == [0, 1]
+    total = counts[0][1]
+    assert counts[0][0] + counts[1][0] == total and 0 < counts[0][0] < total and 0 < counts[1][0] < total
 
 
 @pytest.mark.slow

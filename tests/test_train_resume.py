@@ -56,7 +56,10 @@ def test_cut_sequences_are_counted_and_reported(tmp_path):
     dealt = [row_of_records(count_records(ROOT / s.path), batch, seed) for s in cfg.data.sources]
     expected = [0, 0, 0]
     for row in range(batch):
-        shard = [[sft_example(r) for r in source if rows[r["_index"]] == row] for source, rows in zip(records, dealt)]
+        shard = [
+            [sft_example(r) for r in source if rows[r["_index"]] == row]
+            for source, rows in zip(records, dealt)
+        ]
         order = Mixture(tuple(map(len, shard)), tuple(s.repeats for s in cfg.data.sources), seed, stream=row)
         for step, (s, i) in enumerate(order.examples(0, 3)):
             expected[step] += len(tokenize_sft(tokenizer, shard[s][i]).input_ids) > 48

@@ -100,7 +100,7 @@ def test_the_sft_step_counts_cut_rows():
     class Uniform:
         """Stand-in model: every hidden state zero, so every log-prob is -log V."""
 
-        def hidden_states(self, ids, mask):
+        def hidden_states(self, ids, mask, positions=None, segment_ids=None):
             return jnp.zeros((*ids.shape, 4))
 
         def output_kernel(self):

@@ -113,6 +113,9 @@ def _two_processes(run_dir, *overrides, wait=True):
     ]
     if not wait:
         return processes
+    logs = []
     for process in processes:
         out, err = process.communicate(timeout=900)
         assert process.returncode == 0, err[-3000:]
+        logs.append(err)
+    return logs

@@ -33,7 +33,9 @@ def location(record: dict[str, Any]) -> str:
 Keep = Callable[[int], bool]
 
 
-def read_records(path: str | Path, split: str | None = None, keep: Keep | None = None) -> list[dict[str, Any]]:
+def read_records(
+    path: str | Path, split: str | None = None, keep: Keep | None = None
+) -> list[dict[str, Any]]:
     """All records of a JSONL file, a Parquet file or a `save_to_disk` directory, filtered by `split`.
 
     With `keep`, only the records whose `_index` it accepts are parsed (a host's shard): the
@@ -73,7 +75,9 @@ def count_records(path: str | Path, split: str | None = None) -> int:
             loaded = loaded[name]
         return len(loaded)
     if not path.exists():
-        raise DataError(f"{path}: no such file or directory (expected JSONL, Parquet or a datasets directory)")
+        raise DataError(
+            f"{path}: no such file or directory (expected JSONL, Parquet or a datasets directory)"
+        )
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,6 +18,8 @@ from persllm_jax.data import mixture, pipeline
 from persllm_jax.data.readers import count_records, read_records
 from persllm_jax.train import distributed
 from persllm_jax.train.config import DataSource, RunConfig
+
+log = logging.getLogger(__name__)
 
 
 def load_shards(
@@ -102,7 +105,9 @@ class TaskData:
         batch = cfg.train.batch_size
         self.rows = process_rows(batch_sharding(mesh), batch)
         held = set(self.rows.tolist())
-        local, self.totals, row_of = load_shards(cfg.data.sources, convert, batch, held, cfg.data.shuffle_seed)
+        local, self.totals, row_of = load_shards(
+            cfg.data.sources, convert, batch, held, cfg.data.shuffle_seed
+        )
         self.records_read = sum(len(s) for s in local)
         self.examples = [[example for _, example in source] for source in local]
         self.groups = GroupNames(self.examples)
@@ -124,9 +129,15 @@ class TaskData:
                     f"read by one of {batch} rows; lower train.batch_size well below the number of records"
                 )
         self.fingerprint = fingerprint(local, {"seq_len": cfg.train.seq_len, "repeats": self.repeats})
+        log.info(
+            "process %d read %d of %d records (the shards of its %d batch rows)",
+            jax.process_index(), self.records_read, sum(self.totals), len(self.rows),
+        )  # fmt: skip
 
     def orders(self) -> dict[int, mixture.Mixture]:
-        return {row: shard.mixture(self.repeats, self.cfg.data.shuffle_seed) for row, shard in self.shards.items()}
+        return {
+            row: shard.mixture(self.repeats, self.cfg.data.shuffle_seed) for row, shard in self.shards.items()
+        }
 
     def host_rows(self, features, names, options: pipeline.PipelineOptions, pad) -> pipeline.HostRows:
         """This process's row streams over `features(key, example)` (see data/pipeline.py)."""

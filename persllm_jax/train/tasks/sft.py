@@ -31,7 +31,9 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def sequence_features(arrays: chat_tokenize.TrainingArrays, persona: int, stage: int) -> dict[str, np.ndarray]:
+def sequence_features(
+    arrays: chat_tokenize.TrainingArrays, persona: int, stage: int
+) -> dict[str, np.ndarray]:
     """One cut sequence's real tokens as pipeline features; ids are stored +1 so that padding
     (0) reads as -1, no group."""
     n = int(arrays.attention_mask.sum())
@@ -86,7 +88,10 @@ def sft_loss(model, batch: SFTBatch, *, chunk_size: int, num_personas: int = 0, 
     mask = batch.loss_mask.astype(jnp.float32)
     nll_BT = -(logps * mask)
     shape = batch.input_ids.shape
-    persona, stage = per_token(batch.persona_ids, shape).reshape(-1), per_token(batch.stage_ids, shape).reshape(-1)
+    persona, stage = (
+        per_token(batch.persona_ids, shape).reshape(-1),
+        per_token(batch.stage_ids, shape).reshape(-1),
+    )
     sums = {
         "tokens": batch.attention_mask.sum().astype(jnp.float32),
         "truncated": (batch.length > shape[1]).sum().astype(jnp.float32),
@@ -103,12 +108,15 @@ def batch_shardings(mesh) -> SFTBatch:
     return SFTBatch(*([sharding] * 9))
 
 
-def abstract_batch(cfg: RunConfig, shardings: SFTBatch, rows: int | None = None, row_len: int = 0) -> SFTBatch:
+def abstract_batch(
+    cfg: RunConfig, shardings: SFTBatch, rows: int | None = None, row_len: int = 0
+) -> SFTBatch:
     """The shapes and dtypes of a global batch (what `SFTTask.global_batch` returns), no data."""
     b, t = rows or cfg.train.batch_size, row_len or cfg.train.seq_len
     shapes = {"input_ids": ((b, t), jnp.int32), "targets": ((b, t), jnp.int32), "loss_mask": ((b, t), bool)}
     shapes |= {
-        name: ((b, t), jnp.int32) for name in ("persona_ids", "stage_ids", "length", "segment_ids", "positions")
+        name: ((b, t), jnp.int32)
+        for name in ("persona_ids", "stage_ids", "length", "segment_ids", "positions")
     }
     shapes["attention_mask"] = ((b, t), bool)
     return SFTBatch(
@@ -171,7 +179,9 @@ class SFTTask:
     def metrics_record(self, values: dict) -> dict:
         record = {k: float(values[k]) for k in ("loss", "grad_norm", "learning_rate", "tokens", "truncated")}
         record["trained_tokens"] = float(values["count"])
-        record["packing_efficiency"] = float(values["tokens"]) / (self.cfg.train.batch_size * self.cfg.train.seq_len)
+        record["packing_efficiency"] = float(values["tokens"]) / (
+            self.cfg.train.batch_size * self.cfg.train.seq_len
+        )
         record.update(
             common.sliced_means(
                 "loss", values["persona_nll"], values["persona_count"], self.groups.personas, "persona"
