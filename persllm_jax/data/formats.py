@@ -73,6 +73,7 @@ class PreferenceExample:
     persona: str | None
     stage: str | None
     origin: str = ""  # file and line or row, for messages
+    pair_source: str | None = None  # how the pair was mined (the record's `source`), for metric slices
 
     @property
     def is_conversational(self) -> bool:
@@ -139,6 +140,7 @@ def preference_example(record: dict[str, Any]) -> PreferenceExample:
         persona=record.get("persona"),
         stage=record.get("stage"),
         origin=location(record),
+        pair_source=record["source"] if isinstance(record.get("source"), str) else None,
     )
 
 

@@ -37,6 +37,7 @@ class DPOBatch:
     rejected: SFTBatch  # prompt + rejected answer
     ref_chosen_logps: jax.Array  # [B] float32, summed over the answer (cached reference pass)
     ref_rejected_logps: jax.Array  # [B] float32
+    source_ids: jax.Array | None = None  # [B] int32, how each pair was mined (-1 = not said)
 
 
 @struct.dataclass
@@ -51,3 +52,4 @@ class PackedDPOBatch:
     valid: jax.Array  # [B, P] bool
     persona_ids: jax.Array  # [B, P] int32
     stage_ids: jax.Array  # [B, P] int32
+    source_ids: jax.Array  # [B, P] int32

@@ -87,6 +87,12 @@ class DPOSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalSection:
+    every_steps: int = 0  # held-out evaluation before step 1 and every this many steps (0: never)
+    sources: tuple[DataSource, ...] = ()  # empty: the `test` split of the training sources
+
+
+@dataclasses.dataclass(frozen=True)
 class DistributedSection:
     coordinator_address: str = ""  # host:port; empty = JAX_COORDINATOR_ADDRESS or single process
     num_processes: int = 0  # 0 = from the environment
@@ -103,4 +109,5 @@ class RunConfig:
     mesh: MeshSection = MeshSection()
     checkpoint: CheckpointSection = CheckpointSection()
     dpo: DPOSection = DPOSection()
+    eval: EvalSection = EvalSection()
     distributed: DistributedSection = DistributedSection()

@@ -29,6 +29,7 @@ from persllm_jax.model.decoder import CausalLM
 from persllm_jax.train import distributed, resume_check
 from persllm_jax.train.checkpointing import Checkpointer
 from persllm_jax.train.config import RunConfig
+from persllm_jax.train.held_out import HeldOut
 from persllm_jax.train.metrics_log import MetricsLog, plot_loss
 from persllm_jax.train.preemption import Preemption
 from persllm_jax.train.program import build_program
@@ -181,8 +182,9 @@ def train(cfg: RunConfig, make_task: Callable) -> Path:
             log.info("resumed from step %d in %s", resume_step, checkpointer.directory)
 
         step_fn = program.jit_step(task.loss_fn, task.batch_shardings, task.frozen_shardings)
+        held_out = HeldOut(task, program.graphdef, mesh) if task.eval_data is not None else None
         try:
-            _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step)
+            _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step, held_out)
         finally:
             task.close()
     checkpointer.close()
@@ -192,14 +194,14 @@ def train(cfg: RunConfig, make_task: Callable) -> Path:
     return run_dir
 
 
-def _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step) -> None:
+def _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step, held_out=None) -> None:
     is_main = jax.process_index() == 0
     metrics_log = MetricsLog(run_dir, enabled=is_main, resume_step=resume_step)
     start, max_steps = int(jax.device_get(state.step)), cfg.train.max_steps
     bar = tqdm(total=max_steps, initial=start, desc=task.name, disable=not is_main, dynamic_ncols=True)
     pending = None  # (step, metrics, dispatch time) of the step whose metrics are not fetched yet
     last_time = time.perf_counter()
-    cut = {"rows": 0.0, "steps": 0}  # sequences (DPO: pairs) longer than seq_len, over this invocation
+    cut = {"rows": 0.0, "seen": 0.0}  # sequences (DPO: pairs) longer than seq_len / trained, this invocation
     unit = "pairs" if task.name == "dpo" else "sequences"
 
     def flush():
@@ -227,22 +229,36 @@ def _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step) -> None
                 log.warning(
                     "step %d: %d of %d %s were longer than train.seq_len=%d and were cut (the longest "
                     "so far has %d tokens); raise train.seq_len to train on their ends",
-                    step, record["truncated"], cfg.train.batch_size, unit, cfg.train.seq_len, task.longest_seen,
+                    step, record["truncated"], record[unit], unit, cfg.train.seq_len, task.longest_seen,
                 )  # fmt: skip
             cut["rows"] += record["truncated"]
-        cut["steps"] += 1
+        cut["seen"] += record[unit]
         if step % max(cfg.train.log_every, 1) == 0 or step == max_steps:
             metrics_log.write(record)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
 
+    def evaluate(step: int) -> None:
+        nonlocal last_time
+        began = time.perf_counter()
+        record = {"step": step, **held_out.run(state.params)}
+        metrics_log.write(record)
+        log.info("step %d: eval/loss %.4f (%.1f s)", step, record["eval/loss"], time.perf_counter() - began)
+        last_time += time.perf_counter() - began  # the next step's time is its own
+
+    every = cfg.eval.every_steps
     try:
         with Preemption() as preemption:
+            if held_out is not None and start == 0:
+                evaluate(0)
             for step in range(start, max_steps):
                 batch = task.global_batch(step)
                 state, metrics = step_fn(state, batch, task.frozen)
                 flush()
                 pending = (step + 1, metrics)
+                if held_out is not None and ((step + 1) % every == 0 or step + 1 == max_steps):
+                    flush()
+                    evaluate(step + 1)
                 stop = preemption.reached(step + 1) or (step + 1) == cfg.train.stop_after
                 if checkpointer.due(step + 1, max_steps) or stop:
                     flush()
@@ -251,8 +267,8 @@ def _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step) -> None
                     log.warning("stopped after step %d (checkpoint saved); run again to resume", step + 1)
                     break
             flush()
-        if cut["steps"] and is_main:
-            seen = cut["steps"] * cfg.train.batch_size
+        if cut["seen"] and is_main:
+            seen = cut["seen"]
             log.log(
                 logging.WARNING if cut["rows"] else logging.INFO,
                 "truncation: %d of %d %s trained on in this run (%.1f%%) were longer than train.seq_len=%d "

@@ -54,7 +54,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_loss(metrics_path: Path, out_png: Path, title: str) -> Path | None:
-    """Loss (and, for DPO, reward accuracy) against step."""
+    """Loss (and, for DPO, reward accuracy) against step: training per step, held-out as points."""
     records = read_metrics(metrics_path) if metrics_path.exists() else []
     if not records:
         return None
@@ -63,10 +63,16 @@ def plot_loss(metrics_path: Path, out_png: Path, title: str) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = ["loss"] + (["rewards/accuracies"] if "rewards/accuracies" in records[0] else [])
+    panels = ["loss"] + (["rewards/accuracies"] if any("rewards/accuracies" in r for r in records) else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
     for ax, key in zip(axes[0], panels):
-        ax.plot([r["step"] for r in records if key in r], [r[key] for r in records if key in r])
+        ax.plot(
+            [r["step"] for r in records if key in r], [r[key] for r in records if key in r], label="train"
+        )
+        held = [r for r in records if f"eval/{key}" in r]
+        if held:
+            ax.plot([r["step"] for r in held], [r[f"eval/{key}"] for r in held], "o-", label="held-out")
+            ax.legend()
         ax.set_xlabel("step")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)

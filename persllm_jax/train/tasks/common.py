@@ -23,25 +23,36 @@ log = logging.getLogger(__name__)
 
 
 def load_shards(
-    sources: Sequence[DataSource], convert: Callable[[dict], Any], batch_size: int, held: set[int], seed: int
+    sources: Sequence[DataSource],
+    convert: Callable[[dict], Any],
+    batch_size: int,
+    held: set[int],
+    seed: int,
+    strict_split: bool = False,
 ) -> tuple[list[list[tuple[tuple[int, int], Any]]], list[int], list[np.ndarray]]:
     """Each source's records that batch rows `held` read (see `pipeline.row_of_records`),
     converted, as ((source, _index), example) pairs; how many records each source has over all
-    processes (one with none is an error); and the row of each record position."""
-    if not sources:
-        raise ValueError("data.sources is empty: give at least one {path, repeats, split}")
+    processes (a training source with none is an error); and the row of each record position.
+    `strict_split` drops records that name no split (held-out data must be marked so)."""
     loaded, row_of = [], []
     for number, source in enumerate(sources):
         split = source.split or None
         rows = pipeline.row_of_records(count_records(source.path, split), batch_size, seed)
         records = read_records(source.path, split=split, keep=lambda i, rows=rows: int(rows[i]) in held)
+        if strict_split:
+            records = [r for r in records if r.get("split") == split]
         loaded.append([((number, record["_index"]), convert(record)) for record in records])
         row_of.append(rows)
     totals = [sum(counts) for counts in zip(*distributed.allgather_json([len(s) for s in loaded]))]
-    for source, total in zip(sources, totals):
-        if not total:
-            raise ValueError(f"data source {source.path} has no records for split {source.split!r}")
     return loaded, totals, row_of
+
+
+def eval_sources(cfg: RunConfig) -> tuple[tuple[DataSource, ...], bool]:
+    """The held-out sources and whether their split is strict: `eval.sources`, or by default
+    the records of the training sources marked `split: test`."""
+    if cfg.eval.sources:
+        return cfg.eval.sources, False
+    return tuple(dataclasses.replace(s, split="test", repeats=1.0) for s in cfg.data.sources), True
 
 
 # Where an example was read from (file, line) and the id derived from it when a record has none
@@ -69,20 +80,27 @@ def fingerprint(local: list[list[tuple[tuple[int, int], Any]]], extra: dict) -> 
 
 
 class GroupNames:
-    """Persona and stage names (of every process's examples) -> small integer ids for metric
-    slices (-1 = none)."""
+    """Persona, stage and pair-source names (of every process's examples) -> small integer ids
+    for metric slices (-1 = none)."""
 
     def __init__(self, examples: list[list[Any]]):
-        personas = sorted({e.persona for s in examples for e in s if e.persona})
-        stages = sorted({e.stage for s in examples for e in s if e.stage})
-        gathered = distributed.allgather_json([personas, stages])
-        self.personas = sorted({name for part in gathered for name in part[0]})
-        self.stages = sorted({name for part in gathered for name in part[1]})
+        mine = [
+            sorted({getattr(e, field, None) for s in examples for e in s} - {None, ""})
+            for field in ("persona", "stage", "pair_source")
+        ]
+        gathered = distributed.allgather_json(mine)
+        self.personas, self.stages, self.pair_sources = (
+            sorted({name for part in gathered for name in part[k]}) for k in range(3)
+        )
 
     def ids(self, example) -> tuple[int, int]:
         persona = self.personas.index(example.persona) if example.persona in self.personas else -1
         stage = self.stages.index(example.stage) if example.stage in self.stages else -1
         return persona, stage
+
+    def source_id(self, example) -> int:
+        source = getattr(example, "pair_source", None)
+        return self.pair_sources.index(source) if source in self.pair_sources else -1
 
 
 def segment_sums(values_B, ids_B, num_groups: int):
@@ -100,18 +118,28 @@ class TaskData:
     """A task's examples (this process's shards), metric groups, row streams and fingerprint,
     from `data.sources` (see data/pipeline.py for which rows read what)."""
 
-    def __init__(self, cfg: RunConfig, convert: Callable[[dict], Any], mesh):
+    def __init__(self, cfg: RunConfig, convert: Callable[[dict], Any], mesh, held_out: bool = False):
+        """`held_out`: the evaluation sources instead (`eval_sources`), read once per evaluation."""
         self.cfg = cfg
         batch = cfg.train.batch_size
         self.rows = process_rows(batch_sharding(mesh), batch)
         held = set(self.rows.tolist())
-        local, self.totals, row_of = load_shards(
-            cfg.data.sources, convert, batch, held, cfg.data.shuffle_seed
-        )
+        sources, strict = eval_sources(cfg) if held_out else (cfg.data.sources, False)
+        if not sources:
+            raise ValueError("data.sources is empty: give at least one {path, repeats, split}")
+        local, self.totals, row_of = load_shards(sources, convert, batch, held, cfg.data.shuffle_seed, strict)
+        for source, total in zip(sources, self.totals):
+            if not total and not held_out:
+                raise ValueError(f"data source {source.path} has no records for split {source.split!r}")
+        if held_out and not sum(self.totals):
+            raise ValueError(
+                "eval.every_steps is set but there is nothing to evaluate on: no record of "
+                f"{[s.path for s in sources]} is marked split {sources[0].split!r}; give eval.sources"
+            )
         self.records_read = sum(len(s) for s in local)
         self.examples = [[example for _, example in source] for source in local]
         self.groups = GroupNames(self.examples)
-        self.repeats = [s.repeats for s in cfg.data.sources]
+        self.repeats = [s.repeats for s in sources]
         self.shards = {
             int(row): pipeline.RowShard(
                 int(row),
@@ -123,15 +151,16 @@ class TaskData:
             for row in self.rows
         }
         for row, shard in self.shards.items():
-            if not any(len(s) * r for s, r in zip(shard.examples, self.repeats)):
+            if not held_out and not any(len(s) * r for s, r in zip(shard.examples, self.repeats)):
                 raise ValueError(
                     f"batch row {row} has no examples: the sources hold {self.totals} records, each "
                     f"read by one of {batch} rows; lower train.batch_size well below the number of records"
                 )
         self.fingerprint = fingerprint(local, {"seq_len": cfg.train.seq_len, "repeats": self.repeats})
         log.info(
-            "process %d read %d of %d records (the shards of its %d batch rows)",
-            jax.process_index(), self.records_read, sum(self.totals), len(self.rows),
+            "process %d read %d of %d %srecords (the shards of its %d batch rows)",
+            jax.process_index(), self.records_read, sum(self.totals), "held-out " if held_out else "",
+            len(self.rows),
         )  # fmt: skip
 
     def orders(self) -> dict[int, mixture.Mixture]:
@@ -157,6 +186,17 @@ class TaskData:
 
     def check_resume(self, saved: dict) -> None:
         check_resume(saved, self.cfg, self.fingerprint)
+
+
+def one_pass_rows(datasets: Sequence, empty: dict):
+    """Stacked host rows of one pass over every row's dataset (`pipeline.one_pass`); a row that is
+    done gets `empty` (no segment, nothing trained) until the rows of every process are done."""
+    iterators = [iter(ds) for ds in datasets]
+    while True:
+        parts = [next(it, None) for it in iterators]
+        if not any(distributed.allgather_json(any(p is not None for p in parts))):
+            return
+        yield {k: np.stack([empty[k] if p is None else p[k] for p in parts]) for k in empty}
 
 
 def pipeline_options(cfg: RunConfig, row_len: int) -> pipeline.PipelineOptions:

@@ -126,9 +126,10 @@ def dpo_batch_loss(
     chunk_size: int,
     num_personas: int = 0,
     num_stages: int = 0,
+    num_sources: int = 0,
 ):
-    """(summed per-pair losses, number of pairs, metric sums incl. per-persona/stage slices).
-    `reference` is a frozen model, or None to use the cached log-probs carried by the batch."""
+    """(summed per-pair losses, number of pairs, metric sums incl. per-persona / stage / pair-source
+    slices). `reference` is a frozen model, or None to use the cached log-probs carried by the batch."""
     if isinstance(batch, PackedDPOBatch):
         pairs = batch.valid.shape[1]
 
@@ -137,6 +138,7 @@ def dpo_batch_loss(
 
         valid = batch.valid.reshape(-1)
         persona_ids, stage_ids = batch.persona_ids.reshape(-1), batch.stage_ids.reshape(-1)
+        source_ids = batch.source_ids.reshape(-1)
         tokens = batch.tokens.attention_mask.sum()
         cut = (batch.tokens.length > batch.tokens.input_ids.shape[1] // 2).sum()
     else:
@@ -144,8 +146,9 @@ def dpo_batch_loss(
         def logps(m):
             return pair_logps(m, batch.chosen, batch.rejected, chunk_size)
 
-        valid = jnp.ones(batch.chosen.input_ids.shape[:1], bool)
+        valid = batch.chosen.loss_mask.any(-1)  # a real pair trains at least one token; padding rows none
         persona_ids, stage_ids = batch.chosen.persona_ids, batch.chosen.stage_ids
+        source_ids = jnp.full_like(persona_ids, -1) if batch.source_ids is None else batch.source_ids
         tokens = batch.chosen.attention_mask.sum() + batch.rejected.attention_mask.sum()
         seq_len = batch.chosen.input_ids.shape[1]
         cut = ((batch.chosen.length > seq_len) | (batch.rejected.length > seq_len)).sum()
@@ -174,8 +177,13 @@ def dpo_batch_loss(
     }
     correct_B = ((chosen_B > rejected_B) & valid).astype(jnp.float32)
     margin_B = chosen_B - rejected_B
-    persona_ids, stage_ids = jnp.where(valid, persona_ids, -1), jnp.where(valid, stage_ids, -1)
-    for kind, ids, count in (("persona", persona_ids, num_personas), ("stage", stage_ids, num_stages)):
+    groups = (
+        ("persona", persona_ids, num_personas),
+        ("stage", stage_ids, num_stages),
+        ("source", source_ids, num_sources),
+    )
+    for kind, ids, count in groups:
+        ids = jnp.where(valid, ids, -1)
         sums[f"{kind}_count"] = common.segment_sums(weight, ids, count)
         sums[f"{kind}_accuracies"] = common.segment_sums(correct_B, ids, count)
         sums[f"{kind}_margins"] = common.segment_sums(margin_B, ids, count)
@@ -195,8 +203,14 @@ def batch_shardings(mesh, packed: bool = False) -> DPOBatch | PackedDPOBatch:
     sharding = common.batch_sharding(mesh)
     side = sft.batch_shardings(mesh)
     if packed:
-        return PackedDPOBatch(side, *([sharding] * 5))
-    return DPOBatch(chosen=side, rejected=side, ref_chosen_logps=sharding, ref_rejected_logps=sharding)
+        return PackedDPOBatch(side, *([sharding] * 6))
+    return DPOBatch(
+        chosen=side,
+        rejected=side,
+        ref_chosen_logps=sharding,
+        ref_rejected_logps=sharding,
+        source_ids=sharding,
+    )
 
 
 def abstract_batch(cfg: RunConfig, shardings: DPOBatch | PackedDPOBatch) -> DPOBatch | PackedDPOBatch:
@@ -204,8 +218,8 @@ def abstract_batch(cfg: RunConfig, shardings: DPOBatch | PackedDPOBatch) -> DPOB
     rows = cfg.train.batch_size
     if isinstance(shardings, PackedDPOBatch):
         slots = (rows, cfg.train.max_segments)
-        dtypes = (jnp.float32, jnp.float32, bool, jnp.int32, jnp.int32)
-        names = ("ref_chosen_logps", "ref_rejected_logps", "valid", "persona_ids", "stage_ids")
+        dtypes = (jnp.float32, jnp.float32, bool, jnp.int32, jnp.int32, jnp.int32)
+        names = ("ref_chosen_logps", "ref_rejected_logps", "valid", "persona_ids", "stage_ids", "source_ids")
         return PackedDPOBatch(
             tokens=sft.abstract_batch(cfg, shardings.tokens, row_len=2 * cfg.train.seq_len),
             **{
@@ -218,10 +232,11 @@ def abstract_batch(cfg: RunConfig, shardings: DPOBatch | PackedDPOBatch) -> DPOB
         rejected=sft.abstract_batch(cfg, shardings.rejected),
         ref_chosen_logps=jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=shardings.ref_chosen_logps),
         ref_rejected_logps=jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=shardings.ref_rejected_logps),
+        source_ids=jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=shardings.source_ids),
     )
 
 
-def make_loss_fn(cfg: RunConfig, graphdef, num_personas: int, num_stages: int):
+def make_loss_fn(cfg: RunConfig, graphdef, num_personas: int, num_stages: int, num_sources: int = 0):
     """The DPO loss of the train step; `frozen` is the reference's parameters, or None when the
     batch carries cached reference log-probs."""
 
@@ -235,6 +250,7 @@ def make_loss_fn(cfg: RunConfig, graphdef, num_personas: int, num_stages: int):
             chunk_size=cfg.train.logits_chunk,
             num_personas=num_personas,
             num_stages=num_stages,
+            num_sources=num_sources,
         )
 
     return loss_fn
@@ -263,8 +279,10 @@ class DPOTask:
         self.data = common.TaskData(cfg, formats.preference_example, mesh)
         self.examples, self.groups = self.data.examples, self.data.groups
         self.batch_shardings = batch_shardings(mesh, self.packed)
-        self.loss_fn = make_loss_fn(cfg, graphdef, len(self.groups.personas), len(self.groups.stages))
+        g = self.groups
+        self.loss_fn = make_loss_fn(cfg, graphdef, len(g.personas), len(g.stages), len(g.pair_sources))
         self._tokens = TokenCache(lambda example: chat_tokenize.tokenize_pair_sides(tokenizer, example))
+        self._eval_tokens = TokenCache(lambda example: chat_tokenize.tokenize_pair_sides(tokenizer, example))
         self.longest_seen = 0  # tokens of the longest side this host has loaded, before cutting
         self.reference = None  # {(source, index): (chosen, rejected)} of this process's pairs
         if cfg.dpo.reference == "frozen":
@@ -284,9 +302,26 @@ class DPOTask:
                 "dtype": m.dtype,
             }
             self.reference = self._local_reference(
-                cache.load_or_compute(initial_params, self._compute_reference, source)
+                cache.load_or_compute(
+                    initial_params, lambda p: self._compute_reference(p, self.data), source
+                ),
+                self.data,
             )
         self.rows = self.data.host_rows(self._features, self._names, self._options(), self._pad)
+        self.eval_data, self.eval_reference = None, None
+        if cfg.eval.every_steps > 0:
+            self.eval_data = common.TaskData(cfg, formats.preference_example, mesh, held_out=True)
+            if cfg.dpo.reference == "cached":
+                cache = ReferenceCache(
+                    run_dir / "reference_logps" / "held_out",
+                    self.eval_data.fingerprint,
+                    len(self.eval_data.examples),
+                    self._logp_settings(),
+                )
+                computed = cache.load_or_compute(
+                    initial_params, lambda p: self._compute_reference(p, self.eval_data), source
+                )
+                self.eval_reference = self._local_reference(computed, self.eval_data)
 
     def _logp_settings(self) -> dict:
         """What, besides the data and the weights, changes a reference log-prob."""
@@ -316,18 +351,25 @@ class DPOTask:
         return features  # unpacked pairs are padded by `pair_training_arrays`
 
     def _features(self, key, example) -> dict[str, np.ndarray]:
+        return self._pair_features(key, example, self.reference, self._tokens)
+
+    def _pair_features(self, key, example, reference, tokens) -> dict[str, np.ndarray]:
+        """A pair's pipeline features; `reference` maps its key to the cached reference log-probs
+        (None: no cache, zeros); `tokens` is the token cache of the data it belongs to."""
         seq_len, pad = self.cfg.train.seq_len, pad_id(self.tokenizer)
-        chosen, rejected = self._tokens.get(key, example)
+        chosen, rejected = tokens.get(key, example)
         pair = chat_tokenize.pair_training_arrays(example.id, chosen, rejected, seq_len, pad)
-        persona, stage = self.data.group_ids(example)
-        ref = None if self.reference is None else self.reference.get(tuple(key))
+        persona, stage = self.groups.ids(example)
+        source = self.groups.source_id(example)
+        ref = None if reference is None else reference.get(tuple(key))
         if self.packed:
-            return packed_pair_features(pair, key, persona, stage, ref)
+            return packed_pair_features(pair, key, persona, stage, ref, source)
         ref = (0.0, 0.0) if ref is None else ref
         return {
             **flat_pair(pair),
             "persona": np.int32(persona),
             "stage": np.int32(stage),
+            "pair_source": np.int32(source),
             "ref_chosen": np.float32(ref[0]),
             "ref_rejected": np.float32(ref[1]),
             "key_source": np.int64(key[0]),
@@ -348,6 +390,7 @@ class DPOTask:
             rejected=pair_side(rows, "rejected", rows["persona"], rows["stage"]),
             ref_chosen_logps=rows["ref_chosen"],
             ref_rejected_logps=rows["ref_rejected"],
+            source_ids=rows["pair_source"],
         )
         return batch, np.stack([rows["key_source"], rows["key_index"]], axis=-1)[:, None]
 
@@ -365,14 +408,40 @@ class DPOTask:
 
     # -- the reference pass ----------------------------------------------------------------
 
-    def _compute_reference(self, params) -> dict:
-        """One sharded forward pass over every pair, in the layout of the train step (packed
-        rows, or chosen and rejected concatenated as in `loss_fn`), so that at step 0 the
+    def _pass_datasets(self, data: common.TaskData, reference) -> list:
+        """One pass over each of this process's rows of `data`, as training rows."""
+        tokens = self._tokens if data is self.data else self._eval_tokens
+
+        def features(key, example):
+            return self._pair_features(key, example, reference, tokens)
+
+        return [
+            pipeline.one_pass(data.shards[int(row)], features, self._names, self._options(), self._pad)
+            for row in data.rows
+        ]
+
+    def empty_row(self) -> dict[str, np.ndarray]:
+        """A row with no pair in it (a row whose shard is done in a one-pass)."""
+        template = self._features(*self._any_local_pair())
+        if self.packed:
+            return pipeline.one_segment(
+                {k: np.zeros(0, v.dtype) for k, v in template.items()}, self._options().row_len
+            )
+        return {**{k: np.zeros_like(v) for k, v in template.items()}, "key_source": np.int64(-1)}
+
+    def rows_batch(self, rows: dict) -> DPOBatch | PackedDPOBatch:
+        return self._batch(rows)[0]
+
+    def eval_datasets(self) -> list:
+        return self._pass_datasets(self.eval_data, self.eval_reference)
+
+    def _compute_reference(self, params, data: common.TaskData) -> dict:
+        """One sharded forward pass over every pair of `data`, in the layout of the train step
+        (packed rows, or chosen and rejected concatenated as in `loss_fn`), so that at step 0 the
         policy's log-probs reproduce the reference's. Each row passes once over its own shard;
         the result, `{side: [array per source, by record position]}`, is gathered from every
         process (NaN where a position holds no pair)."""
         chunk, graphdef, max_pairs = self.cfg.train.logits_chunk, self.graphdef, self.max_pairs
-        options = self._options()
 
         @jax.jit
         def reference_logps(params, batch):
@@ -381,27 +450,13 @@ class DPOTask:
                 return packed_pair_logps(model, batch.tokens, max_pairs, chunk)[:2]
             return pair_logps(model, batch.chosen, batch.rejected, chunk)[:2]
 
-        iterators = [
-            iter(pipeline.one_pass(self.data.shards[row], self._features, self._names, options, self._pad))
-            for row in self.data.rows
-        ]
-        template = self._features(*self._any_local_pair())
-        empty = (
-            pipeline.one_segment({k: np.zeros(0, v.dtype) for k, v in template.items()}, options.row_len)
-            if self.packed
-            else {**{k: np.zeros_like(v) for k, v in template.items()}, "key_source": np.int64(-1)}
-        )
         found: dict[str, list[float]] = {}
         sharding, batch_size = common.batch_sharding(self.mesh), self.cfg.train.batch_size
         bar = tqdm(desc="reference log-probs", unit=" rows", disable=jax.process_index() != 0)
-        while True:
-            parts = [next(it, None) for it in iterators]
-            if not any(distributed.allgather_json(any(p is not None for p in parts))):
-                break
-            rows = {k: np.stack([empty[k] if p is None else p[k] for p in parts]) for k in empty}
+        for rows in common.one_pass_rows(self._pass_datasets(data, None), self.empty_row()):
             batch, keys = self._batch(rows)
-            values = reference_logps(params, common.to_global(batch, sharding, self.data.rows, batch_size))
-            chosen, rejected = (gather(v).reshape(batch_size, -1)[self.data.rows] for v in values)
+            values = reference_logps(params, common.to_global(batch, sharding, data.rows, batch_size))
+            chosen, rejected = (gather(v).reshape(batch_size, -1)[data.rows] for v in values)
             for (s, i), c, r in zip(keys.reshape(-1, 2), chosen.reshape(-1), rejected.reshape(-1)):
                 if s >= 0:
                     found[f"{s}:{i}"] = [float(c), float(r)]
@@ -410,11 +465,11 @@ class DPOTask:
         everything: dict[str, list[float]] = {}
         for part in distributed.allgather_json(found):
             everything.update(part)
-        sizes = [0] * len(self.cfg.data.sources)
+        sizes = [0] * len(data.examples)
         for key in everything:
             s, i = map(int, key.split(":"))
             sizes[s] = max(sizes[s], i + 1)
-        out = {side: [np.full(n, np.nan, np.float32) for n in sizes] for side in ("chosen", "rejected")}
+        out = {side: [np.full(n, np.nan, np.float32) for n in sizes] for side in SIDES}
         for key, (c, r) in everything.items():
             s, i = map(int, key.split(":"))
             out["chosen"][s][i], out["rejected"][s][i] = c, r
@@ -427,11 +482,12 @@ class DPOTask:
                     return source[0]
         raise ValueError("this process's batch rows hold no preference pairs")
 
-    def _local_reference(self, reference: dict) -> dict:
-        """{(source, index): (chosen, rejected)} for this process's pairs; a pair without a cached
-        value means the cache does not match the data."""
+    @staticmethod
+    def _local_reference(reference: dict, data: common.TaskData) -> dict:
+        """{(source, index): (chosen, rejected)} for this process's pairs of `data`; a pair
+        without a cached value means the cache does not match the data."""
         out = {}
-        for shard in self.data.shards.values():
+        for shard in data.shards.values():
             for source in shard.examples:
                 for (s, i), _ in source:
                     c, r = (
@@ -456,7 +512,12 @@ class DPOTask:
         )
         for key in DPO_METRICS:
             record[key] = float(values[key]) / pairs
-        for kind, names in (("persona", self.groups.personas), ("stage", self.groups.stages)):
+        groups = self.groups
+        for kind, names in (
+            ("persona", groups.personas),
+            ("stage", groups.stages),
+            ("source", groups.pair_sources),
+        ):
             for metric in ("accuracies", "margins"):
                 record.update(
                     common.sliced_means(

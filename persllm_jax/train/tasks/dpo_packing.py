@@ -33,11 +33,15 @@ PACKED_FEATURES = (
     "ref_logp",
     "key_source",
     "key_index",
+    "pair_source",
 )
 
 
-def packed_pair_features(pair: chat_tokenize.TokenizedPair, key, persona: int, stage: int, ref) -> dict:
-    """One pair as a packed element; `ref` = (chosen, rejected) reference log-probs or None."""
+def packed_pair_features(
+    pair: chat_tokenize.TokenizedPair, key, persona: int, stage: int, ref, source: int = -1
+) -> dict:
+    """One pair as a packed element; `ref` = (chosen, rejected) reference log-probs or None;
+    `source` the id of how the pair was mined (-1: not said)."""
     sides = [sft.sequence_features(arrays, persona, stage) for arrays in (pair.chosen, pair.rejected)]
     out = {name: np.concatenate([side[name] for side in sides]) for name in sides[0]}
     n_c, n_r = (len(side["input_ids"]) for side in sides)
@@ -50,6 +54,7 @@ def packed_pair_features(pair: chat_tokenize.TokenizedPair, key, persona: int, s
         out["ref_logp"][0], out["ref_logp"][n_c] = ref
     out["key_source"] = np.full(n_c + n_r, key[0], np.int32)
     out["key_index"] = np.full(n_c + n_r, key[1], np.int32)
+    out["pair_source"] = np.full(n_c + n_r, source + 1, np.int32)
     return out
 
 
@@ -87,6 +92,7 @@ def packed_batch(rows: dict, max_pairs: int) -> tuple[PackedDPOBatch, np.ndarray
     valid = per_slot(np.ones_like(chosen), chosen, False, bool)
     persona = per_slot(rows["persona"] - 1, chosen, -1, np.int32)
     stage = per_slot(rows["stage"] - 1, chosen, -1, np.int32)
+    source = per_slot(rows["pair_source"] - 1, chosen, -1, np.int32)
     keys = np.stack(
         [
             per_slot(rows["key_source"], chosen, -1, np.int64),
@@ -96,7 +102,7 @@ def packed_batch(rows: dict, max_pairs: int) -> tuple[PackedDPOBatch, np.ndarray
     )
     batch = PackedDPOBatch(
         tokens=tokens, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r, valid=valid,
-        persona_ids=persona, stage_ids=stage,
+        persona_ids=persona, stage_ids=stage, source_ids=source,
     )  # fmt: skip
     return batch, keys
 

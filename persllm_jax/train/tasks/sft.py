@@ -95,6 +95,7 @@ def sft_loss(model, batch: SFTBatch, *, chunk_size: int, num_personas: int = 0, 
     sums = {
         "tokens": batch.attention_mask.sum().astype(jnp.float32),
         "truncated": (batch.length > shape[1]).sum().astype(jnp.float32),
+        "sequences": (batch.length > 0).sum().astype(jnp.float32),
         "persona_nll": common.segment_sums(nll_BT.reshape(-1), persona, num_personas),
         "persona_count": common.segment_sums(mask.reshape(-1), persona, num_personas),
         "stage_nll": common.segment_sums(nll_BT.reshape(-1), stage, num_stages),
@@ -147,10 +148,12 @@ class SFTTask:
         self.loss_fn = make_loss_fn(cfg, len(self.groups.personas), len(self.groups.stages))
         self.frozen, self.frozen_shardings = None, None
         self._tokens = TokenCache(lambda example: chat_tokenize.tokenize_sft(tokenizer, example))
+        self._eval_tokens = TokenCache(lambda example: chat_tokenize.tokenize_sft(tokenizer, example))
         self.longest_seen = 0  # tokens of the longest sequence this host has loaded, before cutting
-        self.rows = self.data.host_rows(
-            self._features, FEATURES, common.pipeline_options(cfg, cfg.train.seq_len), pipeline.one_segment
-        )
+        self.options = common.pipeline_options(cfg, cfg.train.seq_len)
+        self.rows = self.data.host_rows(self._features, FEATURES, self.options, pipeline.one_segment)
+        held_out = cfg.eval.every_steps > 0
+        self.eval_data = common.TaskData(cfg, formats.sft_example, mesh, held_out=True) if held_out else None
         log.info(
             "SFT data: %s examples from %d sources (this process's rows); personas %s; stages %s; packing %s",
             [len(s) for s in self.examples],
@@ -160,10 +163,32 @@ class SFTTask:
             "on" if cfg.train.packing else "off",
         )
 
-    def _features(self, key, example) -> dict[str, np.ndarray]:
-        tokens = self._tokens.get(key, example)
+    def _features(self, key, example, cache: TokenCache | None = None) -> dict[str, np.ndarray]:
+        tokens = (cache or self._tokens).get(key, example)
         arrays = chat_tokenize.to_training_arrays(tokens, self.cfg.train.seq_len, pad_id(self.tokenizer))
-        return sequence_features(arrays, *self.data.group_ids(example))
+        return sequence_features(arrays, *self.groups.ids(example))
+
+    # -- held-out evaluation (train/held_out.py) ------------------------------------------------
+
+    def eval_datasets(self) -> list:
+        """One pass over each of this process's rows of the held-out data, as training rows."""
+
+        def features(key, example):
+            return self._features(key, example, self._eval_tokens)
+
+        return [
+            pipeline.one_pass(
+                self.eval_data.shards[int(row)], features, FEATURES, self.options, pipeline.one_segment
+            )
+            for row in self.eval_data.rows
+        ]
+
+    def empty_row(self) -> dict[str, np.ndarray]:
+        """A row with nothing in it (a row whose held-out shard is done)."""
+        return pipeline.one_segment({name: np.zeros(0, np.int32) for name in FEATURES}, self.options.row_len)
+
+    def rows_batch(self, rows: dict[str, np.ndarray]) -> SFTBatch:
+        return batch_from_rows(rows)
 
     def host_batch(self, step: int) -> SFTBatch:
         """This process's rows of the next global batch (the pipeline keeps its own position)."""
@@ -177,7 +202,8 @@ class SFTTask:
         )
 
     def metrics_record(self, values: dict) -> dict:
-        record = {k: float(values[k]) for k in ("loss", "grad_norm", "learning_rate", "tokens", "truncated")}
+        keys = ("loss", "grad_norm", "learning_rate", "tokens", "truncated", "sequences")
+        record = {k: float(values[k]) for k in keys}
         record["trained_tokens"] = float(values["count"])
         record["packing_efficiency"] = float(values["tokens"]) / (
             self.cfg.train.batch_size * self.cfg.train.seq_len
