@@ -214,7 +214,7 @@ def child_ours(args, kind: str) -> dict:
             return dpo_batch_loss(model, batch, None, dpo=dpo, chunk_size=args.logits_chunk)
 
     with jax.set_mesh(mesh):
-        batch = common.to_global(host_batch, sharding)
+        batch = common.to_global(host_batch, sharding, np.arange(rows), rows)
         if kind == "dpo":  # the cached reference log-probs: the starting weights' (DPOTask's pass)
             reference = jax.jit(
                 lambda p, c, r: pair_logps(nnx.merge(graphdef, p), c, r, args.logits_chunk)[:2]
