@@ -56,9 +56,13 @@ TARGETS = (
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(ROOT / "runs" / "demo" / "data"), help="built persona data directory")
+    p.add_argument(
+        "--data", default=str(ROOT / "runs" / "demo" / "data"), help="built persona data directory"
+    )
     p.add_argument("--general", default=str(ROOT / "tests" / "data" / "general.jsonl"), help="general chats")
-    p.add_argument("--layers", type=int, default=4, help="SmolLM2-135M's layers to keep (30: the whole model)")
+    p.add_argument(
+        "--layers", type=int, default=4, help="SmolLM2-135M's layers to keep (30: the whole model)"
+    )
     p.add_argument("--rows", type=int, default=4, help="rows per step")
     p.add_argument("--seq", type=int, default=2048, help="tokens per row (DPO: per side)")
     p.add_argument("--steps", type=int, default=3, help="timed steps")
@@ -130,13 +134,21 @@ def run_ours(args, name: str, model_dir: Path, work: Path) -> dict:
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "persllm_jax.cli", kind, "--config", str(config_path)], cwd=ROOT, env=env, stdout=log, stderr=log
+            [sys.executable, "-m", "persllm_jax.cli", kind, "--config", str(config_path)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=log,
         )
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
     wall = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
-        return {"status": "failed", "error": f"exit {code}", "stderr_tail": log_path.read_text().splitlines()[-8:]}
+        return {
+            "status": "failed",
+            "error": f"exit {code}",
+            "stderr_tail": log_path.read_text().splitlines()[-8:],
+        }
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     timed = [r for r in records if "loss" in r][args.warmup :]
     step = statistics.mean(r["step_time_s"] for r in timed)
@@ -270,7 +282,11 @@ def run_trl(args, name: str, model_dir: Path, pairs_per_step: int) -> dict:
     proc = subprocess.run(argv, capture_output=True, text=True, env=env)
     results = [line[len(RESULT_MARK) :] for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if proc.returncode != 0 or not results:
-        return {"status": "failed", "error": f"exit {proc.returncode}", "stderr_tail": proc.stderr.splitlines()[-8:]}
+        return {
+            "status": "failed",
+            "error": f"exit {proc.returncode}",
+            "stderr_tail": proc.stderr.splitlines()[-8:],
+        }
     return {**json.loads(results[-1]), "wall_s": time.perf_counter() - start}
 
 
@@ -314,7 +330,9 @@ def main(argv=None) -> int:
         return 0
     for needed in (Path(args.data) / "dialogues.jsonl", Path(args.data) / "pairs.jsonl", Path(args.general)):
         if not needed.is_file():
-            sys.exit(f"{needed} not found: build the persona data first (bash scripts/demo.sh) or give --data")
+            sys.exit(
+                f"{needed} not found: build the persona data first (bash scripts/demo.sh) or give --data"
+            )
     names = [n for n in (args.only.split(",") if args.only else MEASUREMENTS) if n]
     unknown = sorted(set(names) - set(MEASUREMENTS))
     if unknown:
@@ -342,7 +360,9 @@ def main(argv=None) -> int:
     text = report(results, args)
     print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "report": text}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "results": results, "report": text}, indent=2)
+        )
     return 0
 
 

@@ -146,7 +146,7 @@ def child_ours(args, kind: str) -> dict:
     from persllm_jax.train.state import init_state, state_shardings
     from persllm_jax.train.step import make_train_step
     from persllm_jax.train.tasks import common
-    from persllm_jax.train.tasks.dpo import dpo_batch_loss, pair_logps
+    from persllm_jax.train.tasks.dpo_loss import dpo_batch_loss, pair_logps
     from persllm_jax.train.tasks.sft import sft_loss
 
     base_rss = peak_rss_bytes()

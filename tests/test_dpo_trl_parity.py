@@ -24,7 +24,7 @@ import pytest
 from persllm_jax import load_pretrained
 from persllm_jax.losses import dpo_loss
 from persllm_jax.train.batches import SFTBatch
-from persllm_jax.train.tasks.dpo import DPO_METRICS, metric_sums, pair_logps, preference_loss
+from persllm_jax.train.tasks.dpo_loss import DPO_METRICS, metric_sums, pair_logps, preference_loss
 
 GOLDEN_DIR = Path(__file__).parent / "assets" / "dpo_golden"
 TOLERANCE = 1e-4

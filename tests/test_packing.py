@@ -17,7 +17,7 @@ from persllm_jax.model.config import preset
 from persllm_jax.model.decoder import CausalLM
 from persllm_jax.train.batches import DPOBatch
 from persllm_jax.train.config import DPOSection
-from persllm_jax.train.tasks import dpo, dpo_packing, sft
+from persllm_jax.train.tasks import dpo, dpo_loss, dpo_packing, sft
 
 T, VOCAB = 64, 49152
 LOSS_TOL = 1e-5  # fp32: the same sums taken over rows of another shape
@@ -196,7 +196,7 @@ def test_packed_dpo_equals_unpacked():
     settings = DPOSection(beta=0.2, loss_type="sigmoid", label_smoothing=0.1)
 
     def run(batch):
-        return dpo.dpo_batch_loss(
+        return dpo_loss.dpo_batch_loss(
             model, batch, None, dpo=settings, chunk_size=16, num_personas=3, num_stages=2
         )
 
@@ -210,7 +210,7 @@ def test_packed_dpo_equals_unpacked():
         )
     assert float(sums_u["persona_count"].min()) > 0
 
-    chosen_u, rejected_u, _, _ = dpo.pair_logps(model, unpacked.chosen, unpacked.rejected, 16)
+    chosen_u, rejected_u, _, _ = dpo_loss.pair_logps(model, unpacked.chosen, unpacked.rejected, 16)
     chosen_p, rejected_p, _, _ = dpo_packing.packed_pair_logps(model, packed.tokens, 16, 16)
     valid = np.asarray(packed.valid)
     index = keys[..., 1][valid]
@@ -222,7 +222,7 @@ def test_packed_dpo_with_the_policy_as_reference_is_log2():
     pairs = _pairs(12, 4)
     _, packed, _ = _dpo_batches(pairs)
     model = CausalLM(preset("tiny"), rngs=nnx.Rngs(0))
-    total, count, sums = dpo.dpo_batch_loss(model, packed, model, dpo=DPOSection(), chunk_size=16)
+    total, count, sums = dpo_loss.dpo_batch_loss(model, packed, model, dpo=DPOSection(), chunk_size=16)
     assert float(count) == 12
     np.testing.assert_allclose(float(total) / float(count), np.log(2), rtol=1e-6)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):

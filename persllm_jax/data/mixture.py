@@ -1,14 +1,15 @@
-"""A deterministic mixture of data sources: which examples make up each global batch.
+"""A deterministic mixture of data sources: the order in which examples are seen.
 
 An epoch holds every source `repeats` times: floor(repeats) full copies plus a random subset of
 round(frac(repeats) * n) examples (drawn again each epoch, from seed, epoch and source, so all of
 a partly used source is seen over epochs), shuffled by a permutation derived from seed and epoch.
-Epochs are laid end to end into one stream of (source, index) pairs; the global batch at
-position k (k global batches consumed) is stream[k*B : (k+1)*B], crossing epoch boundaries without
-dropping anything. Each process loads the rows of it that its devices hold (decided by the batch
-sharding, see train/tasks/common.py). Everything is a pure
-function of (sizes, repeats, seed, position), so resuming at position k yields exactly the batches
-an uninterrupted run would have seen from k on.
+Epochs are laid end to end into one stream of (source, index) pairs, crossing epoch boundaries
+without dropping anything. Everything is a pure function of (sizes, repeats, seed, stream,
+position), so resuming at a position yields exactly what an uninterrupted run would have seen.
+
+The training input pipeline (data/pipeline.py) gives each batch row its own mixture over the
+records dealt to it (`stream` = the row); `global_batch` / `batch_rows` read one stream as
+consecutive global batches.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ from flax import nnx
 
 from persllm_jax import losses
 from persllm_jax.train.batches import SFTBatch
-from persllm_jax.train.tasks.dpo import pair_arrays, pair_logps, pair_side
+from persllm_jax.train.tasks.dpo import pair_arrays, pair_side
+from persllm_jax.train.tasks.dpo_loss import pair_logps
 from persllm_jax.train.tasks.sft import sequence_nll, sft_arrays
 
 

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-from persllm_jax.train.tasks.dpo import DPO_METRICS  # noqa: E402  (after the offline flags)
+from persllm_jax.train.tasks.dpo_loss import DPO_METRICS  # noqa: E402  (after the offline flags)
 
 OUT = Path(__file__).resolve().parent / "dpo_golden"
 BETA = 0.1
