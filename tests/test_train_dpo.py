@@ -124,3 +124,19 @@ def test_reference_cache_follows_weights_tokenizer_and_seq_len(tmp_path):
     assert run(f"model.tokenizer={template_dir}") is True
     assert run("train.seq_len=96") is True
     assert len(list((run_dir / "reference_logps").glob("*.npz"))) == 4
+
+
+@pytest.mark.slow
+def test_packed_dpo_resume_is_exact(tmp_path):
+    """Packed DPO (the default), 8 straight steps against 4, a stop, and the same command again:
+    every row's input pipeline continues where it stopped, so losses and parameters agree bit
+    for bit."""
+    from tests.train_runs import assert_same_params
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train("dpo", straight, env=EIGHT_DEVICES)
+    train("dpo", resumed, "train.stop_after=4", env=EIGHT_DEVICES)
+    assert len(losses(resumed)) == 4
+    train("dpo", resumed, env=EIGHT_DEVICES)
+    assert losses(resumed) == losses(straight)
+    assert_same_params(resumed, straight)
