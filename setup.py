@@ -29,6 +29,8 @@ setup(
         "flax>=0.12",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.12",
+        # the input pipeline: per-row streams, background tokenization, packing, iterator state
+        "grain==0.2.18",
         "numpy",
         "ml_dtypes",
         "pyyaml",

@@ -81,12 +81,7 @@ def row_dataset(
         key, example = shard.examples[int(source)][int(index)]
         return features(key, example)
 
-    read = grain.ReadOptions(num_threads=options.threads, prefetch_buffer_size=max(options.threads * 2, 1))
-    ds = grain.MapDataset.range(0, _STREAM_LENGTH).map(example_at).to_iter_dataset(read)
-    if options.packing:
-        ds = pack(ds, options, names)
-    else:
-        ds = ds.map(lambda f: pad(f, options.row_len))
+    ds = _rows(grain.MapDataset.range(0, _STREAM_LENGTH).map(example_at), names, options, pad)
     return grain_exp.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=options.prefetch)
 
 
@@ -100,8 +95,13 @@ def one_pass(
     """Every example of the shard once, in source order, as rows (packed or padded): for passes
     over the data that are not training (the DPO reference log-probs, evaluation)."""
     items = [item for source in shard.examples for item in source]
+    return _rows(grain.MapDataset.source(items).map(lambda item: features(*item)), names, options, pad)
+
+
+def _rows(examples: grain.MapDataset, names, options: PipelineOptions, pad) -> grain.IterDataset:
+    """Examples' features, made in background threads, into packed or padded rows."""
     read = grain.ReadOptions(num_threads=options.threads, prefetch_buffer_size=max(options.threads * 2, 1))
-    ds = grain.MapDataset.source(items).map(lambda item: features(*item)).to_iter_dataset(read)
+    ds = examples.to_iter_dataset(read)
     return pack(ds, options, names) if options.packing else ds.map(lambda f: pad(f, options.row_len))
 
 
