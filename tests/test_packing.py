@@ -176,7 +176,7 @@ def _dpo_batches(pairs, max_pairs: int = 16):
         dpo_packing.packed_pair_features(arrays, (0, i), *groups[i], ref)
         for i, (arrays, ref) in enumerate(pairs)
     ]
-    options = pipeline.PipelineOptions(2 * T, packing=True, packing_bins=4, max_segments=max_pairs)
+    options = pipeline.PipelineOptions(T, packing=True, packing_bins=4, max_segments=max_pairs)
     ds = pipeline.pack(
         grain.MapDataset.source(features).to_iter_dataset(), options, dpo_packing.PACKED_FEATURES
     )
@@ -186,7 +186,7 @@ def _dpo_batches(pairs, max_pairs: int = 16):
 
 
 def test_packed_dpo_equals_unpacked():
-    """The same 30 pairs, one per row and packed (both sides of a pair in one row): loss, the
+    """The same 30 pairs, one per row and packed (chosen and rejected rows in lockstep): loss, the
     TRL metrics, per-persona / per-stage slices, and each pair's log-probs agree."""
     pairs = _pairs(30, 3)
     unpacked, packed, keys = _dpo_batches(pairs)
@@ -211,7 +211,7 @@ def test_packed_dpo_equals_unpacked():
     assert float(sums_u["persona_count"].min()) > 0
 
     chosen_u, rejected_u, _, _ = dpo_loss.pair_logps(model, unpacked.chosen, unpacked.rejected, 16)
-    chosen_p, rejected_p, _, _ = dpo_packing.packed_pair_logps(model, packed.tokens, 16, 16)
+    chosen_p, rejected_p, _, _ = dpo_packing.packed_pair_logps(model, packed.chosen, packed.rejected, 16, 16)
     valid = np.asarray(packed.valid)
     index = keys[..., 1][valid]
     np.testing.assert_allclose(np.asarray(chosen_p)[valid], np.asarray(chosen_u)[index], rtol=LOSS_TOL)

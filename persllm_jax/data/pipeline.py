@@ -106,14 +106,23 @@ def _rows(examples: grain.MapDataset, names, options: PipelineOptions, pad) -> g
 
 
 def pack(ds: grain.IterDataset, options: PipelineOptions, names: Sequence[str]) -> grain.IterDataset:
-    """grain's best-fit packing of per-token feature dicts (`names`, `input_ids` among them) into
-    rows of `row_len`; each row gets `segment_ids` (0 = padding) and `positions` (restarting at
-    each sequence). Every feature is packed alike, so per-token metric ids and masks stay aligned."""
+    """grain's best-fit packing of per-token feature dicts (`names`) into rows of `row_len`; an
+    element goes into a row only when every one of its features fits. Every feature is packed
+    alike, so per-token metric ids and masks stay aligned with their tokens. Each `*input_ids`
+    feature keeps its `_segment_ids` (0 = padding) and `_positions` (restarting at each
+    sequence); for plain `input_ids` they are `segment_ids` and `positions`."""
+    kept = [
+        f"{name}_{extra}"
+        for name in names
+        if name.endswith("input_ids")
+        for extra in ("segment_ids", "positions")
+    ]
 
     def rename(row: Features) -> Features:
-        out = {name: row[name] for name in names}
-        out["segment_ids"] = row["input_ids_segment_ids"].astype(np.int32)
-        out["positions"] = row["input_ids_positions"].astype(np.int32)
+        out = {name: row[name] for name in (*names, *kept)}
+        if "input_ids" in names:
+            out["segment_ids"] = out.pop("input_ids_segment_ids").astype(np.int32)
+            out["positions"] = out.pop("input_ids_positions").astype(np.int32)
         return out
 
     packed = grain_exp.BestFitPackIterDataset(

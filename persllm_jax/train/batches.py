@@ -42,11 +42,13 @@ class DPOBatch:
 
 @struct.dataclass
 class PackedDPOBatch:
-    """Several pairs per row. In `tokens` ([B, 2 * seq_len]), pair slot k of a row is segments
-    2k + 1 (prompt + chosen) and 2k + 2 (prompt + rejected), each attending only to itself; the
-    per-pair arrays are [B, P], P = the most pairs a row holds, `valid` False on empty slots."""
+    """Several pairs per row, packed in lockstep: segment k of `chosen[b]` ([B, T], prompt +
+    chosen) and segment k of `rejected[b]` (prompt + rejected) are pair slot k of row b, each
+    attending only to itself; the per-pair arrays are [B, P], P = the most pairs a row holds,
+    `valid` False on empty slots."""
 
-    tokens: SFTBatch
+    chosen: SFTBatch
+    rejected: SFTBatch
     ref_chosen_logps: jax.Array  # [B, P] float32
     ref_rejected_logps: jax.Array  # [B, P] float32
     valid: jax.Array  # [B, P] bool

@@ -85,7 +85,7 @@ def batch_shardings(mesh, packed: bool = False) -> DPOBatch | PackedDPOBatch:
     sharding = common.batch_sharding(mesh)
     side = sft.batch_shardings(mesh)
     if packed:
-        return PackedDPOBatch(side, *([sharding] * 6))
+        return PackedDPOBatch(side, side, *([sharding] * 6))
     return DPOBatch(
         chosen=side,
         rejected=side,
@@ -103,7 +103,8 @@ def abstract_batch(cfg: RunConfig, shardings: DPOBatch | PackedDPOBatch) -> DPOB
         dtypes = (jnp.float32, jnp.float32, bool, jnp.int32, jnp.int32, jnp.int32)
         names = ("ref_chosen_logps", "ref_rejected_logps", "valid", "persona_ids", "stage_ids", "source_ids")
         return PackedDPOBatch(
-            tokens=sft.abstract_batch(cfg, shardings.tokens, row_len=2 * cfg.train.seq_len),
+            chosen=sft.abstract_batch(cfg, shardings.chosen),
+            rejected=sft.abstract_batch(cfg, shardings.rejected),
             **{
                 name: jax.ShapeDtypeStruct(slots, dtype, sharding=getattr(shardings, name))
                 for name, dtype in zip(names, dtypes)
@@ -224,9 +225,7 @@ class DPOTask:
         return PACKED_FEATURES if self.packed else ()
 
     def _options(self):
-        return common.pipeline_options(
-            self.cfg, 2 * self.cfg.train.seq_len if self.packed else self.cfg.train.seq_len
-        )
+        return common.pipeline_options(self.cfg, self.cfg.train.seq_len)
 
     @staticmethod
     def _pad(features, row_len):
@@ -262,7 +261,7 @@ class DPOTask:
         """Stacked pipeline rows -> the batch and each pair's (source, index), -1 where empty."""
         if self.packed:
             batch, keys = packed_batch(rows, self.max_pairs)
-            self.longest_seen = max(self.longest_seen, int(rows["length"].max()))
+            self.longest_seen = max(self.longest_seen, int(rows["chosen_length"].max()))
             return batch, keys
         self.longest_seen = max(
             self.longest_seen, int(rows["chosen_length"].max()), int(rows["rejected_length"].max())
@@ -306,9 +305,12 @@ class DPOTask:
         """A row with no pair in it (a row whose shard is done in a one-pass)."""
         template = self._features(*self._any_local_pair())
         if self.packed:
-            return pipeline.one_segment(
-                {k: np.zeros(0, v.dtype) for k, v in template.items()}, self._options().row_len
-            )
+            row_len = self._options().row_len
+            empty = {k: np.zeros(row_len, v.dtype) for k, v in template.items()}
+            for side in ("chosen", "rejected"):
+                for name in ("segment_ids", "positions"):
+                    empty[f"{side}_input_ids_{name}"] = np.zeros(row_len, np.int32)
+            return empty
         return {**{k: np.zeros_like(v) for k, v in template.items()}, "key_source": np.int64(-1)}
 
     def rows_batch(self, rows: dict) -> DPOBatch | PackedDPOBatch:
@@ -325,7 +327,7 @@ class DPOTask:
         def logps(params, batch):
             model = nnx.merge(graphdef, params)
             if isinstance(batch, PackedDPOBatch):
-                return packed_pair_logps(model, batch.tokens, max_pairs, chunk)[:2]
+                return packed_pair_logps(model, batch.chosen, batch.rejected, max_pairs, chunk)[:2]
             return pair_logps(model, batch.chosen, batch.rejected, chunk)[:2]
 
         return reference_pass.compute(

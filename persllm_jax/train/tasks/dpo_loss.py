@@ -79,13 +79,13 @@ def dpo_batch_loss(
         pairs = batch.valid.shape[1]
 
         def logps(m):
-            return packed_pair_logps(m, batch.tokens, pairs, chunk_size)
+            return packed_pair_logps(m, batch.chosen, batch.rejected, pairs, chunk_size)
 
         valid = batch.valid.reshape(-1)
         persona_ids, stage_ids = batch.persona_ids.reshape(-1), batch.stage_ids.reshape(-1)
         source_ids = batch.source_ids.reshape(-1)
-        tokens = batch.tokens.attention_mask.sum()
-        cut = (batch.tokens.length > batch.tokens.input_ids.shape[1] // 2).sum()
+        tokens = batch.chosen.attention_mask.sum() + batch.rejected.attention_mask.sum()
+        cut = (batch.chosen.length > batch.chosen.input_ids.shape[1]).sum()
     else:
 
         def logps(m):
