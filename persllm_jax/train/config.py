@@ -36,7 +36,7 @@ class DataSection:
 class TrainSection:
     max_steps: int = 100
     batch_size: int = 16  # rows per optimizer step, over all hosts (unpacked: sequences, DPO pairs)
-    seq_len: int = 3000  # tokens per sequence (DPO: per side; a packed DPO row holds 2 x seq_len)
+    seq_len: int = 3000  # tokens per row (DPO: per side; packed DPO fills a chosen and a rejected row)
     packing: bool = True  # several examples per row, each attending only to itself
     packing_bins: int = 8  # rows the best-fit packer fills at once
     max_segments: int = 64  # most examples (DPO: pairs) in one packed row
