@@ -178,12 +178,11 @@ class HostRows:
             self._iterator(row).set_state(states[str(row)])
 
 
-def pad_features(features: Features, row_len: int, pad_values: dict[str, Any] | None = None) -> Features:
-    """Right-pad every per-token array to `row_len` (0 unless `pad_values` says otherwise)."""
-    pad_values = pad_values or {}
+def pad_features(features: Features, row_len: int) -> Features:
+    """Right-pad every per-token array to `row_len` with zeros."""
     out = {}
     for name, value in features.items():
-        row = np.full(row_len, pad_values.get(name, 0), dtype=value.dtype)
+        row = np.zeros(row_len, dtype=value.dtype)
         row[: len(value)] = value
         out[name] = row
     return out

@@ -178,9 +178,6 @@ class TaskData:
             }
         )
 
-    def group_ids(self, example) -> tuple[int, int]:
-        return self.groups.ids(example)
-
     def position(self, step: int) -> dict:
         return data_position(step, self.cfg, self.fingerprint)
 
