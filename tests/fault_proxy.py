@@ -211,7 +211,7 @@ class FaultProxy:
             self.bodies: dict[str, object] = {}
             self.events: list[dict] = []
             self.server_in_flight = 0  # forwarded requests the real server has not answered yet
-            self.in_flight_timeline: list[tuple[float, int]] = []  # (monotonic time, server_in_flight)
+            self.in_flight_timeline: list[tuple[float, int]] = []  # (wall-clock time, server_in_flight)
 
     # ----- queries -----
 
@@ -399,7 +399,7 @@ class FaultProxy:
     def _count_in_flight(self, change: int) -> None:
         with self._lock:
             self.server_in_flight += change
-            self.in_flight_timeline.append((time.monotonic(), self.server_in_flight))
+            self.in_flight_timeline.append((time.time(), self.server_in_flight))
 
     async def _server_answer(self, method: str, target: str, request: _HTTPMessage, digest: str) -> _HTTPMessage:
         """The real server's answer, through the slow server when `slow_s` is set. Runs to the end

@@ -23,7 +23,7 @@ REQUESTS = 60
 class BusyServer:
     def __init__(self):
         self.lock, self.counter_lock = threading.Lock(), threading.Lock()
-        self.in_flight, self.received, self.timeline = 0, 0, []  # (time, requests on the server)
+        self.in_flight, self.received, self.timeline = 0, 0, []  # (wall-clock time, requests on the server)
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -35,7 +35,7 @@ class BusyServer:
                 with server.counter_lock:
                     server.in_flight += 1
                     server.received += 1
-                    server.timeline.append((time.monotonic(), server.in_flight))
+                    server.timeline.append((time.time(), server.in_flight))
                 with server.lock:  # one at a time, whether or not the client still waits
                     time.sleep(SERVICE_S)
                 with server.counter_lock:
@@ -104,10 +104,10 @@ def test_the_adaptive_limit_sends_fewer_requests_and_settles(tmp_path):
     )
     settled = adaptive["concurrency_settled"]
     assert adaptive["concurrency_decreases"] >= 1 and settled * SERVICE_S < 0.6 + SERVICE_S
-    # over the last half of the run, the server never holds more than the settled limit
-    end = server.timeline[-1][0]
-    late = [n for t, n in server.timeline if t > started + (end - started) / 2]
-    assert late and max(late) <= settled, (late, settled)
+    # from the moment the limit settled, the server never holds more than it
+    since = adaptive["concurrency_settled_since"]
+    late = [n for t, n in server.timeline if t >= since]
+    assert len(late) >= 10 and max(late) <= settled, (late, settled)
 
 
 def test_the_limit_halves_once_per_window_and_grows_back():
@@ -127,6 +127,30 @@ def test_the_limit_halves_once_per_window_and_grows_back():
 
     stats = asyncio.run(go())
     assert stats["concurrency_lowest"] == 4 and stats["max_in_flight"] == 8
+
+
+def test_a_late_request_cuts_the_limit_while_it_is_still_on_the_wire():
+    async def go():
+        limit = AdaptiveLimit(8)
+        starts = [await limit.acquire() for _ in range(8)]
+        await limit.overloaded(starts[0])  # late, still on the wire
+        await limit.overloaded(starts[1])  # sent in the same window: no second cut
+        assert limit.limit == 4 and limit.decreases == 1 and limit.settled_since is None
+        for s in starts[:3]:
+            await limit.release(s, overloaded=False, signalled=True)
+        # 5 still on the wire, over the new limit: no new request starts, and it has not settled
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(limit.acquire(), 0.05)
+        assert limit.settled_since is None
+        before = time.time()
+        await limit.release(starts[3], overloaded=False, signalled=True)
+        assert limit.in_flight == 4 and limit.settled_since >= before
+        # late answers do not count as answers in a row: the limit does not grow back on them
+        for s in starts[4:]:
+            await limit.release(s, overloaded=False, signalled=True)
+        assert limit.limit == 4
+
+    asyncio.run(go())
 
 
 @pytest.mark.parametrize("ceiling", [0, -1])

@@ -223,9 +223,11 @@ def test_each_fault_type_is_retried_and_the_batch_completes(server, proxy, tmp_p
     proxy.set_faults(schedule=[fault, None, fault])
     timeout = 15.0 if fault == "delay" else 60.0
     requests = [{"messages": question(i, f"[{fault}] "), "tag": f"{fault}-{i}"} for i in range(10)]
+    # A fixed client gives a late request up at its timeout; the adaptive one keeps waiting (below).
+    adaptive = fault != "delay"
 
     async def run():
-        async with client_for(proxy, server, tmp_path, timeout=timeout) as client:
+        async with client_for(proxy, server, tmp_path, timeout=timeout, adaptive=adaptive) as client:
             t0 = time.monotonic()
             results = await client.complete_many(requests, progress_desc=f"fault {fault}")
             return results, client.stats(), time.monotonic() - t0
@@ -243,6 +245,23 @@ def test_each_fault_type_is_retried_and_the_batch_completes(server, proxy, tmp_p
         assert stats["backoff_s"] >= 2 * 1.0  # Retry-After: 1 was honoured twice
     keys = [line["key"] for line in cache_lines(tmp_path / "cache.jsonl")]
     assert sorted(keys) == sorted(r.key for r in results)
+
+
+@pytest.mark.slow
+def test_an_adaptive_client_waits_for_a_late_answer_and_cuts_its_limit(server, proxy, tmp_path):
+    # the 1st and 3rd requests are held 25 s (then dropped), past the 15 s timeout: each is late at
+    # 15 s, stays on the wire, and is sent again only when the connection drops
+    proxy.set_faults(schedule=["delay", None, "delay"])
+    requests = [{"messages": question(i, "[late] "), "tag": f"late-{i}"} for i in range(10)]
+
+    async def run():
+        async with client_for(proxy, server, tmp_path, timeout=15.0) as client:
+            return await client.complete_many(requests, progress=False), client.stats()
+
+    results, stats = asyncio.run(run())
+    assert results and all(r.ok for r in results), [r.error for r in results if not r.ok]
+    assert stats["late_requests"] == 2 and stats["concurrency_decreases"] >= 1, stats
+    assert stats["retries"] == {"connection": 2} and stats["requests_sent"] == proxy.requests_seen == 12
 
 
 @pytest.mark.slow

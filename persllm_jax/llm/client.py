@@ -4,9 +4,10 @@
 
 * adaptive concurrency (`persllm_jax.llm.adaptive_limit`): at most `concurrency` requests on the wire, fewer
   while the server shows overload (timeouts, 429, 503), a slot held only while a request is on the wire,
-  not while backing off; and, when adaptive, a request that timed out waits twice as long on its next
-  attempt (up to `TIMEOUT_GROWTH` times `timeout`): the server is most likely still computing the first
-  copy, and a second copy given the same short wait would only add to its queue;
+  not while backing off. When adaptive, `timeout` is how long an answer may take before it counts as a
+  sign of overload (the limit is cut at once), but the request stays on the wire up to `TIMEOUT_GROWTH`
+  times `timeout` before it is given up and sent again: a late answer is most likely still being computed,
+  and a second copy would only add to the server's queue;
 * retries by the policy of `persllm_jax.llm.retry`: exponential backoff with full jitter on HTTP
   408/409/429/5xx, timeouts, dropped connections and bodies that are not a valid chat completion (non-JSON,
   truncated JSON, no choices, no content); a `Retry-After` header is honoured, capped at `retry_after_cap`
@@ -54,7 +55,7 @@ from persllm_jax.llm.retry import (
 log = logging.getLogger(__name__)
 
 
-# How far a timed-out request's wait may grow over its retries, as a multiple of the configured timeout.
+# When adaptive, how long a late request stays on the wire, as a multiple of the configured timeout.
 TIMEOUT_GROWTH = 8
 
 
@@ -167,7 +168,6 @@ class LLMClient:
         self._counters: Counter[str] = Counter()
         self._retries: Counter[str] = Counter()
         self._failures: Counter[str] = Counter()
-        self._longest_timeout = timeout
 
     @classmethod
     def from_config(cls, endpoint: EndpointConfig, cache_dir: str | os.PathLike, **overrides) -> LLMClient:
@@ -310,8 +310,8 @@ class LLMClient:
             "cached_entries": len(self._cache.entries),
             "cache_repaired_bytes": self._cache.repaired_bytes,
             "cache_skipped_lines": self._cache.skipped_lines,
+            "late_requests": c["late_requests"],
             **self._limit.stats(),
-            "timeout_longest_s": self._longest_timeout,
         }
 
     async def aclose(self) -> None:
@@ -342,18 +342,14 @@ class LLMClient:
             body["seed"] = request["seed"]
         extra_body = dict(request["params"]) or None
         attempt = 0
-        timeout = self.timeout
         while True:
             attempt += 1
             try:
-                text, finish_reason, usage = await self._attempt(body, extra_body, timeout)
+                text, finish_reason, usage = await self._attempt(body, extra_body)
             except RetryableError as err:
                 if attempt > self.max_retries:
                     return self._failed(key, err.reason, err.message, attempt, err.status)
                 self._retries[err.reason] += 1
-                if err.reason == TIMEOUT and self._limit.adaptive:
-                    timeout = min(2 * timeout, TIMEOUT_GROWTH * self.timeout)
-                    self._longest_timeout = max(self._longest_timeout, timeout)
                 delay = backoff_delay(
                     attempt,
                     err.retry_after,
@@ -383,20 +379,31 @@ class LLMClient:
                 self._counters["completion_tokens"] += int(usage.get("completion_tokens", 0) or 0)
             return Completion(text, finish_reason, usage, cached=False, key=key)
 
-    async def _attempt(
-        self, body: dict, extra_body: dict | None, timeout: float
-    ) -> tuple[str, str | None, dict | None]:
-        """One request on the wire, inside the adaptive limit, which learns from how it ended."""
+    async def _attempt(self, body: dict, extra_body: dict | None) -> tuple[str, str | None, dict | None]:
+        """One request on the wire, inside the adaptive limit, which learns from how it ended and, when
+        adaptive, from its being late."""
         started = await self._limit.acquire()
-        overloaded = False
+        overloaded = late = False
         try:
             self._counters["requests_sent"] += 1
-            return await self._post(body, extra_body, timeout)
+            if not self._limit.adaptive:
+                return await self._post(body, extra_body, self.timeout)
+            post = asyncio.ensure_future(self._post(body, extra_body, TIMEOUT_GROWTH * self.timeout))
+            try:
+                done, _ = await asyncio.wait({post}, timeout=self.timeout)
+            except asyncio.CancelledError:
+                post.cancel()
+                raise
+            if not done:
+                late = True
+                self._counters["late_requests"] += 1
+                await self._limit.overloaded(started)
+            return await post
         except RetryableError as err:
-            overloaded = _is_overload(err)
+            overloaded = _is_overload(err) and not (late and err.reason == TIMEOUT)
             raise
         finally:
-            await self._limit.release(started, overloaded)
+            await self._limit.release(started, overloaded, signalled=late)
 
     def _failed(self, key: str, reason: str, message: str, attempts: int, status: int | None) -> Completion:
         self._failures[reason] += 1
