@@ -13,36 +13,15 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from persllm_jax.model.attention import attend
-from persllm_jax.model.sharding import logical_to_spec, make_mesh
+from persllm_jax.model.sharding import make_mesh
 from persllm_jax.model.splash import padded_length, splash_attention
+from tests.attention_inputs import inputs as _inputs
+from tests.attention_inputs import packed_segments as _segments
+from tests.attention_inputs import placed_like_activations as _placed_like_activations
+from tests.attention_inputs import reference_mask as _reference_mask
 
 FWD_TOL = 1e-5  # fp32 outputs
 GRAD_TOL = 1e-5  # fp32 gradients, relative to the largest gradient entry
-
-
-def _inputs(b, t, n, k, h, seed=0):
-    rng = np.random.default_rng(seed)
-    q, key, v = (jnp.asarray(rng.normal(size=(b, t, heads, h)), jnp.float32) for heads in (n, k, k))
-    return q, key, v
-
-
-def _segments(b, t, seed=0):
-    """Packed rows: 1-4 segments (ids 1, 2, ...) then right padding (id 0)."""
-    rng = np.random.default_rng(seed)
-    segments = np.zeros((b, t), np.int32)
-    for row in range(b):
-        used = rng.integers(t // 2, t + 1)
-        cuts = np.sort(rng.choice(np.arange(1, used), size=rng.integers(0, 4), replace=False))
-        for index, (start, stop) in enumerate(zip([0, *cuts], [*cuts, used]), start=1):
-            segments[row, start:stop] = index
-    return segments
-
-
-def _reference_mask(segments):
-    """Token t sees token s when s <= t and both are in the same non-padding segment."""
-    t = segments.shape[1]
-    same = segments[:, :, None] == segments[:, None, :]
-    return same & np.tril(np.ones((t, t), bool))[None] & (segments[:, None, :] > 0)
 
 
 def _compare(q, k, v, segments):
@@ -106,11 +85,6 @@ def test_sharded_over_a_mesh_equals_xla(mesh_shape, kv_heads):
     with jax.set_mesh(mesh):
         q, key, v = (jax.device_put(x, _placed_like_activations(x, mesh)) for x in (q, key, v))
         _compare(q, key, v, segments)
-
-
-def _placed_like_activations(x, mesh):
-    axes = ("batch", "length", "act_heads", None)
-    return NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh))
 
 
 def test_padded_length_is_a_whole_number_of_blocks():

@@ -1,6 +1,6 @@
-"""Attention: grouped-query attention over a boolean mask (XLA), cuDNN's fused causal kernel or
-the Pallas splash kernel (TPU), rotary embeddings on queries and keys, and the KV-cache write
-used by generation."""
+"""Attention: grouped-query attention in XLA (block-wise within segments for training rows, over a
+boolean mask for generation), cuDNN's fused causal kernel or the Pallas splash kernel (TPU), rotary
+embeddings on queries and keys, and the KV-cache write used by generation."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from persllm_jax.model import rope
+from persllm_jax.model.block_attention import BLOCK, block_attention
 from persllm_jax.model.config import ModelConfig
 from persllm_jax.model.layers import Linear
 from persllm_jax.model.sharding import constrain
@@ -19,6 +20,14 @@ from persllm_jax.model.splash import splash_attention
 # Large negative instead of -inf so that a fully masked row (a left-padding query) gives a
 # uniform softmax rather than NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+class Segments(NamedTuple):
+    """Segment ids [B, T] (1, 2, ... per sequence, 0 = padding) for XLA's block-wise attention, and
+    its block size."""
+
+    segment_ids_BT: jax.Array
+    block: int = BLOCK
 
 
 class DenseMask(NamedTuple):
@@ -30,7 +39,7 @@ class DenseMask(NamedTuple):
 def attend(q_BTNH, k_BSKH, v_BSKH, mask, impl: str = "xla"):
     """Grouped-query attention; N query heads share K key/value heads. Returns [B, T, N, H].
 
-    `mask` is a boolean [B, T, S] (xla); for cudnn the number of real keys per row [B] (causal,
+    `mask` is `Segments` (xla, causal within segments) or a boolean [B, T, S] (xla); for cudnn the number of real keys per row [B] (causal,
     right padding: cuDNN's fused kernel takes lengths), or a `DenseMask` for packed rows;
     for splash the segment id of every token [B, T] (causal within a segment, 0 = padding)."""
     if impl == "splash":
@@ -43,6 +52,8 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask, impl: str = "xla"):
         return jax.nn.dot_product_attention(
             q_BTNH, k_BSKH, v_BSKH, is_causal=True, key_value_seq_lengths=mask, implementation="cudnn"
         )
+    if isinstance(mask, Segments):
+        return block_attention(q_BTNH, k_BSKH, v_BSKH, mask.segment_ids_BT, mask.block)
     mask_BTS = mask
     b, t, n, h = q_BTNH.shape
     k = k_BSKH.shape[2]

@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from persllm_jax.model import rope
-from persllm_jax.model.attention import Attention, DenseMask
+from persllm_jax.model.attention import Attention, DenseMask, Segments
 from persllm_jax.model.config import ModelConfig
 from persllm_jax.model.layers import MLP, RMSNorm, param
 from persllm_jax.model.sharding import constrain
@@ -152,11 +152,13 @@ def attention_mask(impl: str, b: int, t: int, attention_mask_BT=None, segment_id
     if impl == "cudnn" and not packed:  # one sequence per row: cuDNN's fused kernel takes lengths
         _check_right_padded(attention_mask_BT)
         return jnp.full((b,), t, jnp.int32) if attention_mask_BT is None else segment_ids_BT.sum(-1)
+    if impl == "xla":
+        return Segments(segment_ids_BT)
     same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
     causal_TS = jnp.tril(jnp.ones((t, t), dtype=bool))
     mask_BTS = same_BTS & causal_TS[None] & (segment_ids_BT[:, None, :] > 0)
     # cuDNN with packed rows takes the block-diagonal mask as a dense one (with its causal flag).
-    return DenseMask(mask_BTS) if impl == "cudnn" else mask_BTS
+    return DenseMask(mask_BTS)
 
 
 def _check_right_padded(attention_mask_BT) -> None:

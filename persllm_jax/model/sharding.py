@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
@@ -167,3 +168,29 @@ def constrain(x, logical_axes: Sequence[str | None]):
         return x
     spec = logical_to_spec(logical_axes, x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def over_batch_and_heads(per_device: Callable, q_BTNH, k_BTKH, v_BTKH, segment_BT):
+    """`per_device(q, k, v, segment)` on each device's shards under the active mesh (`shard_map`:
+    batch over data x fsdp, heads over tensor), or on the whole arrays without one. Attention
+    kernels that loop over blocks or call Pallas run per shard, so they never see the mesh. When
+    the tensor axis has more shards than there are key/value heads, each shard gets copies of the
+    key/value heads its query heads use."""
+    n, kv = q_BTNH.shape[2], k_BTKH.shape[2]
+    mesh = active_mesh()
+    if mesh is None:
+        return per_device(q_BTNH, k_BTKH, v_BTKH, segment_BT)
+    batch = logical_to_spec(("batch",), q_BTNH.shape[:1], mesh)[0]
+    heads = logical_to_spec(("act_heads",), (n,), mesh)[0]
+    kv_heads = logical_to_spec(("act_heads",), (kv,), mesh)[0]
+    if kv_heads != heads:
+        k_BTKH, v_BTKH = (jnp.repeat(x, n // kv, axis=2) for x in (k_BTKH, v_BTKH))
+    qkv_spec = PartitionSpec(batch, None, heads, None)
+    sharded = jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(qkv_spec, qkv_spec, qkv_spec, PartitionSpec(batch, None)),
+        out_specs=qkv_spec,
+        check_vma=False,
+    )
+    return sharded(q_BTNH, k_BTKH, v_BTKH, segment_BT)

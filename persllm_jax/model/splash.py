@@ -1,5 +1,5 @@
 """Splash attention: the Pallas TPU flash-attention kernel, causal, with segment ids, sharded
-over the mesh by `shard_map` (batch over `data`/`fsdp`, heads over `tensor`).
+over the mesh by `shard_map` (batch over `data`/`fsdp`, heads over `tensor`; `over_batch_and_heads`).
 
 The kernel takes one sequence at a time with heads leading ([N, T, H] queries, [K, S, H] keys
 and values, N a multiple of K, so MHA, GQA and MQA are one case) and is mapped over the batch.
@@ -18,9 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
-from jax.sharding import PartitionSpec
 
-from persllm_jax.model.sharding import active_mesh, logical_to_spec
+from persllm_jax.model.sharding import over_batch_and_heads
 
 _LANES = 128  # the kernel's key blocks must be whole vector lanes
 _MAX_BLOCK = 512  # query / key block; 512 is the kernel's sweet spot on v5p and v6e at seq >= 1k
@@ -79,22 +78,4 @@ def _on_platform(q, k, v, segment):
 
 def splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_BT):
     """Causal attention within segments; `segment_BT` int, 0 = padding. Returns [B, T, N, H]."""
-    n, kv = q_BTNH.shape[2], k_BTKH.shape[2]
-    mesh = active_mesh()
-    if mesh is None:
-        return _on_platform(q_BTNH, k_BTKH, v_BTKH, segment_BT)
-    batch = logical_to_spec(("batch",), q_BTNH.shape[:1], mesh)[0]
-    heads = logical_to_spec(("act_heads",), (n,), mesh)[0]
-    kv_heads = logical_to_spec(("act_heads",), (kv,), mesh)[0]
-    if kv_heads != heads:
-        # Fewer key/value heads than tensor shards: each shard gets the copies its query heads use.
-        k_BTKH, v_BTKH = (jnp.repeat(x, n // kv, axis=2) for x in (k_BTKH, v_BTKH))
-    qkv_spec = PartitionSpec(batch, None, heads, None)
-    sharded = jax.shard_map(
-        _on_platform,
-        mesh=mesh,
-        in_specs=(qkv_spec, qkv_spec, qkv_spec, PartitionSpec(batch, None)),
-        out_specs=qkv_spec,
-        check_vma=False,
-    )
-    return sharded(q_BTNH, k_BTKH, v_BTKH, segment_BT)
+    return over_batch_and_heads(_on_platform, q_BTNH, k_BTKH, v_BTKH, segment_BT)
