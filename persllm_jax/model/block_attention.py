@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from persllm_jax.model.sharding import over_batch_and_heads
 
-BLOCK = 256  # query and key block; rows are padded up to a multiple of it
+BLOCK = 128  # query and key block; rows are padded up to a multiple of it (benchmarks/attention_blocks.py)
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so a fully masked block gives no NaN
 _F32 = jnp.float32
 
