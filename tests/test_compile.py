@@ -104,10 +104,10 @@ def test_splash_attention_compiles_into_the_step(tmp_path):
     _, xla = _compile("sft", "v5e:2x2", tmp_path, *common)
     _, splash = _compile("sft", "v5e:2x2", tmp_path, *common, "model.attention_impl=splash")
     assert splash["fits"] is True and splash["argument_bytes"] == xla["argument_bytes"]
-    # XLA attention holds a layer's fp32 scores, [4 rows, 2 heads, 2048, 2048] per chip (128 MiB);
-    # the kernel works block by block, so the step's temporary memory drops by at least that much
+    # A layer's fp32 scores, [4 rows, 2 heads, 2048, 2048] per chip, are 128 MiB; the splash kernel and
+    # XLA's block-wise attention both work block by block, so neither step's temporaries hold them
     scores = 4 * 2 * 2048 * 2048 * 4
-    assert splash["temp_bytes"] < xla["temp_bytes"] - scores, (splash["temp_bytes"], xla["temp_bytes"])
+    assert splash["temp_bytes"] < scores and xla["temp_bytes"] < scores, (splash, xla)
 
 
 @needs_libtpu
