@@ -76,3 +76,15 @@ def save_adapter(model, out_dir: str | Path, base_model: str, tokenizer=None) ->
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def base_model_of(run_dir: Path) -> str:
+    """The base model a run started from (its config's `model.path`, else its preset), as PEFT's
+    `base_model_name_or_path`."""
+    import yaml
+
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return ""
+    model = (yaml.safe_load(config.read_text()) or {}).get("model", {})
+    return str(model.get("path") or model.get("preset") or "")

@@ -305,6 +305,10 @@ def save_pretrained(
     import transformers
 
     out_dir = Path(out_dir)
+    if model.cfg.lora_rank:  # the adapters folded into the weights: a plain transformers model
+        from persllm_jax.model.lora import merged_model
+
+        model = merged_model(model)
     cfg = model.cfg
     base = source_config(model)
     if tokenizer is not None:

@@ -16,6 +16,7 @@ from flax import nnx
 
 from persllm_jax.model.config import DEFAULT_LORA_TARGETS, ModelConfig
 from persllm_jax.model.decoder import CausalLM, abstract_model
+from persllm_jax.model.sharding import active_mesh, state_shardings
 
 _A, _B = "lora_a", "lora_b"
 # What a loaded model carries besides its parameters (io/pretrained.py): the source's HF config and
@@ -33,13 +34,11 @@ def add_adapters(
     alpha: float = 16.0,
     targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
     seed: int = 0,
+    mesh=None,
 ) -> CausalLM:
     """`model` (no adapters) with fresh adapters: lora_a random, lora_b zero, each placed by its
-    logical axes under the active mesh like the base parameters. The base parameters are shared,
-    not copied."""
-    from persllm_jax.io.pretrained import state_shardings_for
-    from persllm_jax.model.sharding import active_mesh
-
+    logical axes on `mesh` (default: the active mesh) like the base parameters. The base
+    parameters are shared, not copied."""
     if model.cfg.lora_rank:
         raise ValueError("the model already has adapters")
     cfg = model.cfg.replace(lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets))
@@ -49,8 +48,11 @@ def add_adapters(
     def fresh():  # the whole model is built inside jit; all but the adapters is dead code
         return nnx.state(CausalLM(cfg, rngs=nnx.Rngs(seed)), nnx.LoRAParam)
 
-    shardings = state_shardings_for(abstract_adapters, active_mesh())
-    adapters = jax.jit(fresh, out_shardings=shardings)()
+    mesh = mesh if mesh is not None else active_mesh()
+    if mesh is None:
+        adapters = jax.jit(fresh)()
+    else:
+        adapters = jax.jit(fresh, out_shardings=state_shardings(abstract_adapters, mesh))()
     flat = _flat(nnx.state(model))
     flat.update(_flat(adapters))
     state = nnx.from_flat_state([(path, flat[path]) for path in _flat(abstract)])

@@ -26,6 +26,7 @@ from persllm_jax.io import pretrained
 from persllm_jax.io.vocabulary import add_special_tokens
 from persllm_jax.model.config import preset
 from persllm_jax.model.decoder import CausalLM
+from persllm_jax.model.lora import add_adapters, merged_model
 from persllm_jax.train import distributed, resume_check
 from persllm_jax.train.checkpointing import Checkpointer
 from persllm_jax.train.config import RunConfig
@@ -45,6 +46,8 @@ def check_training_settings(cfg: RunConfig) -> None:
     """Settings that would train wrongly rather than fail: refused before anything loads."""
     if cfg.train.grad_accum_steps < 1:
         raise ValueError(f"train.grad_accum_steps must be >= 1, got {cfg.train.grad_accum_steps}")
+    if cfg.lora.rank < 0:
+        raise ValueError(f"lora.rank must be >= 0 (0: no adapters), got {cfg.lora.rank}")
     if cfg.model.dtype != "float32":
         raise ValueError(
             f"model.dtype={cfg.model.dtype}: training keeps its parameters and optimizer state in "
@@ -105,6 +108,11 @@ def load_initial_model(cfg: RunConfig, mesh) -> tuple[CausalLM, object]:
         raise ValueError(
             f"the tokenizer has {len(tokenizer)} tokens but the model only {model.cfg.vocab_size} embeddings"
         )
+    if model.cfg.lora_rank:  # a LoRA run to start from: its adapters become part of the base
+        model = merged_model(model)
+    if cfg.lora.rank:
+        lora = cfg.lora
+        model = add_adapters(model, lora.rank, lora.alpha, tuple(lora.targets), seed=lora.seed, mesh=mesh)
     return model, tokenizer
 
 
