@@ -116,3 +116,13 @@ def test_a_lora_run_resumes_exactly(tmp_path):
     train("sft", cut, *common, env=ONE_DEVICE)
     assert losses(cut) == losses(straight)
     assert_same_params(straight, cut)
+
+
+def test_generation_from_a_lora_run_equals_its_merged_model(sft_run):
+    from persllm_jax import generate
+    from persllm_jax.model.lora import merged_model
+
+    model, tokenizer = load_pretrained(sft_run)
+    conversation = [[{"role": "user", "content": "Who are you?"}]]
+    ours = generate(model, tokenizer, conversation, max_new_tokens=12)
+    assert ours == generate(merged_model(model), tokenizer, conversation, max_new_tokens=12)
