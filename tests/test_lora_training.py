@@ -40,7 +40,7 @@ def _ids():
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("lora_sft") / "run"
-    train("sft", run, *LORA, "train.max_steps=4", env=ONE_DEVICE)
+    train("sft", run, *LORA, "train.max_steps=4", "train.grad_accum_steps=2", env=ONE_DEVICE)
     return run
 
 

@@ -48,8 +48,8 @@ def make_train_step(
     only its shard of them (a reduce-scatter instead of an all-reduce under fsdp), and the
     optimizer update runs on shards."""
 
-    def summed_loss(train, rest, batch, frozen):
-        loss_sum, count, sums = loss_fn(nnx.merge(graphdef, train, rest), batch, frozen)
+    def summed_loss(train, fixed, batch, frozen):
+        loss_sum, count, sums = loss_fn(nnx.merge(graphdef, train, fixed), batch, frozen)
         return loss_sum, (count, sums)
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
@@ -57,18 +57,18 @@ def make_train_step(
         grad_shardings = trained(grad_shardings, trainable)
 
     def step(state: TrainState, batch, frozen=None):
-        train, rest = nnx.split_state(state.params, trainable, ...)
+        train, fixed = nnx.split_state(state.params, trainable, ...)
         if grad_accum_steps == 1:
-            (loss_sum, (count, sums)), grads = grad_fn(train, rest, batch, frozen)
+            (loss_sum, (count, sums)), grads = grad_fn(train, fixed, batch, frozen)
         else:
             micro = _micro_batches(batch, grad_accum_steps)
 
             def accumulate(carry, one):
-                (loss_sum, (count, sums)), grads = grad_fn(train, rest, one, frozen)
+                (loss_sum, (count, sums)), grads = grad_fn(train, fixed, one, frozen)
                 return jax.tree.map(jnp.add, carry, (loss_sum, count, sums, grads)), None
 
             (loss_sum, (count, sums)), grads = grad_fn(
-                train, rest, jax.tree.map(lambda x: x[0], micro), frozen
+                train, fixed, jax.tree.map(lambda x: x[0], micro), frozen
             )
             rest = jax.tree.map(lambda x: x[1:], micro)
             (loss_sum, count, sums, grads), _ = jax.lax.scan(accumulate, (loss_sum, count, sums, grads), rest)
@@ -77,7 +77,7 @@ def make_train_step(
         if grad_shardings is not None:
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         updates, opt_state = optimizer.update(grads, state.opt_state, train)
-        params = nnx.merge_state(optax.apply_updates(train, updates), rest)
+        params = nnx.merge_state(optax.apply_updates(train, updates), fixed)
         metrics = {
             "loss": loss_sum / denominator,
             "grad_norm": optax.global_norm(grads),
