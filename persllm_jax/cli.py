@@ -33,7 +33,9 @@ def _export_hf(args) -> None:
 
         base = base_model_of(Path(args.checkpoint))
         out = save_adapter(model, args.out, base_model=base, tokenizer=tokenizer)
-        print(f"wrote {out}: load it with peft.PeftModel.from_pretrained(base_model, {str(out)!r}) (base: {base})")
+        print(
+            f"wrote {out}: load it with peft.PeftModel.from_pretrained(base_model, {str(out)!r}) (base: {base})"
+        )
         return
     out = pretrained.save_pretrained(model, tokenizer, args.out)
     print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -126,3 +127,15 @@ def test_generation_from_a_lora_run_equals_its_merged_model(sft_run):
     conversation = [[{"role": "user", "content": "Who are you?"}]]
     ours = generate(model, tokenizer, conversation, max_new_tokens=12)
     assert ours == generate(merged_model(model), tokenizer, conversation, max_new_tokens=12)
+
+
+def test_a_lora_checkpoint_holds_only_the_adapters(sft_run):
+    from persllm_jax.io.run_paths import run_model_paths
+
+    _, params_dir, _ = run_model_paths(sft_run)
+    saved = sum(f.stat().st_size for f in params_dir.rglob("*") if f.is_file())
+    model, _ = load_pretrained(sft_run)
+    adapters = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    everything = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    # the adapters and Orbax's metadata, far below the base (the tiny model: about 12.6 MB in fp32)
+    assert saved < adapters + 2**20 and saved < everything / 20, (saved, adapters, everything)
