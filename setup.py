@@ -57,6 +57,7 @@ setup(
             "accelerate",
             "transformers[serving]",
             "trl",
+            "peft==0.21.2",  # checks our LoRA adapter export
             f"jax[tpu]=={JAX_VERSION}",  # tests compile train steps for TPU slices
             "pytest",
             "pytest-timeout",

@@ -28,6 +28,15 @@ def _export_hf(args) -> None:
     from persllm_jax.io import pretrained
 
     model, tokenizer = pretrained.load_pretrained(args.checkpoint, dtype=args.dtype)
+    if args.adapter:
+        from persllm_jax.io.peft_adapter import base_model_of, save_adapter
+
+        base = base_model_of(Path(args.checkpoint))
+        out = save_adapter(model, args.out, base_model=base, tokenizer=tokenizer)
+        print(
+            f"wrote {out}: load it with peft.PeftModel.from_pretrained(base_model, {str(out)!r}) (base: {base})"
+        )
+        return
     out = pretrained.save_pretrained(model, tokenizer, args.out)
     print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
@@ -195,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="persllm model directory, or a run directory (its latest checkpoint)")
     p.add_argument("out", help="output HF directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="exported dtype")
+    p.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA run: write its adapters as a PEFT adapter directory instead of merged weights",
+    )
     p.set_defaults(func=_export_hf)
 
     model_help = "HF directory, .gguf file, persllm model directory or training run directory"

@@ -233,8 +233,10 @@ def save_model_dir(model: CausalLM, tokenizer, out_dir: str | Path) -> Path:
 
 
 def write_model_meta(
-    out_dir: Path, cfg: ModelConfig, hf_config: dict, generation: dict | None = None
+    out_dir: Path, cfg: ModelConfig, hf_config: dict, generation: dict | None = None, base: dict | None = None
 ) -> None:
+    """`base`: for a run whose checkpoints hold only LoRA adapters, the recipe of its base model
+    (see io/starting_model.py)."""
     # How a step ran (the attention kernel, remat) belongs to the hardware it ran on, not to the
     # model: a run trained with TPU splash attention loads with XLA attention on a GPU or CPU.
     cfg = cfg.replace(attention_impl=ModelConfig.attention_impl, remat=ModelConfig.remat)
@@ -244,6 +246,8 @@ def write_model_meta(
         "hf_config": hf_config,
         "generation_config": generation or {},
     }
+    if base is not None:
+        meta["base"] = base
     (out_dir / MODEL_DIR_MARKER).write_text(json.dumps(meta, indent=2, default=str))
 
 
@@ -286,10 +290,34 @@ def load_model_dir(
     cfg = saved_cfg.replace(**model_options)
     params_dir = params_dir or path / "params"
     tokenizer_dir = tokenizer_dir or path / "tokenizer"
-    model = assemble(cfg, mesh, lambda abstract, shardings: restore_params(params_dir, abstract, shardings))
+    base = json.loads((path / MODEL_DIR_MARKER).read_text()).get("base")
+    if base is not None:  # a LoRA run: its checkpoints hold only the adapters
+        model = _lora_run_model(cfg, base, params_dir, mesh)
+    else:
+        model = assemble(
+            cfg, mesh, lambda abstract, shardings: restore_params(params_dir, abstract, shardings)
+        )
     set_source_config(model, hf_config)
     set_generation_config(model, json.loads((path / MODEL_DIR_MARKER).read_text()).get("generation_config"))
     return model, _load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
+
+
+def _lora_run_model(cfg: ModelConfig, base: dict, params_dir: Path, mesh) -> CausalLM:
+    """A LoRA run's model: its base built again from the recipe, its adapters from the checkpoint."""
+    from persllm_jax.io.starting_model import load_starting_model
+    from persllm_jax.model.lora import add_adapters, merged_model
+
+    recipe = {**base, "dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype, "remat": cfg.remat}
+    recipe["attention_impl"] = cfg.attention_impl
+    start, _ = load_starting_model(recipe, mesh)
+    if start.cfg.lora_rank:
+        start = merged_model(start)
+    model = add_adapters(start, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, mesh=mesh)
+    if model.cfg != cfg:
+        raise ValueError(f"{params_dir}: the base rebuilt from its recipe is not the model the run trained")
+    adapters = nnx.state(model, nnx.LoRAParam)
+    nnx.update(model, restore_params(params_dir, adapters, state_shardings_for(adapters, mesh)))
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +333,10 @@ def save_pretrained(
     import transformers
 
     out_dir = Path(out_dir)
+    if model.cfg.lora_rank:  # the adapters folded into the weights: a plain transformers model
+        from persllm_jax.model.lora import merged_model
+
+        model = merged_model(model)
     cfg = model.cfg
     base = source_config(model)
     if tokenizer is not None:

@@ -70,14 +70,15 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, hd = cfg.hidden_size, cfg.head_dim
         self.cfg = cfg
-        self.q_proj = Linear(d, cfg.num_heads * hd, ("embed", "heads"), bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
-        self.k_proj = Linear(
-            d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, cfg=cfg, rngs=rngs
-        )
-        self.v_proj = Linear(
-            d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, cfg=cfg, rngs=rngs
-        )
-        self.o_proj = Linear(cfg.num_heads * hd, d, ("heads", "embed"), bias=cfg.o_bias, cfg=cfg, rngs=rngs)
+
+        def projection(name, d_in, d_out, axes, bias):
+            path = f"layers/attn/{name}"
+            return Linear(d_in, d_out, axes, bias=bias, cfg=cfg, rngs=rngs, path=path)
+
+        self.q_proj = projection("q_proj", d, cfg.num_heads * hd, ("embed", "heads"), cfg.qkv_bias)
+        self.k_proj = projection("k_proj", d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg.qkv_bias)
+        self.v_proj = projection("v_proj", d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg.qkv_bias)
+        self.o_proj = projection("o_proj", cfg.num_heads * hd, d, ("heads", "embed"), cfg.o_bias)
 
     def __call__(self, x_BTD, cos, sin, mask, cache=None):
         """With `cache` = (k [L, B, S, K, H], v, layer, write_index), this step's keys and values

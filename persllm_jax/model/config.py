@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = {
@@ -15,6 +16,11 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16")
+# The projections of every decoder layer, by the path LoRA targets are matched against.
+PROJECTIONS = tuple(f"layers/attn/{p}_proj" for p in "qkvo") + tuple(
+    f"layers/mlp/{p}_proj" for p in ("gate", "up", "down")
+)
+DEFAULT_LORA_TARGETS = (r"attn/(q|k|v|o)_proj", r"mlp/(gate|up|down)_proj")
 
 
 class UnsupportedModelError(ValueError):
@@ -47,6 +53,11 @@ class ModelConfig:
     compute_dtype: str = "float32"
     remat: str = "none"  # "none" | "full" | "dots"
     attention_impl: str = "xla"  # "xla" | "cudnn" (GPU flash attention) | "splash" (TPU Pallas kernel)
+    # Low-rank adapters: y = x W + (lora_alpha / lora_rank) x A B on every projection whose path
+    # (PROJECTIONS) a regular expression of lora_targets matches (re.search); rank 0 = none.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -61,11 +72,32 @@ class ModelConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"model {name}={value!r}; valid values: {', '.join(allowed)}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora rank {self.lora_rank} must be >= 0")
+        if self.lora_rank and not self.lora_paths():
+            raise ValueError(
+                f"lora targets {list(self.lora_targets)} match no projection; the projections are "
+                + ", ".join(PROJECTIONS)
+            )
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise UnsupportedModelError(
                 f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
+
+    def lora_paths(self) -> tuple[str, ...]:
+        """The projections that carry adapters."""
+        if not self.lora_rank:
+            return ()
+        try:
+            patterns = [re.compile(t) for t in self.lora_targets]
+        except re.error as err:
+            raise ValueError(f"lora target {err.pattern!r} is not a regular expression: {err}") from err
+        return tuple(p for p in PROJECTIONS if any(pattern.search(p) for pattern in patterns))
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank
 
     def __hash__(self):  # rope_scaling is a dict; the model stores its config as static data
         return hash(json.dumps(self.to_dict(), sort_keys=True))
@@ -82,6 +114,8 @@ class ModelConfig:
         unknown = sorted(set(data) - valid)
         if unknown:
             raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(valid)}")
+        if "lora_targets" in data:  # a list in JSON and YAML
+            data = {**data, "lora_targets": tuple(data["lora_targets"])}
         return cls(**data)
 
     @property

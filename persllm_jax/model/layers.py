@@ -17,18 +17,41 @@ def param(rngs: nnx.Rngs, shape, axes, dtype, std: float = 0.02) -> nnx.Param:
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias); kernel [in, out] (the transpose of torch's weight)."""
+    """y = x @ kernel (+ bias); kernel [in, out] (the transpose of torch's weight).
 
-    def __init__(self, d_in, d_out, axes, *, bias, cfg: ModelConfig, rngs: nnx.Rngs):
+    When the config's LoRA targets match `path`, an adapter (Flax's `nnx.LoRA`: lora_a [in, rank],
+    lora_b [rank, out], b zero at the start, both `nnx.LoRAParam`) adds scale * x @ a @ b, so a new
+    adapter leaves the output unchanged."""
+
+    def __init__(self, d_in, d_out, axes, *, bias, cfg: ModelConfig, rngs: nnx.Rngs, path: str = ""):
         dtype = jnp.dtype(cfg.param_dtype)
         self.kernel = param(rngs, (d_in, d_out), axes, dtype)
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype), logical_axes=axes[1:]) if bias else None
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
+        adapted = path in cfg.lora_paths()
+        self.lora = (
+            nnx.LoRA(
+                d_in,
+                cfg.lora_rank,
+                d_out,
+                dtype=self.compute_dtype,
+                param_dtype=dtype,
+                a_metadata={"logical_axes": (axes[0], None)},
+                b_metadata={"logical_axes": (None, axes[1])},
+                rngs=rngs,
+            )
+            if adapted
+            else None
+        )
+        self.lora_scale = cfg.lora_scale if adapted else 0.0
 
     def __call__(self, x):
-        y = x.astype(self.compute_dtype) @ self.kernel[...].astype(self.compute_dtype)
+        x = x.astype(self.compute_dtype)
+        y = x @ self.kernel[...].astype(self.compute_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
+        if self.lora is not None:
+            y = y + self.lora(x) * jnp.asarray(self.lora_scale, self.compute_dtype)
         return y
 
 
@@ -49,9 +72,10 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(d, f, ("embed", "mlp"), bias=cfg.mlp_bias, cfg=cfg, rngs=rngs)
-        self.up_proj = Linear(d, f, ("embed", "mlp"), bias=cfg.mlp_bias, cfg=cfg, rngs=rngs)
-        self.down_proj = Linear(f, d, ("mlp", "embed"), bias=cfg.mlp_bias, cfg=cfg, rngs=rngs)
+        options = dict(bias=cfg.mlp_bias, cfg=cfg, rngs=rngs)
+        self.gate_proj = Linear(d, f, ("embed", "mlp"), path="layers/mlp/gate_proj", **options)
+        self.up_proj = Linear(d, f, ("embed", "mlp"), path="layers/mlp/up_proj", **options)
+        self.down_proj = Linear(f, d, ("mlp", "embed"), path="layers/mlp/down_proj", **options)
 
     def __call__(self, x_BTD):
         hidden = jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD)

@@ -18,11 +18,12 @@ import re
 import jax
 
 from persllm_jax.io import pretrained
+from persllm_jax.io.starting_model import load_tokenizer
 from persllm_jax.io.vocabulary import register_tokens
 from persllm_jax.model.config import ModelConfig, preset
 from persllm_jax.train import distributed
 from persllm_jax.train.config import RunConfig
-from persllm_jax.train.loop import check_batch_layout, check_training_settings, load_tokenizer, model_options
+from persllm_jax.train.loop import check_batch_layout, check_training_settings, model_options
 from persllm_jax.train.program import build_program
 from persllm_jax.train.tasks import dpo, sft
 
@@ -97,7 +98,8 @@ def device_memory(device) -> int:
 
 def model_config_for(cfg: RunConfig) -> ModelConfig:
     """The model shape `persllm sft|dpo` would train, without reading weights: the preset or the
-    path's config, with the run's dtypes, remat and attention, grown by the added tokens."""
+    path's config, with the run's dtypes, remat and attention, grown by the added tokens, with the
+    run's LoRA adapters."""
     m = cfg.model
     options = model_options(cfg)
     if bool(m.path) == bool(m.preset):
@@ -107,6 +109,11 @@ def model_config_for(cfg: RunConfig) -> ModelConfig:
         tokenizer = load_tokenizer(m.tokenizer or m.path)
         _, _, vocab = register_tokens(tokenizer, m.add_tokens, model_cfg.vocab_size)
         model_cfg = model_cfg.replace(vocab_size=vocab)
+    if cfg.lora.rank:
+        lora = cfg.lora
+        model_cfg = model_cfg.replace(
+            lora_rank=lora.rank, lora_alpha=lora.alpha, lora_targets=tuple(lora.targets)
+        )
     return model_cfg
 
 

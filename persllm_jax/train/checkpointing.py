@@ -2,7 +2,9 @@
 
 Layout of a run directory:
     persllm_model.json, tokenizer/     written once when the run starts (what the model is)
-    checkpoints/<step>/params          parameters (also what `load_pretrained(run_dir)` reads)
+    checkpoints/<step>/params          parameters (also what `load_pretrained(run_dir)` reads); a LoRA
+                                       run keeps only its adapters here and rebuilds its base from the
+                                       recipe in persllm_model.json
     checkpoints/<step>/opt_state       optimizer state, as a flat list of arrays
     checkpoints/<step>/data            JSON: step, data position, batch size and seeds
     checkpoints/<step>/rows            JSON per process: the input pipeline's state of each batch row
@@ -24,7 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from persllm_jax.train.state import TrainState
+from persllm_jax.train.state import TrainState, trained
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,9 @@ class Checkpointer:
     def __init__(self, run_dir: str | Path, keep: int, every_steps: int):
         self.directory = (Path(run_dir) / "checkpoints").absolute()
         self.every_steps = every_steps
+        # The parameters a checkpoint holds: those that train (all, or a LoRA run's adapters). The
+        # loop sets it once the model is known; the frozen rest comes from the run's base on restore.
+        self.trainable = nnx.Param
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=True, create=True, save_interval_steps=1
         )
@@ -86,7 +91,7 @@ class Checkpointer:
         return step == max_steps or (self.every_steps > 0 and step % self.every_steps == 0)
 
     def save(self, step: int, state: TrainState, data: dict, rows: dict) -> None:
-        params = nnx.to_pure_dict(state.params)
+        params = nnx.to_pure_dict(trained(state.params, self.trainable))
         opt_leaves = {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(state.opt_state))}
         self.manager.save(
             step,
@@ -100,22 +105,27 @@ class Checkpointer:
         )
         log.info("checkpoint of step %d started in %s", step, self.directory)
 
-    def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict, dict]:
-        """Restore onto the shardings carried by `abstract_state` (ShapeDtypeStruct leaves)."""
-        params_target = nnx.to_pure_dict(abstract_state.params)
+    def restore(self, step: int, abstract_state: TrainState, base=None) -> tuple[TrainState, dict, dict]:
+        """Restore onto the shardings carried by `abstract_state` (ShapeDtypeStruct leaves). When only
+        some parameters train (LoRA), the others come from `base()`: the run's starting parameters."""
+        saved = trained(abstract_state.params, self.trainable)
         opt_leaves, opt_def = jax.tree.flatten(abstract_state.opt_state)
         opt_target = {str(i): leaf for i, leaf in enumerate(opt_leaves)}
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(params_target),
+                params=ocp.args.StandardRestore(nnx.to_pure_dict(saved)),
                 opt_state=ocp.args.StandardRestore(opt_target),
                 data=ocp.args.JsonRestore(),
                 rows=RowStatesRestore(),
             ),
         )
-        params = jax.tree.map(lambda x: x, abstract_state.params)
+        params = jax.tree.map(lambda x: x, saved)
         nnx.replace_by_pure_dict(params, restored["params"])
+        if self.trainable is not nnx.Param:
+            if base is None:
+                raise ValueError("this checkpoint holds only the trained parameters; give the base")
+            params = nnx.merge_state(params, nnx.split_state(base(), self.trainable, ...)[1])
         opt_state = jax.tree.unflatten(
             opt_def, [restored["opt_state"][str(i)] for i in range(len(opt_leaves))]
         )

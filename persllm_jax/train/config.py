@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from persllm_jax.model.config import DEFAULT_LORA_TARGETS
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
@@ -16,6 +18,15 @@ class ModelSection:
     attention_impl: str = "xla"  # xla | cudnn (GPU) | splash (TPU; Pallas interpret mode elsewhere)
     add_tokens: tuple[str, ...] = ()  # special tokens to add, e.g. the stage tokens
     seed: int = 0  # initialization seed for presets
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    rank: int = 0  # 0: train every weight; > 0: train low-rank adapters only, the base frozen
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank, as PEFT scales it
+    # regular expressions over the projections' paths (layers/attn/q_proj, ..., layers/mlp/down_proj)
+    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    seed: int = 0  # initialization of the adapters' A matrices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +94,9 @@ class DPOSection:
     beta: float = 0.1
     loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust
     label_smoothing: float = 0.0
-    reference: str = "cached"  # cached (log-probs computed once) | frozen (a second model in memory)
+    # cached (log-probs computed once) | frozen (a second model in memory) | base (LoRA runs: the
+    # policy with its adapters off, in the step, no second copy of the weights)
+    reference: str = "cached"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +116,7 @@ class DistributedSection:
 class RunConfig:
     run_dir: str = "runs/default"
     model: ModelSection = ModelSection()
+    lora: LoraSection = LoraSection()
     data: DataSection = DataSection()
     train: TrainSection = TrainSection()
     optim: OptimSection = OptimSection()

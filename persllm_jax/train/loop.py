@@ -9,6 +9,7 @@ arrived, stop with a clear message on a NaN or infinite loss. The last step is a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -23,9 +24,9 @@ from tqdm import tqdm
 
 from persllm_jax import configlib
 from persllm_jax.io import pretrained
-from persllm_jax.io.vocabulary import add_special_tokens
-from persllm_jax.model.config import preset
+from persllm_jax.io.starting_model import load_starting_model, load_tokenizer, portable_recipe
 from persllm_jax.model.decoder import CausalLM
+from persllm_jax.model.lora import add_adapters, merged_model
 from persllm_jax.train import distributed, resume_check
 from persllm_jax.train.checkpointing import Checkpointer
 from persllm_jax.train.config import RunConfig
@@ -45,6 +46,8 @@ def check_training_settings(cfg: RunConfig) -> None:
     """Settings that would train wrongly rather than fail: refused before anything loads."""
     if cfg.train.grad_accum_steps < 1:
         raise ValueError(f"train.grad_accum_steps must be >= 1, got {cfg.train.grad_accum_steps}")
+    if cfg.lora.rank < 0:
+        raise ValueError(f"lora.rank must be >= 0 (0: no adapters), got {cfg.lora.rank}")
     if cfg.model.dtype != "float32":
         raise ValueError(
             f"model.dtype={cfg.model.dtype}: training keeps its parameters and optimizer state in "
@@ -77,46 +80,14 @@ def model_options(cfg: RunConfig) -> dict:
 
 
 def load_initial_model(cfg: RunConfig, mesh) -> tuple[CausalLM, object]:
-    """The model training starts from: a pretrained path, or a preset with random weights."""
-    m = cfg.model
-    options = {k: v for k, v in model_options(cfg).items() if k != "param_dtype"}  # dtype is passed apart
-    if m.path and m.preset:
-        raise ValueError("set model.path or model.preset, not both")
-    if m.path:
-        model, tokenizer = pretrained.load_pretrained(m.path, dtype=m.dtype, mesh=mesh, **options)
-    elif m.preset:
-        model_cfg = preset(m.preset, param_dtype=m.dtype, **options)
-
-        def random_state(abstract, shardings):
-            make = lambda: nnx.split(CausalLM(model_cfg, rngs=nnx.Rngs(m.seed)))[1]  # noqa: E731
-            return jax.jit(make, out_shardings=shardings)()
-
-        model = pretrained.assemble(model_cfg, mesh, random_state)
-        tokenizer = None
-    else:
-        raise ValueError("the config sets neither model.path nor model.preset")
-    if m.tokenizer:
-        tokenizer = load_tokenizer(m.tokenizer)
-    if tokenizer is None:
-        raise ValueError(f"no tokenizer: {m.path or m.preset} has none; set model.tokenizer")
-    if m.add_tokens:
-        model = add_special_tokens(model, tokenizer, m.add_tokens, mesh=mesh)
-    if len(tokenizer) > model.cfg.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model only {model.cfg.vocab_size} embeddings"
-        )
+    """The model training starts from (see `io/starting_model.py`), with the run's LoRA adapters."""
+    model, tokenizer = load_starting_model(dataclasses.asdict(cfg.model), mesh)
+    if model.cfg.lora_rank:  # a LoRA run to start from: its adapters become part of the base
+        model = merged_model(model)
+    if cfg.lora.rank:
+        lora = cfg.lora
+        model = add_adapters(model, lora.rank, lora.alpha, tuple(lora.targets), seed=lora.seed, mesh=mesh)
     return model, tokenizer
-
-
-def load_tokenizer(path: str):
-    import transformers
-
-    path_ = Path(path)
-    if path_.suffix == ".gguf":
-        return transformers.AutoTokenizer.from_pretrained(path_.parent, gguf_file=path_.name)
-    if (path_ / "tokenizer").is_dir():  # a persllm model directory or run directory
-        path_ = path_ / "tokenizer"
-    return transformers.AutoTokenizer.from_pretrained(path_)
 
 
 def train(cfg: RunConfig, make_task: Callable) -> Path:
@@ -139,8 +110,14 @@ def train(cfg: RunConfig, make_task: Callable) -> Path:
         model_cfg = model.cfg
         _, params = nnx.split(model)
         if is_main:
+            # A LoRA run's checkpoints hold only the adapters; the recipe rebuilds the base.
+            base = portable_recipe(dataclasses.asdict(cfg.model)) if model_cfg.lora_rank else None
             pretrained.write_model_meta(
-                run_dir, model_cfg, pretrained.source_config(model), pretrained.generation_config(model)
+                run_dir,
+                model_cfg,
+                pretrained.source_config(model),
+                pretrained.generation_config(model),
+                base=base,
             )
             tokenizer.save_pretrained(run_dir / "tokenizer")
         initial_params = params
@@ -157,6 +134,7 @@ def train(cfg: RunConfig, make_task: Callable) -> Path:
         configlib.dump(cfg, run_dir / "config.yaml")
 
     program = build_program(cfg, model_cfg, mesh)
+    checkpointer.trainable = program.trainable
 
     with jax.set_mesh(mesh):
         task = make_task(
@@ -173,7 +151,7 @@ def train(cfg: RunConfig, make_task: Callable) -> Path:
             state = program.init_state(params)
             del params, initial_params
         else:
-            state, data, rows = checkpointer.restore(resume_step, program.abstract_state())
+            state, data, rows = checkpointer.restore(resume_step, program.abstract_state(), initial_params)
             state = state.replace(
                 step=jax.device_put(jnp.asarray(data["step"], jnp.int32), program.shardings.step)
             )

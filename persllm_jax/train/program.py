@@ -18,7 +18,7 @@ from persllm_jax.model.config import ModelConfig
 from persllm_jax.model.decoder import abstract_model
 from persllm_jax.train.config import RunConfig
 from persllm_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from persllm_jax.train.state import TrainState, abstract_state, init_state, state_shardings
+from persllm_jax.train.state import TrainState, abstract_state, init_state, state_shardings, trainable_filter
 from persllm_jax.train.step import make_train_step
 
 
@@ -33,13 +33,15 @@ class TrainProgram:
     schedule: optax.Schedule
     shardings: TrainState  # of the whole train state
     grad_accum_steps: int
+    trainable: type  # the kind of parameter that trains (nnx.Param, or nnx.LoRAParam with adapters)
 
     def abstract_state(self) -> TrainState:
         """The train state without memory: what a checkpoint restores into, what AOT compiles for."""
-        return abstract_state(self.optimizer, self.abstract_params, self.shardings)
+        return abstract_state(self.optimizer, self.abstract_params, self.shardings, self.trainable)
 
     def init_state(self, params: nnx.State) -> TrainState:
-        return jax.jit(lambda p: init_state(p, self.optimizer), out_shardings=self.shardings)(params)
+        make = lambda p: init_state(p, self.optimizer, self.trainable)  # noqa: E731
+        return jax.jit(make, out_shardings=self.shardings)(params)
 
     def jit_step(self, loss_fn: Callable, batch_shardings, frozen_shardings) -> Callable:
         """The train step, jitted with the state's shardings in and out and the state donated."""
@@ -50,6 +52,7 @@ class TrainProgram:
             self.schedule,
             self.grad_accum_steps,
             grad_shardings=self.shardings.params,
+            trainable=self.trainable,
         )
         return jax.jit(
             step,
@@ -63,7 +66,10 @@ def build_program(cfg: RunConfig, model_cfg: ModelConfig, mesh: Mesh) -> TrainPr
     graphdef, abstract_params = nnx.split(abstract_model(model_cfg))
     params_shardings = state_shardings_for(abstract_params, mesh)
     optimizer = make_optimizer(cfg.optim, cfg.train.max_steps)
-    shardings, abstract_sharded_params = state_shardings(optimizer, abstract_params, params_shardings, mesh)
+    trainable = trainable_filter(model_cfg)
+    shardings, abstract_sharded_params = state_shardings(
+        optimizer, abstract_params, params_shardings, mesh, trainable
+    )
     return TrainProgram(
         mesh=mesh,
         model_cfg=model_cfg,
@@ -74,4 +80,5 @@ def build_program(cfg: RunConfig, model_cfg: ModelConfig, mesh: Mesh) -> TrainPr
         schedule=learning_rate_schedule(cfg.optim, cfg.train.max_steps),
         shardings=shardings,
         grad_accum_steps=cfg.train.grad_accum_steps,
+        trainable=trainable,
     )

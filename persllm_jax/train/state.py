@@ -14,15 +14,27 @@ from jax.sharding import NamedSharding, PartitionSpec
 @struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
-    params: nnx.State
-    opt_state: optax.OptState
+    params: nnx.State  # every parameter, the frozen ones included
+    opt_state: optax.OptState  # of the trained parameters only
 
 
-def init_state(params: nnx.State, optimizer: optax.GradientTransformation) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+def trainable_filter(model_cfg) -> type:
+    """Which parameters train: the LoRA adapters when the model has them, else every parameter."""
+    return nnx.LoRAParam if model_cfg.lora_rank else nnx.Param
 
 
-def state_shardings(optimizer, abstract_params: nnx.State, params_shardings: nnx.State, mesh):
+def trained(params: nnx.State, trainable) -> nnx.State:
+    return nnx.split_state(params, trainable, ...)[0]
+
+
+def init_state(params: nnx.State, optimizer: optax.GradientTransformation, trainable=nnx.Param) -> TrainState:
+    opt_state = optimizer.init(trained(params, trainable))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+
+
+def state_shardings(
+    optimizer, abstract_params: nnx.State, params_shardings: nnx.State, mesh, trainable=nnx.Param
+):
     """Shardings of the whole train state, derived from the rules table rather than from XLA's
     propagation (which leaves optimizer state built by `optimizer.init` replicated): parameters by
     their logical axes, every optimizer leaf that mirrors a parameter (AdamW's moments, a masked
@@ -38,7 +50,7 @@ def state_shardings(optimizer, abstract_params: nnx.State, params_shardings: nnx
         is_leaf=is_var,
     )
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_shapes = jax.eval_shape(optimizer.init, abstract_sharded)
+    opt_shapes = jax.eval_shape(optimizer.init, trained(abstract_sharded, trainable))
     shardings = TrainState(
         step=replicated,
         params=params_shardings,
@@ -66,7 +78,7 @@ def mirror_param_shardings(tree, abstract_params: nnx.State, params_shardings: n
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
-def abstract_state(optimizer, abstract_sharded_params, shardings) -> TrainState:
+def abstract_state(optimizer, abstract_sharded_params, shardings, trainable=nnx.Param) -> TrainState:
     """The state's shapes, dtypes and shardings, without allocating it: the restore target."""
-    shapes = jax.eval_shape(lambda p: init_state(p, optimizer), abstract_sharded_params)
+    shapes = jax.eval_shape(lambda p: init_state(p, optimizer, trainable), abstract_sharded_params)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)

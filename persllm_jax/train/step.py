@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from persllm_jax.train.state import TrainState
+from persllm_jax.train.state import TrainState, trained
 
 LossFn = Callable[[nnx.Module, Any, Any], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
 
@@ -38,31 +38,37 @@ def make_train_step(
     schedule: optax.Schedule,
     grad_accum_steps: int = 1,
     grad_shardings=None,
+    trainable=nnx.Param,
 ):
     """The step function (state, batch, frozen) -> (state, metrics); jit it with shardings.
 
+    Only the parameters of kind `trainable` (every `nnx.Param`, or the LoRA adapters) get
+    gradients and updates; the others pass through the step unchanged, bit for bit.
     `grad_shardings` (the parameters' shardings) constrains the gradients: each device then keeps
     only its shard of them (a reduce-scatter instead of an all-reduce under fsdp), and the
     optimizer update runs on shards."""
 
-    def summed_loss(params, batch, frozen):
-        loss_sum, count, sums = loss_fn(nnx.merge(graphdef, params), batch, frozen)
+    def summed_loss(train, fixed, batch, frozen):
+        loss_sum, count, sums = loss_fn(nnx.merge(graphdef, train, fixed), batch, frozen)
         return loss_sum, (count, sums)
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+    if grad_shardings is not None:
+        grad_shardings = trained(grad_shardings, trainable)
 
     def step(state: TrainState, batch, frozen=None):
+        train, fixed = nnx.split_state(state.params, trainable, ...)
         if grad_accum_steps == 1:
-            (loss_sum, (count, sums)), grads = grad_fn(state.params, batch, frozen)
+            (loss_sum, (count, sums)), grads = grad_fn(train, fixed, batch, frozen)
         else:
             micro = _micro_batches(batch, grad_accum_steps)
 
             def accumulate(carry, one):
-                (loss_sum, (count, sums)), grads = grad_fn(state.params, one, frozen)
+                (loss_sum, (count, sums)), grads = grad_fn(train, fixed, one, frozen)
                 return jax.tree.map(jnp.add, carry, (loss_sum, count, sums, grads)), None
 
             (loss_sum, (count, sums)), grads = grad_fn(
-                state.params, jax.tree.map(lambda x: x[0], micro), frozen
+                train, fixed, jax.tree.map(lambda x: x[0], micro), frozen
             )
             rest = jax.tree.map(lambda x: x[1:], micro)
             (loss_sum, count, sums, grads), _ = jax.lax.scan(accumulate, (loss_sum, count, sums, grads), rest)
@@ -70,8 +76,8 @@ def make_train_step(
         grads = jax.tree.map(lambda g: g / denominator, grads)
         if grad_shardings is not None:
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = optimizer.update(grads, state.opt_state, train)
+        params = nnx.merge_state(optax.apply_updates(train, updates), fixed)
         metrics = {
             "loss": loss_sum / denominator,
             "grad_norm": optax.global_norm(grads),

@@ -3,7 +3,8 @@
 The reference model's log-probs are computed once, before training, in a sharded pass over all
 pairs, and cached on disk (`reference_cache.py`): DPO then holds one model in memory, and a
 restart reads the cache instead of recomputing. `dpo.reference: frozen` keeps a second, frozen copy of the weights and computes the
-reference inside the step instead.
+reference inside the step instead; `dpo.reference: base` (LoRA runs) computes it in the step from the
+policy's own weights with the adapters off.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flax import nnx
 
 from persllm_jax import losses
 from persllm_jax.data import chat_tokenize, formats, pipeline
+from persllm_jax.model.lora import adapters_off
 from persllm_jax.train.batches import DPOBatch, PackedDPOBatch, SFTBatch
 from persllm_jax.train.config import RunConfig
 from persllm_jax.train.tasks import common, reference_pass, sft
@@ -38,7 +40,7 @@ from persllm_jax.train.tasks.token_cache import TokenCache
 
 log = logging.getLogger(__name__)
 
-REFERENCE_TYPES = ("cached", "frozen")
+REFERENCE_TYPES = ("cached", "frozen", "base")
 # How a pair longer than seq_len is cut (part of the reference cache's key: another rule gives
 # other log-probs). See data/chat_tokenize.py.
 TRUNCATION_RULE = "keep the first seq_len tokens of each side"
@@ -77,6 +79,10 @@ def check_settings(cfg: RunConfig) -> None:
     """An unknown `dpo.reference` or `dpo.loss_type` is an error naming the valid ones, before any work."""
     if cfg.dpo.reference not in REFERENCE_TYPES:
         raise ValueError(f"dpo.reference={cfg.dpo.reference!r}; valid: {', '.join(REFERENCE_TYPES)}")
+    if cfg.dpo.reference == "base" and not cfg.lora.rank:
+        raise ValueError(
+            "dpo.reference=base needs LoRA adapters (lora.rank > 0): the base is the adapters-off policy"
+        )
     zero = jnp.zeros((1,))
     losses.dpo_loss(zero, zero, zero, zero, loss_type=cfg.dpo.loss_type)
 
@@ -124,7 +130,10 @@ def make_loss_fn(cfg: RunConfig, graphdef, num_personas: int, num_stages: int, n
     batch carries cached reference log-probs."""
 
     def loss_fn(model, batch: DPOBatch, frozen):
-        reference = None if frozen is None else nnx.merge(graphdef, frozen)
+        if cfg.dpo.reference == "base":  # the same weights with the adapters off: no second copy
+            reference = nnx.merge(graphdef, adapters_off(nnx.state(model)))
+        else:
+            reference = None if frozen is None else nnx.merge(graphdef, frozen)
         return dpo_batch_loss(
             model,
             batch,
@@ -171,6 +180,8 @@ class DPOTask:
         if cfg.dpo.reference == "frozen":
             self.frozen = initial_params() if callable(initial_params) else initial_params
             self.frozen_shardings = params_shardings
+        elif cfg.dpo.reference == "base":
+            self.frozen, self.frozen_shardings = None, None
         else:
             self.frozen, self.frozen_shardings = None, None
             cache = ReferenceCache(

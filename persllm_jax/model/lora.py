@@ -1,0 +1,97 @@
+"""Low-rank adapters on a model: add them to a loaded base, switch them off, merge them into the
+base weights.
+
+The adapters are Flax's `nnx.LoRA` modules inside `Linear` (see layers.py), their parameters
+`nnx.LoRAParam` (a kind of `nnx.Param`), so `nnx.state(model, nnx.LoRAParam)` is exactly what LoRA
+training updates. Adapters off means lora_b = 0, which makes every adapted projection's output
+exactly the base projection's: the base model is the adapters-off model, with no second copy of
+its weights.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from persllm_jax.model.config import DEFAULT_LORA_TARGETS, ModelConfig
+from persllm_jax.model.decoder import CausalLM, abstract_model
+from persllm_jax.model.sharding import active_mesh, state_shardings
+
+_A, _B = "lora_a", "lora_b"
+# What a loaded model carries besides its parameters (io/pretrained.py): the source's HF config and
+# generation config, as JSON text.
+_CARRIED = ("hf_config_json", "generation_config_json")
+
+
+def _flat(state: nnx.State) -> dict[tuple, nnx.Variable]:
+    return {tuple(str(k) for k in path): v for path, v in nnx.to_flat_state(state)}
+
+
+def add_adapters(
+    model: CausalLM,
+    rank: int,
+    alpha: float = 16.0,
+    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+    seed: int = 0,
+    mesh=None,
+) -> CausalLM:
+    """`model` (no adapters) with fresh adapters: lora_a random, lora_b zero, each placed by its
+    logical axes on `mesh` (default: the active mesh) like the base parameters. The base
+    parameters are shared, not copied."""
+    if model.cfg.lora_rank:
+        raise ValueError("the model already has adapters")
+    cfg = model.cfg.replace(lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets))
+    graphdef, abstract = nnx.split(abstract_model(cfg))
+    abstract_adapters = nnx.state(nnx.merge(graphdef, abstract), nnx.LoRAParam)
+
+    def fresh():  # the whole model is built inside jit; all but the adapters is dead code
+        return nnx.state(CausalLM(cfg, rngs=nnx.Rngs(seed)), nnx.LoRAParam)
+
+    mesh = mesh if mesh is not None else active_mesh()
+    if mesh is None:
+        adapters = jax.jit(fresh)()
+    else:
+        adapters = jax.jit(fresh, out_shardings=state_shardings(abstract_adapters, mesh))()
+    flat = _flat(nnx.state(model))
+    flat.update(_flat(adapters))
+    state = nnx.from_flat_state([(path, flat[path]) for path in _flat(abstract)])
+    return _carry(model, nnx.merge(graphdef, state))
+
+
+def adapters_off(state: nnx.State) -> nnx.State:
+    """The same state with every lora_b zero: the base model's outputs, exactly."""
+    flat = _flat(state)
+    for path, variable in flat.items():
+        if path[-1] == _B:
+            flat[path] = variable.replace(jnp.zeros_like(variable.get_value()))
+    return nnx.from_flat_state(list(flat.items()))
+
+
+def merged_state(state: nnx.State, cfg: ModelConfig) -> tuple[nnx.State, ModelConfig]:
+    """The adapters folded into the base kernels, W + scale * A B (in fp32, stored in the kernel's
+    dtype), and the adapters removed: a plain model of the returned config (lora_rank 0)."""
+    flat = _flat(state)
+    for path in [p for p in flat if p[-1] == _A]:
+        module = path[:-2]  # (..., "q_proj", "lora", "lora_a")
+        a = flat.pop(path).get_value().astype(jnp.float32)
+        b = flat.pop(module + ("lora", _B)).get_value().astype(jnp.float32)
+        kernel = flat[module + ("kernel",)]
+        delta = cfg.lora_scale * jnp.einsum("...ir,...ro->...io", a, b)
+        value = kernel.get_value()
+        flat[module + ("kernel",)] = kernel.replace((value.astype(jnp.float32) + delta).astype(value.dtype))
+    return nnx.from_flat_state(list(flat.items())), cfg.replace(lora_rank=0)
+
+
+def merged_model(model: CausalLM) -> CausalLM:
+    """A plain model (no adapters) whose outputs are `model`'s: for export and serving."""
+    state, cfg = merged_state(nnx.state(model), model.cfg)
+    graphdef, _ = nnx.split(abstract_model(cfg))
+    return _carry(model, nnx.merge(graphdef, state))
+
+
+def _carry(source: CausalLM, target: CausalLM) -> CausalLM:
+    for key in _CARRIED:
+        if hasattr(source, key):
+            setattr(target, key, getattr(source, key))
+    return target

@@ -1,0 +1,141 @@
+"""LoRA through `persllm sft` and `persllm dpo`: only the adapters train (every other weight bit for
+bit as it started), the run exports merged weights that transformers loads and a PEFT adapter that
+peft loads, both with our logits; DPO's `dpo.reference: base` (the adapters off, in the step) gives
+log 2 and zero rewards at step 0 and the same step as a reference cached from the base; a LoRA run
+resumes exactly."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from persllm_jax import configlib
+from persllm_jax.io.pretrained import load_pretrained, save_pretrained
+from persllm_jax.train.config import RunConfig
+from persllm_jax.train.loop import load_initial_model
+from persllm_jax.train.metrics_log import read_metrics
+from tests.cli_helpers import run_cli
+from tests.hf_fixtures import torch_logits
+from tests.train_runs import ONE_DEVICE, ROOT, SFT, assert_same_params, losses, train
+
+LORA = ("lora.rank=4", "lora.alpha=8")
+TOL = 1e-4  # fp32 logits against PyTorch
+
+
+def _initial_base(config, *overrides):
+    """The run's starting weights without adapters, built in this process as the run builds them."""
+    cfg = configlib.load(RunConfig, config, list(overrides))
+    model, tokenizer = load_initial_model(cfg, mesh=None)
+    return model, tokenizer
+
+
+def _ids():
+    return np.random.default_rng(0).integers(0, 300, size=(2, 20)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("lora_sft") / "run"
+    train("sft", run, *LORA, "train.max_steps=4", "train.grad_accum_steps=2", env=ONE_DEVICE)
+    return run
+
+
+def test_only_the_adapters_train(sft_run):
+    base, _ = _initial_base(SFT)
+    start = _params(base)
+    trained = _params(load_pretrained(sft_run)[0])
+    adapters = {k: v for k, v in trained.items() if "/lora/" in k}
+    assert adapters and set(trained) == set(start) | set(adapters)
+    for key, value in start.items():
+        np.testing.assert_array_equal(trained[key], value, err_msg=key)  # bit for bit
+    moved = [k for k, v in adapters.items() if k.endswith("lora_b") and np.abs(v).max() > 0]
+    assert len(moved) == 7, "every adapted projection's lora_b must have trained"
+    run_losses = losses(sft_run)
+    assert len(run_losses) == 4 and run_losses[-1] < run_losses[0]
+
+
+def _params(model) -> dict[str, np.ndarray]:
+    """Every parameter (adapters included) by its path, e.g. layers/attn/q_proj/lora/lora_b."""
+    return {
+        "/".join(map(str, p)): np.asarray(x.get_value())
+        for p, x in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+
+
+def test_merged_and_adapter_exports_give_our_logits(sft_run, tmp_path):
+    import peft
+    import transformers
+
+    ours, _ = load_pretrained(sft_run)
+    assert ours.cfg.lora_rank == 4
+    expected = np.asarray(ours(jnp.asarray(_ids())))
+
+    run_cli("export-hf", sft_run, tmp_path / "merged", cwd=ROOT)
+    merged, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "merged", output_loading_info=True
+    )
+    assert not any(info.values()), info
+    np.testing.assert_allclose(torch_logits(merged.eval(), _ids()), expected, atol=TOL, rtol=0)
+
+    result = run_cli("export-hf", sft_run, tmp_path / "adapter", "--adapter", cwd=ROOT)
+    assert "peft.PeftModel.from_pretrained" in result.stdout
+    base, tokenizer = _initial_base(SFT)
+    save_pretrained(base, tokenizer, tmp_path / "base")  # the base with its stage-token rows
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    with_adapter = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
+    np.testing.assert_allclose(torch_logits(with_adapter, _ids()), expected, atol=TOL, rtol=0)
+
+
+def test_dpo_with_the_base_as_reference(tmp_path):
+    base_ref = tmp_path / "base_ref"
+    train("dpo", base_ref, *LORA, "dpo.reference=base", "train.max_steps=2", env=ONE_DEVICE)
+    first = read_metrics(base_ref / "metrics.jsonl")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
+    # the reference cached from the base (the same weights with new adapters, lora_b zero)
+    cached = tmp_path / "cached"
+    train("dpo", cached, *LORA, "dpo.reference=cached", "train.max_steps=2", env=ONE_DEVICE)
+    np.testing.assert_allclose(losses(base_ref), losses(cached), rtol=1e-6, atol=0)
+    assert_same_params(base_ref, cached, atol=1e-6)
+
+
+def test_the_base_reference_needs_adapters(tmp_path):
+    result = train("dpo", tmp_path / "run", "dpo.reference=base", env=ONE_DEVICE, check=False)
+    assert result.returncode != 0 and "dpo.reference=base needs LoRA adapters" in result.stderr
+
+
+def test_a_lora_run_resumes_exactly(tmp_path):
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    common = (*LORA, "train.max_steps=4", "checkpoint.every_steps=2")
+    train("sft", straight, *common, env=ONE_DEVICE)
+    train("sft", cut, *common, "train.stop_after=2", env=ONE_DEVICE)
+    train("sft", cut, *common, env=ONE_DEVICE)
+    assert losses(cut) == losses(straight)
+    assert_same_params(straight, cut)
+
+
+def test_generation_from_a_lora_run_equals_its_merged_model(sft_run):
+    from persllm_jax import generate
+    from persllm_jax.model.lora import merged_model
+
+    model, tokenizer = load_pretrained(sft_run)
+    conversation = [[{"role": "user", "content": "Who are you?"}]]
+    ours = generate(model, tokenizer, conversation, max_new_tokens=12)
+    assert ours == generate(merged_model(model), tokenizer, conversation, max_new_tokens=12)
+
+
+def test_a_lora_checkpoint_holds_only_the_adapters(sft_run):
+    from persllm_jax.io.run_paths import run_model_paths
+
+    _, params_dir, _ = run_model_paths(sft_run)
+    saved = sum(f.stat().st_size for f in params_dir.rglob("*") if f.is_file())
+    model, _ = load_pretrained(sft_run)
+    adapters = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    everything = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    # the adapters and Orbax's metadata, far below the base (the tiny model: about 12.6 MB in fp32)
+    assert saved < adapters + 2**20 and saved < everything / 20, (saved, adapters, everything)
