@@ -139,3 +139,23 @@ def test_a_lora_checkpoint_holds_only_the_adapters(sft_run):
     everything = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     # the adapters and Orbax's metadata, far below the base (the tiny model: about 12.6 MB in fp32)
     assert saved < adapters + 2**20 and saved < everything / 20, (saved, adapters, everything)
+
+
+def test_dpo_from_a_lora_sft_run_starts_from_its_merged_model(sft_run, tmp_path):
+    run = tmp_path / "dpo"
+    train(
+        "dpo", run, *LORA, "dpo.reference=base", "train.max_steps=1", "model.preset=", f"model.path={sft_run}",
+        env=ONE_DEVICE,
+    )  # fmt: skip
+    first = read_metrics(run / "metrics.jsonl")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # its base is the SFT run's model with the SFT adapters folded in: the same logits
+    from persllm_jax.model.lora import adapters_off, merged_model
+
+    sft_model, _ = load_pretrained(sft_run)
+    dpo_model, _ = load_pretrained(run)
+    graphdef, state = nnx.split(dpo_model)
+    base_logits = np.asarray(nnx.merge(graphdef, adapters_off(state))(jnp.asarray(_ids())))
+    np.testing.assert_allclose(
+        base_logits, np.asarray(merged_model(sft_model)(jnp.asarray(_ids()))), atol=1e-5, rtol=0
+    )
