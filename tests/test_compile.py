@@ -146,12 +146,12 @@ def test_a_step_the_tpu_compiler_refuses_is_reported_as_not_fitting(tmp_path):
     with the compiler's own figure, not a crash."""
     _, fits = _compile("sft", "v5e:2x2", tmp_path)
     result, report = _compile(
-        "sft", "v5e:2x2", tmp_path, "train.batch_size=1024", "train.seq_len=4096", check=False
+        "sft", "v5e:2x2", tmp_path, "train.batch_size=4096", "train.seq_len=4096", check=False
     )
     assert result.returncode == 1, result.stderr
     assert report["fits"] is False and "the compiler refused the step: RESOURCE_EXHAUSTED" in result.stdout
-    # fp32 logits of one 512-position chunk for 256 rows per chip alone are 24 GiB
-    assert report["temp_bytes"] > 256 * 512 * 49155 * 4 > report["device_memory_bytes"]
+    # 1024 rows of 4096 per chip: the compiler's own figure for the temporaries is past the chip's 16 GiB
+    assert report["temp_bytes"] > report["device_memory_bytes"]
     # the state's shards as computed from the shardings, like the compiler's count where it fits
     assert report["alias_bytes"] == pytest.approx(fits["alias_bytes"], rel=0.25)
 
