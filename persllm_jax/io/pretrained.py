@@ -251,11 +251,16 @@ def write_model_meta(
     (out_dir / MODEL_DIR_MARKER).write_text(json.dumps(meta, indent=2, default=str))
 
 
-def read_model_meta(path: Path) -> tuple[ModelConfig, dict]:
+def _read_meta(path: Path) -> dict:
     marker = path / MODEL_DIR_MARKER
     meta = json.loads(marker.read_text())
     if meta.get("format") != MODEL_DIR_FORMAT:
         raise ValueError(f"{marker}: format {meta.get('format')!r}, expected {MODEL_DIR_FORMAT!r}")
+    return meta
+
+
+def read_model_meta(path: Path) -> tuple[ModelConfig, dict]:
+    meta = _read_meta(path)
     return ModelConfig.from_dict(meta["model_config"]), meta.get("hf_config") or {}
 
 
@@ -286,19 +291,19 @@ def load_model_dir(
     **model_options,
 ) -> tuple[CausalLM, Any]:
     """A persllm model directory, or a run directory with one checkpoint's `params_dir`."""
-    saved_cfg, hf_config = read_model_meta(path)
-    cfg = saved_cfg.replace(**model_options)
+    meta = _read_meta(path)
+    cfg = ModelConfig.from_dict(meta["model_config"]).replace(**model_options)
     params_dir = params_dir or path / "params"
     tokenizer_dir = tokenizer_dir or path / "tokenizer"
-    base = json.loads((path / MODEL_DIR_MARKER).read_text()).get("base")
+    base = meta.get("base")
     if base is not None:  # a LoRA run: its checkpoints hold only the adapters
         model = _lora_run_model(cfg, base, params_dir, mesh)
     else:
         model = assemble(
             cfg, mesh, lambda abstract, shardings: restore_params(params_dir, abstract, shardings)
         )
-    set_source_config(model, hf_config)
-    set_generation_config(model, json.loads((path / MODEL_DIR_MARKER).read_text()).get("generation_config"))
+    set_source_config(model, meta.get("hf_config") or {})
+    set_generation_config(model, meta.get("generation_config"))
     return model, _load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
 
 
