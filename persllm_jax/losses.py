@@ -1,7 +1,8 @@
 """Training losses: DPO variants (TRL's formulas and metric conventions) and memory-lean token log-probs.
 
 `token_logps` never materializes the [B, T, V] logits: it scores the sequence chunk by chunk, and each
-chunk is rematerialized in the backward pass, so the live logits are at most [B, chunk, V].
+chunk is rematerialized in the backward pass, so the live logits are at most [B, chunk, V]. Given the
+positions a loss reads, it scores only those.
 """
 
 from __future__ import annotations
@@ -104,12 +105,34 @@ def token_logps_plain(hidden_BTD, kernel_DV, targets_BT):
     return _chunk_logps(hidden_BTD, kernel_DV, targets_BT)
 
 
-def token_logps(hidden_BTD, kernel_DV, targets_BT, chunk_size=256):
+def token_logps(hidden_BTD, kernel_DV, targets_BT, chunk_size=256, where_BT=None):
     """Log-probability [B, T] (float32) of each target token under softmax(hidden @ kernel), by chunks.
 
     The matmul runs in hidden's dtype with float32 accumulation, so bfloat16 hidden states and a float32
     kernel (`CausalLM.output_kernel()`) give what `CausalLM.logits_from_hidden` computes.
+
+    `where_BT` (bool) limits the work to the positions a loss reads (an answer's tokens): each row's
+    marked positions are moved to its front, in order, and only the chunks that hold a marked position
+    of some row run; the others are skipped at run time (`lax.cond`), so one compiled step serves
+    every batch layout. Unmarked positions then give 0. On persona data the vocabulary projection is
+    most of a small model's work, and half or more of a row is prompt.
     """
+    if where_BT is None:
+        return _chunked_logps(hidden_BTD, kernel_DV, targets_BT, chunk_size, None)
+    b, t = targets_BT.shape
+    order_BT = jnp.argsort(~where_BT, axis=-1, stable=True)  # marked positions first, in order
+    hidden_BTD = jnp.take_along_axis(hidden_BTD, order_BT[..., None], axis=1)
+    targets_BT = jnp.take_along_axis(targets_BT, order_BT, axis=1)
+    logps_BT = _chunked_logps(hidden_BTD, kernel_DV, targets_BT, chunk_size, where_BT.sum(-1).max())
+    # Back to the original positions: position order[b, i] holds the i-th compacted value.
+    rows_B1 = jnp.arange(b)[:, None]
+    back_BT = jnp.zeros((b, t), jnp.int32).at[rows_B1, order_BT].set(jnp.arange(t, dtype=jnp.int32)[None])
+    return jnp.where(where_BT, jnp.take_along_axis(logps_BT, back_BT, axis=1), 0.0)
+
+
+def _chunked_logps(hidden_BTD, kernel_DV, targets_BT, chunk_size, needed):
+    """`token_logps` over positions in chunks; with `needed` (a traced count), only the first
+    `needed` positions of each row are wanted, and chunks past them are not computed (giving 0)."""
     b, t, d = hidden_BTD.shape
     c = max(1, min(chunk_size, t))  # a short sequence is one chunk, not padded up to chunk_size
     n = -(-t // c)
@@ -119,8 +142,45 @@ def token_logps(hidden_BTD, kernel_DV, targets_BT, chunk_size=256):
     targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
     hidden_NBCD = hidden_BTD.reshape(b, n, c, d).transpose(1, 0, 2, 3)
     targets_NBC = targets_BT.reshape(b, n, c).transpose(1, 0, 2)
-
-    # Checkpointed so the backward pass recomputes each chunk's logits instead of keeping n of them.
-    chunk_fn = jax.checkpoint(_chunk_logps, prevent_cse=False)
-    logps_NBC = jax.lax.map(lambda xs: chunk_fn(xs[0], kernel_DV, xs[1]), (hidden_NBCD, targets_NBC))
+    chunks = jnp.int32(n) if needed is None else jnp.minimum(-(-needed // c), n).astype(jnp.int32)
+    logps_NBC = _scored_chunks(hidden_NBCD, kernel_DV, targets_NBC, chunks)
     return logps_NBC.transpose(1, 0, 2).reshape(b, n * c)[:, :t]
+
+
+# The chunk loop has a traced trip count, so it is a `while` loop, which reverse-mode autodiff does not
+# go through; the custom VJP runs the backward as a second loop over the same chunks, recomputing each
+# chunk's logits instead of keeping them (what `jax.checkpoint` per chunk gave), and differentiating each
+# chunk with `jax.vjp` of `_chunk_logps`, so a chunk's gradients are exactly what autodiff computes.
+
+
+@jax.custom_vjp
+def _scored_chunks(hidden_NBCD, kernel_DV, targets_NBC, chunks):
+    """Log-probs [N, B, C] of the first `chunks` chunks (0 for the rest)."""
+    return _scored_chunks_fwd(hidden_NBCD, kernel_DV, targets_NBC, chunks)[0]
+
+
+def _scored_chunks_fwd(hidden_NBCD, kernel_DV, targets_NBC, chunks):
+    def one_chunk(j, logps_NBC):
+        logps_BC = _chunk_logps(hidden_NBCD[j], kernel_DV, targets_NBC[j])
+        return jax.lax.dynamic_update_index_in_dim(logps_NBC, logps_BC, j, axis=0)
+
+    logps_NBC = jax.lax.fori_loop(0, chunks, one_chunk, jnp.zeros(targets_NBC.shape, jnp.float32))
+    return logps_NBC, (hidden_NBCD, kernel_DV, targets_NBC, chunks)
+
+
+def _scored_chunks_bwd(residuals, d_logps_NBC):
+    hidden_NBCD, kernel_DV, targets_NBC, chunks = residuals
+
+    def one_chunk(j, grads):
+        d_hidden_NBCD, d_kernel_DV = grads
+        _, chunk_vjp = jax.vjp(lambda h, k: _chunk_logps(h, k, targets_NBC[j]), hidden_NBCD[j], kernel_DV)
+        d_hidden_BCD, d_kernel = chunk_vjp(d_logps_NBC[j])
+        d_hidden_NBCD = jax.lax.dynamic_update_index_in_dim(d_hidden_NBCD, d_hidden_BCD, j, axis=0)
+        return d_hidden_NBCD, d_kernel_DV + d_kernel
+
+    init = (jnp.zeros_like(hidden_NBCD), jnp.zeros_like(kernel_DV))
+    d_hidden_NBCD, d_kernel_DV = jax.lax.fori_loop(0, chunks, one_chunk, init)
+    return d_hidden_NBCD, d_kernel_DV, None, None
+
+
+_scored_chunks.defvjp(_scored_chunks_fwd, _scored_chunks_bwd)

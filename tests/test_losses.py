@@ -246,3 +246,59 @@ def test_chunked_token_logps_never_materialize_full_logits(with_grad):
     if memory is not None:  # available on CPU today; a backend without it still gets the HLO check
         assert memory.temp_size_in_bytes < full_logits_bytes / 2
         assert plain.memory_analysis().temp_size_in_bytes >= full_logits_bytes
+
+
+def _marked(layout, b, t, seed=1):
+    """Which positions a loss reads, in a few layouts a batch can have."""
+    rng = np.random.RandomState(seed)
+    mask = rng.rand(b, t) > 0.55
+    if layout == "empty_and_full_rows":
+        mask[0], mask[1] = False, True
+    elif layout == "only_the_end":  # answers at the end of the row, as after a long prompt
+        mask[:] = False
+        mask[:, -7:] = True
+    return jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("layout", ["random", "empty_and_full_rows", "only_the_end"])
+@pytest.mark.parametrize("t,chunk_size", [(64, 16), (100, 32), (37, 8)])
+def test_scoring_only_marked_positions_matches_plain(layout, t, chunk_size):
+    """`where_BT`: the marked positions' log-probs and every gradient equal the plain ones within
+    1e-5 (fp32); unmarked positions are exactly 0."""
+    hidden, kernel, targets, _ = _problem(3, t, 24, 77, jnp.float32)
+    where = _marked(layout, 3, t)
+
+    def marked(h, k, tg):
+        return losses.token_logps(h, k, tg, chunk_size=chunk_size, where_BT=where)
+
+    got = jax.jit(marked)(hidden, kernel, targets)
+    want = losses.token_logps_plain(hidden, kernel, targets)
+    np.testing.assert_allclose(np.asarray(got), np.where(where, np.asarray(want), 0.0), rtol=0, atol=1e-5)
+    assert (np.asarray(got)[~np.asarray(where)] == 0.0).all()
+
+    grads = jax.grad(_masked_sum(marked, targets, where), argnums=(0, 1))(hidden, kernel)
+    want_grads = jax.grad(_masked_sum(losses.token_logps_plain, targets, where), argnums=(0, 1))(hidden, kernel)
+    for name, g, w in zip(("d_hidden", "d_kernel"), grads, want_grads):
+        assert np.abs(np.asarray(w)).max() > 0.1, f"{name} too small to compare"
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_chunks_without_a_marked_position_are_not_computed():
+    """Hidden states that are NaN on unmarked positions only: a chunk that computed them would put
+    NaN into the kernel's gradient (0 x NaN), so a finite gradient shows the chunks made only of
+    unmarked positions were skipped. The first 10 positions of each row are marked, chunks hold 16,
+    and the NaN start at position 16, so after moving marked positions to the front every NaN lies
+    in chunks 1-3."""
+    hidden, kernel, targets, _ = _problem(2, 64, 8, 30, jnp.float32)
+    hidden = hidden.at[:, 16:].set(jnp.nan)
+    where = jnp.zeros((2, 64), bool).at[:, :10].set(True)
+
+    def loss(h, k):
+        return jnp.sum(losses.token_logps(h, k, targets, chunk_size=16, where_BT=where))
+
+    d_hidden, d_kernel = jax.jit(jax.grad(loss, argnums=(0, 1)))(hidden, kernel)
+    assert np.isfinite(np.asarray(d_kernel)).all() and np.abs(np.asarray(d_kernel)).max() > 0
+    assert np.isfinite(np.asarray(d_hidden[:, :16])).all()
+    # Without the mask every chunk runs, and the same inputs do give NaN: the check can fail.
+    plain = jax.grad(lambda h, k: jnp.sum(jnp.where(where, losses.token_logps(h, k, targets, 16), 0.0)), 1)
+    assert np.isnan(np.asarray(plain(hidden, kernel))).any()

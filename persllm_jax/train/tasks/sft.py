@@ -65,9 +65,11 @@ def batch_from_rows(rows: dict[str, np.ndarray]) -> SFTBatch:
 
 
 def token_logps(model, batch: SFTBatch, chunk_size: int):
-    """Log-probs of every target [B, T] (packed rows: each sequence sees only itself)."""
+    """Log-probs [B, T] of the trained targets (`loss_mask`), 0 elsewhere: the vocabulary
+    projection runs only where a loss reads it (packed rows: each sequence sees only itself)."""
     hidden = model.hidden_states(batch.input_ids, batch.attention_mask, batch.positions, batch.segment_ids)
-    return losses.token_logps(hidden, model.output_kernel(), batch.targets, chunk_size=chunk_size)
+    kernel = model.output_kernel()
+    return losses.token_logps(hidden, kernel, batch.targets, chunk_size=chunk_size, where_BT=batch.loss_mask)
 
 
 def sequence_nll(model, batch: SFTBatch, chunk_size: int):
