@@ -29,12 +29,18 @@ def _export_hf(args) -> None:
 
     model, tokenizer = pretrained.load_pretrained(args.checkpoint, dtype=args.dtype)
     if args.adapter:
-        from persllm_jax.io.peft_adapter import base_model_of, save_adapter
+        from persllm_jax.io.peft_adapter import added_token_ids, base_model_of, save_adapter
 
         base = base_model_of(Path(args.checkpoint))
-        out = save_adapter(model, args.out, base_model=base, tokenizer=tokenizer)
+        added = added_token_ids(Path(args.checkpoint), tokenizer)
+        out = save_adapter(model, args.out, base_model=base, tokenizer=tokenizer, added_token_ids=added)
+        resize = (
+            f"base_model.resize_token_embeddings({len(tokenizer)}) (the added tokens' rows are in the "
+            "adapter), then " if added else ""
+        )
         print(
-            f"wrote {out}: load it with peft.PeftModel.from_pretrained(base_model, {str(out)!r}) (base: {base})"
+            f"wrote {out}: load it with {resize}peft.PeftModel.from_pretrained(base_model, {str(out)!r}) "
+            f"(base: {base})"
         )
         return
     out = pretrained.save_pretrained(model, tokenizer, args.out)

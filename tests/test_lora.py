@@ -17,12 +17,16 @@ from persllm_jax.io.peft_adapter import ADAPTER_CONFIG, save_adapter
 from persllm_jax.io.pretrained import load_pretrained, save_pretrained
 from persllm_jax.model.lora import adapters_off, add_adapters, merged_model
 from tests.hf_fixtures import save_tiny, torch_logits
+from tests.train_runs import ROOT
 
 TOL = 1e-4  # fp32 logits against PyTorch: the same maths in another order
+ROWS = (3, 11)  # vocabulary rows trained with the adapters (ids that `_ids` gives often)
 
 
 def _ids(seed=0, batch=2, length=24, vocab=320):
-    return np.random.default_rng(seed).integers(0, vocab, size=(batch, length)).astype(np.int32)
+    ids = np.random.default_rng(seed).integers(0, vocab, size=(batch, length)).astype(np.int32)
+    ids[:, 2], ids[:, 9] = ROWS  # the trained rows' tokens, in every row
+    return ids
 
 
 def _trained(model):
@@ -41,11 +45,20 @@ def base_dir(tmp_path_factory):
     return out
 
 
-def test_new_adapters_and_adapters_off_give_the_base_logits_exactly(base_dir):
+@pytest.fixture(scope="module")
+def tied_base_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tied_base")
+    save_tiny("llama_tied_gqa", out)
+    return out
+
+
+@pytest.mark.parametrize("rows", [(), ROWS], ids=["adapters", "adapters-and-rows"])
+def test_new_adapters_and_adapters_off_give_the_base_logits_exactly(base_dir, rows):
     base, _ = load_pretrained(base_dir)
     ids = jnp.asarray(_ids())
+    assert np.isin(np.asarray(ids), ROWS).any()
     expected = np.asarray(base(ids))
-    model = add_adapters(base, rank=4, alpha=8.0)
+    model = add_adapters(base, rank=4, alpha=8.0, token_rows=rows)
     a = [x for p, x in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)) if p[-1] == "lora_a"]
     assert len(a) == 7 and all(np.abs(np.asarray(x.get_value())).max() > 0 for x in a)
     np.testing.assert_array_equal(np.asarray(model(ids)), expected)
@@ -55,25 +68,45 @@ def test_new_adapters_and_adapters_off_give_the_base_logits_exactly(base_dir):
     np.testing.assert_array_equal(np.asarray(nnx.merge(graphdef, adapters_off(state))(ids)), expected)
 
 
+def test_trained_rows_change_only_their_tokens_embedding(base_dir):
+    """Trained rows alone (lora_b zero): the hidden states of a sequence without those ids are the
+    base's exactly; with one of them, they differ."""
+    base, _ = load_pretrained(base_dir)
+    model = add_adapters(base, rank=4, alpha=8.0, token_rows=ROWS)
+    rows = nnx.state(model, nnx.LoRAParam)["token_rows"]
+    rows.set_value(rows.get_value() + 0.5)
+    without = jnp.asarray([[5, 6, 7, 8]], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(model.hidden_states(without)), np.asarray(base.hidden_states(without)))
+    with_row = jnp.asarray([[5, 3, 7, 8]], jnp.int32)
+    assert np.abs(np.asarray(model.hidden_states(with_row) - base.hidden_states(with_row))).max() > 1e-3
+
+
 @pytest.mark.parametrize(
-    "targets", [None, ("q_proj", "v_proj")], ids=["attention-and-mlp", "queries-and-values"]
+    "targets,rows,tied",
+    [(None, (), False), (("q_proj", "v_proj"), (), False), (None, ROWS, False), (None, ROWS, True)],
+    ids=["attention-and-mlp", "queries-and-values", "with-rows-untied", "with-rows-tied"],
 )
-def test_peft_loads_the_adapter_export_with_equal_logits(base_dir, tmp_path, targets):
+def test_peft_loads_the_adapter_export_with_equal_logits(base_dir, tied_base_dir, tmp_path, targets, rows, tied):
     import peft
     import transformers
 
-    base, _ = load_pretrained(base_dir)
+    source = tied_base_dir if tied else base_dir
+    base, _ = load_pretrained(source)
     options = {} if targets is None else {"targets": targets}
-    model = _trained(add_adapters(base, rank=4, alpha=8.0, **options))
-    out = save_adapter(model, tmp_path / "adapter", base_model=str(base_dir))
+    model = _trained(add_adapters(base, rank=4, alpha=8.0, token_rows=rows, **options))
+    out = save_adapter(model, tmp_path / "adapter", base_model=str(source))
     config = json.loads((out / ADAPTER_CONFIG).read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8.0
     expected = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert set(config["target_modules"]) == (expected if targets is None else set(targets))
+    if rows:  # PEFT's trainable tokens: the input rows (tied: also the output rows), else both
+        want = list(rows) if tied else {"embed_tokens": list(rows), "lm_head": list(rows)}
+        assert config["trainable_token_indices"] == want
 
-    hf_base = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(source)
     peft_model = peft.PeftModel.from_pretrained(hf_base, out).eval()
     ids = _ids(1)
+    assert not rows or np.isin(ids, rows).any()
     np.testing.assert_allclose(
         np.asarray(model(jnp.asarray(ids))), torch_logits(peft_model, ids), atol=TOL, rtol=0
     )
@@ -83,11 +116,39 @@ def test_peft_loads_the_adapter_export_with_equal_logits(base_dir, tmp_path, tar
     assert len(loaded) == per_layer * base.cfg.num_layers
 
 
+def test_peft_gets_the_added_tokens_rows_from_the_adapter(tmp_path):
+    """Tokens added to the base (stage tokens, rows at the mean of the others): a user resizes the
+    original base's embeddings, whose new rows are not ours, and PEFT writes our rows over them."""
+    import peft
+    import transformers
+
+    from persllm_jax.io.vocabulary import add_special_tokens
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ROOT / "tests" / "data" / "tokenizer")
+    base_dir = tmp_path / "base"
+    save_tiny("llama_untied_mqa", base_dir, vocab_size=len(tokenizer))  # the tokenizer's own base
+    base, _ = load_pretrained(base_dir)
+    grown = add_special_tokens(base, tokenizer, ["<TIME-I>", "<TIME-II>"])
+    added = tokenizer.convert_tokens_to_ids(["<TIME-I>", "<TIME-II>"])
+    model = _trained(add_adapters(grown, rank=4, alpha=8.0, token_rows=tuple(added[:1])))
+    out = save_adapter(model, tmp_path / "adapter", str(base_dir), tokenizer, added_token_ids=added)
+    assert json.loads((out / ADAPTER_CONFIG).read_text())["trainable_token_indices"] == {
+        "embed_tokens": added, "lm_head": added,
+    }  # fmt: skip
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    hf_base.resize_token_embeddings(len(tokenizer))
+    peft_model = peft.PeftModel.from_pretrained(hf_base, out).eval()
+    ids = np.concatenate([_ids(3)[:, :10], np.asarray([added * 2, added[::-1] * 2])], axis=1).astype(np.int32)
+    np.testing.assert_allclose(
+        np.asarray(model(jnp.asarray(ids))), torch_logits(peft_model, ids), atol=TOL, rtol=0
+    )
+
+
 def test_the_merged_export_loads_in_transformers_with_equal_logits(base_dir, tmp_path):
     import transformers
 
     base, tokenizer = load_pretrained(base_dir)
-    model = _trained(add_adapters(base, rank=4, alpha=8.0))
+    model = _trained(add_adapters(base, rank=4, alpha=8.0, token_rows=ROWS))
     merged = merged_model(model)
     assert merged.cfg.lora_rank == 0 and not jax.tree.leaves(nnx.state(merged, nnx.LoRAParam))
     save_pretrained(merged, tokenizer, tmp_path / "merged")

@@ -34,8 +34,13 @@ def _initial_base(config, *overrides):
     return model, tokenizer
 
 
+STAGE_IDS = [49152, 49153, 49154]  # the tiny config's stage tokens, added past the tokenizer's 49152
+
+
 def _ids():
-    return np.random.default_rng(0).integers(0, 300, size=(2, 20)).astype(np.int32)
+    ids = np.random.default_rng(0).integers(0, 300, size=(2, 20)).astype(np.int32)
+    ids[:, 1:4] = STAGE_IDS  # a stage token in the system prompt, as in persona data
+    return ids
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +51,21 @@ def sft_run(tmp_path_factory):
 
 
 def test_only_the_adapters_train(sft_run):
-    base, _ = _initial_base(SFT)
+    base, tokenizer = _initial_base(SFT)
+    assert tokenizer.convert_tokens_to_ids(["<TIME-I>", "<TIME-II>", "<TIME-III>"]) == STAGE_IDS
     start = _params(base)
-    trained = _params(load_pretrained(sft_run)[0])
-    adapters = {k: v for k, v in trained.items() if "/lora/" in k}
+    model = load_pretrained(sft_run)[0]
+    trained = _params(model)
+    adapters = {k: v for k, v in trained.items() if "/lora/" in k or k == "token_rows"}
     assert adapters and set(trained) == set(start) | set(adapters)
     for key, value in start.items():
         np.testing.assert_array_equal(trained[key], value, err_msg=key)  # bit for bit
     moved = [k for k, v in adapters.items() if k.endswith("lora_b") and np.abs(v).max() > 0]
     assert len(moved) == 7, "every adapted projection's lora_b must have trained"
+    # lora.train_embeddings_rows=added (the default): the stage tokens' rows train with them; the
+    # tiny data's dialogues have stage tokens of two stages, and both rows moved
+    assert model.cfg.lora_token_rows == tuple(STAGE_IDS)
+    assert (np.abs(trained["token_rows"]).max(axis=1) > 0).sum() >= 2
     run_losses = losses(sft_run)
     assert len(run_losses) == 4 and run_losses[-1] < run_losses[0]
 
@@ -83,10 +94,12 @@ def test_merged_and_adapter_exports_give_our_logits(sft_run, tmp_path):
     np.testing.assert_allclose(torch_logits(merged.eval(), _ids()), expected, atol=TOL, rtol=0)
 
     result = run_cli("export-hf", sft_run, tmp_path / "adapter", "--adapter", cwd=ROOT)
-    assert "peft.PeftModel.from_pretrained" in result.stdout
-    base, tokenizer = _initial_base(SFT)
-    save_pretrained(base, tokenizer, tmp_path / "base")  # the base with its stage-token rows
+    assert "resize_token_embeddings(49155)" in result.stdout and "peft.PeftModel.from_pretrained" in result.stdout
+    # what a user has: the base as it was, without the stage tokens; resized, PEFT gives it our rows
+    base, tokenizer = _initial_base(SFT, "model.add_tokens=[]")
+    save_pretrained(base, tokenizer, tmp_path / "base")
     hf_base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    hf_base.resize_token_embeddings(49155)
     with_adapter = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
     np.testing.assert_allclose(torch_logits(with_adapter, _ids()), expected, atol=TOL, rtol=0)
 

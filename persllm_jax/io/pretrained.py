@@ -317,7 +317,9 @@ def _lora_run_model(cfg: ModelConfig, base: dict, params_dir: Path, mesh) -> Cau
     start, _ = load_starting_model(recipe, mesh)
     if start.cfg.lora_rank:
         start = merged_model(start)
-    model = add_adapters(start, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, mesh=mesh)
+    model = add_adapters(
+        start, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, mesh=mesh, token_rows=cfg.lora_token_rows
+    )
     if model.cfg != cfg:
         raise ValueError(f"{params_dir}: the base rebuilt from its recipe is not the model the run trained")
     adapters = nnx.state(model, nnx.LoRAParam)

@@ -58,6 +58,9 @@ class ModelConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    # Vocabulary rows trained alongside the adapters (the stage tokens a run adds, which start
+    # untrained): a learned change of those embedding rows, also the output rows when tied.
+    lora_token_rows: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -74,6 +77,10 @@ class ModelConfig:
                 raise ValueError(f"model {name}={value!r}; valid values: {', '.join(allowed)}")
         if self.lora_rank < 0:
             raise ValueError(f"lora rank {self.lora_rank} must be >= 0")
+        if self.lora_token_rows and not self.lora_rank:
+            raise ValueError("lora token rows are trained with the adapters: they need lora rank > 0")
+        if any(not 0 <= row < self.vocab_size for row in self.lora_token_rows):
+            raise ValueError(f"lora token rows {list(self.lora_token_rows)} are not all below vocab {self.vocab_size}")
         if self.lora_rank and not self.lora_paths():
             raise ValueError(
                 f"lora targets {list(self.lora_targets)} match no projection; the projections are "
@@ -114,8 +121,9 @@ class ModelConfig:
         unknown = sorted(set(data) - valid)
         if unknown:
             raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(valid)}")
-        if "lora_targets" in data:  # a list in JSON and YAML
-            data = {**data, "lora_targets": tuple(data["lora_targets"])}
+        for key in ("lora_targets", "lora_token_rows"):  # lists in JSON and YAML
+            if key in data:
+                data = {**data, key: tuple(data[key])}
         return cls(**data)
 
     @property

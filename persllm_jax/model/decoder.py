@@ -62,6 +62,15 @@ class CausalLM(nnx.Module):
             if cfg.tie_word_embeddings
             else param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
         )
+        # LoRA runs: the trained change of the embedding rows `cfg.lora_token_rows` (zero at the
+        # start, so the base is unchanged; with tied embeddings it moves their output rows too).
+        self.token_rows = (
+            nnx.LoRAParam(
+                jnp.zeros((len(cfg.lora_token_rows), cfg.hidden_size), dtype), logical_axes=(None, "embed")
+            )
+            if cfg.lora_rank and cfg.lora_token_rows
+            else None
+        )
 
     def hidden_states(self, input_ids_BT, attention_mask_BT=None, positions_BT=None, segment_ids_BT=None):
         """Final-normed hidden states [B, T, D] in compute dtype.
@@ -89,8 +98,12 @@ class CausalLM(nnx.Module):
         return self.final_norm(x_BTD)
 
     def _embed(self, input_ids_BT):
-        x_BTD = jnp.take(self.embed[...], input_ids_BT, axis=0).astype(self.cfg.compute_dtype)
-        return constrain(x_BTD, ("batch", "length", "act_embed"))
+        x_BTD = jnp.take(self.embed[...], input_ids_BT, axis=0)
+        if self.token_rows is not None:
+            rows = jnp.asarray(self.cfg.lora_token_rows, jnp.int32)
+            hits_BTR = (input_ids_BT[..., None] == rows).astype(x_BTD.dtype)
+            x_BTD = x_BTD + jnp.einsum("btr,rd->btd", hits_BTR, self.token_rows[...].astype(x_BTD.dtype))
+        return constrain(x_BTD.astype(self.cfg.compute_dtype), ("batch", "length", "act_embed"))
 
     def init_cache(self, batch: int, length: int):
         """An empty KV cache: (k, v), each [layers, B, S, kv_heads, head_dim] in compute dtype."""
@@ -127,7 +140,13 @@ class CausalLM(nnx.Module):
 
     def output_kernel(self):
         """The [D, V] output projection (the embedding transposed when tied)."""
-        return self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        if self.lm_head is not None:
+            return self.lm_head[...]
+        table = self.embed[...]
+        if self.token_rows is not None:
+            rows = jnp.asarray(self.cfg.lora_token_rows, jnp.int32)
+            table = table.at[rows].add(self.token_rows[...].astype(table.dtype))
+        return table.T
 
     def logits_from_hidden(self, hidden_BTD):
         kernel = self.output_kernel().astype(self.cfg.compute_dtype)

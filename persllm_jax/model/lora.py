@@ -19,6 +19,7 @@ from persllm_jax.model.decoder import CausalLM, abstract_model
 from persllm_jax.model.sharding import active_mesh, state_shardings
 
 _A, _B = "lora_a", "lora_b"
+_ROWS = "token_rows"  # the trained change of some embedding rows (CausalLM.token_rows)
 # What a loaded model carries besides its parameters (io/pretrained.py): the source's HF config and
 # generation config, as JSON text.
 _CARRIED = ("hf_config_json", "generation_config_json")
@@ -35,13 +36,17 @@ def add_adapters(
     targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
     seed: int = 0,
     mesh=None,
+    token_rows: tuple[int, ...] = (),
 ) -> CausalLM:
     """`model` (no adapters) with fresh adapters: lora_a random, lora_b zero, each placed by its
-    logical axes on `mesh` (default: the active mesh) like the base parameters. The base
-    parameters are shared, not copied."""
+    logical axes on `mesh` (default: the active mesh) like the base parameters, and a zero change
+    of the embedding rows `token_rows`, trained with them. The base parameters are shared, not
+    copied."""
     if model.cfg.lora_rank:
         raise ValueError("the model already has adapters")
-    cfg = model.cfg.replace(lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets))
+    cfg = model.cfg.replace(
+        lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets), lora_token_rows=tuple(token_rows)
+    )
     graphdef, abstract = nnx.split(abstract_model(cfg))
     abstract_adapters = nnx.state(nnx.merge(graphdef, abstract), nnx.LoRAParam)
 
@@ -60,18 +65,26 @@ def add_adapters(
 
 
 def adapters_off(state: nnx.State) -> nnx.State:
-    """The same state with every lora_b zero: the base model's outputs, exactly."""
+    """The same state with every lora_b and the embedding rows' change zero: the base model's
+    outputs, exactly."""
     flat = _flat(state)
     for path, variable in flat.items():
-        if path[-1] == _B:
+        if path[-1] in (_B, _ROWS):
             flat[path] = variable.replace(jnp.zeros_like(variable.get_value()))
     return nnx.from_flat_state(list(flat.items()))
 
 
 def merged_state(state: nnx.State, cfg: ModelConfig) -> tuple[nnx.State, ModelConfig]:
-    """The adapters folded into the base kernels, W + scale * A B (in fp32, stored in the kernel's
-    dtype), and the adapters removed: a plain model of the returned config (lora_rank 0)."""
+    """The adapters folded into the base kernels, W + scale * A B, and the rows' change into the
+    embedding (in fp32, stored in the weight's dtype), and the adapters removed: a plain model of
+    the returned config (lora_rank 0)."""
     flat = _flat(state)
+    if (_ROWS,) in flat:
+        delta = flat.pop((_ROWS,)).get_value().astype(jnp.float32)
+        embed = flat[("embed",)]
+        value = embed.get_value()
+        rows = jnp.asarray(cfg.lora_token_rows, jnp.int32)
+        flat[("embed",)] = embed.replace(value.astype(jnp.float32).at[rows].add(delta).astype(value.dtype))
     for path in [p for p in flat if p[-1] == _A]:
         module = path[:-2]  # (..., "q_proj", "lora", "lora_a")
         a = flat.pop(path).get_value().astype(jnp.float32)
@@ -80,7 +93,7 @@ def merged_state(state: nnx.State, cfg: ModelConfig) -> tuple[nnx.State, ModelCo
         delta = cfg.lora_scale * jnp.einsum("...ir,...ro->...io", a, b)
         value = kernel.get_value()
         flat[module + ("kernel",)] = kernel.replace((value.astype(jnp.float32) + delta).astype(value.dtype))
-    return nnx.from_flat_state(list(flat.items())), cfg.replace(lora_rank=0)
+    return nnx.from_flat_state(list(flat.items())), cfg.replace(lora_rank=0, lora_token_rows=())
 
 
 def merged_model(model: CausalLM) -> CausalLM:

@@ -23,7 +23,7 @@ from persllm_jax.io.vocabulary import register_tokens
 from persllm_jax.model.config import ModelConfig, preset
 from persllm_jax.train import distributed
 from persllm_jax.train.config import RunConfig
-from persllm_jax.train.loop import check_batch_layout, check_training_settings, model_options
+from persllm_jax.train.loop import check_batch_layout, check_training_settings, lora_token_rows, model_options
 from persllm_jax.train.program import build_program
 from persllm_jax.train.tasks import dpo, sft
 
@@ -105,6 +105,7 @@ def model_config_for(cfg: RunConfig) -> ModelConfig:
     if bool(m.path) == bool(m.preset):
         raise ValueError("set exactly one of model.path and model.preset")
     model_cfg = pretrained.read_model_config(m.path, **options) if m.path else preset(m.preset, **options)
+    tokenizer = None
     if m.add_tokens:
         tokenizer = load_tokenizer(m.tokenizer or m.path)
         _, _, vocab = register_tokens(tokenizer, m.add_tokens, model_cfg.vocab_size)
@@ -112,7 +113,10 @@ def model_config_for(cfg: RunConfig) -> ModelConfig:
     if cfg.lora.rank:
         lora = cfg.lora
         model_cfg = model_cfg.replace(
-            lora_rank=lora.rank, lora_alpha=lora.alpha, lora_targets=tuple(lora.targets)
+            lora_rank=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_targets=tuple(lora.targets),
+            lora_token_rows=lora_token_rows(cfg, tokenizer) if tokenizer is not None else (),
         )
     return model_cfg
 

@@ -27,6 +27,9 @@ class LoraSection:
     # regular expressions over the projections' paths (layers/attn/q_proj, ..., layers/mlp/down_proj)
     targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     seed: int = 0  # initialization of the adapters' A matrices
+    # "added": the embedding rows of model.add_tokens (the stage tokens, which start untrained and
+    # alike) train with the adapters; "none": they stay as they start
+    train_embeddings_rows: str = "added"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,6 +38,17 @@ from persllm_jax.train.program import build_program
 log = logging.getLogger(__name__)
 
 
+LORA_ROW_CHOICES = ("added", "none")
+
+
+def lora_token_rows(cfg: RunConfig, tokenizer) -> tuple[int, ...]:
+    """The vocabulary rows a LoRA run trains with its adapters (`lora.train_embeddings_rows`)."""
+    tokens = [t.strip() for t in cfg.model.add_tokens if t.strip()]
+    if cfg.lora.train_embeddings_rows != "added" or not tokens:
+        return ()
+    return tuple(int(i) for i in tokenizer.convert_tokens_to_ids(tokens))
+
+
 class TrainingStopped(RuntimeError):
     """Training cannot go on (a NaN loss, for example); the message says why and where."""
 
@@ -48,6 +59,10 @@ def check_training_settings(cfg: RunConfig) -> None:
         raise ValueError(f"train.grad_accum_steps must be >= 1, got {cfg.train.grad_accum_steps}")
     if cfg.lora.rank < 0:
         raise ValueError(f"lora.rank must be >= 0 (0: no adapters), got {cfg.lora.rank}")
+    if cfg.lora.train_embeddings_rows not in LORA_ROW_CHOICES:
+        raise ValueError(
+            f"lora.train_embeddings_rows={cfg.lora.train_embeddings_rows!r}; valid: {', '.join(LORA_ROW_CHOICES)}"
+        )
     if cfg.model.dtype != "float32":
         raise ValueError(
             f"model.dtype={cfg.model.dtype}: training keeps its parameters and optimizer state in "
@@ -86,7 +101,10 @@ def load_initial_model(cfg: RunConfig, mesh) -> tuple[CausalLM, object]:
         model = merged_model(model)
     if cfg.lora.rank:
         lora = cfg.lora
-        model = add_adapters(model, lora.rank, lora.alpha, tuple(lora.targets), seed=lora.seed, mesh=mesh)
+        rows = lora_token_rows(cfg, tokenizer)
+        model = add_adapters(
+            model, lora.rank, lora.alpha, tuple(lora.targets), seed=lora.seed, mesh=mesh, token_rows=rows
+        )
     return model, tokenizer
 
 
