@@ -31,6 +31,8 @@ setup(
         "orbax-checkpoint>=0.12",
         # the input pipeline: per-row streams, background tokenization, packing, iterator state
         "grain==0.2.18",
+        # QLoRA: int8 / NF4 storage of the frozen base (the quantizers Tunix uses)
+        "qwix==0.1.8",
         "numpy",
         "ml_dtypes",
         "pyyaml",

@@ -9,6 +9,7 @@ minutes on a small CPU; `--only` / `--only-largest` pick cases by index, `--reus
 per-case JSON files of an earlier run instead of compiling again.
 
     python benchmarks/compile_table.py --reuse --json benchmarks/results/compile_table.json
+    python benchmarks/compile_table.py --adapters --json benchmarks/results/compile_adapters.json
 """
 
 from __future__ import annotations
@@ -36,6 +37,27 @@ CASES = [
     ("sft", "llama3_8b", "v5p:4x4x4", 64, 64, 4096, "none"),
 ]
 
+# LoRA (rank 16 on every projection, the frozen base in bf16) and QLoRA (the base's projections in
+# NF4), on one v5e chip and on an 8-chip v5e slice (full fine-tuning of 8B needs 16 bytes per
+# parameter for weights and AdamW alone, 128 GB):
+# (task, preset, topology, fsdp, batch, seq_len, remat, training)
+ADAPTER_CASES = [
+    ("sft", "llama3_8b", "v5e:1x1", 1, 1, 2048, "full", "lora"),
+    ("sft", "llama3_8b", "v5e:1x1", 1, 1, 2048, "full", "qlora"),
+    ("dpo", "llama3_8b", "v5e:1x1", 1, 1, 2048, "full", "lora"),
+    ("dpo", "llama3_8b", "v5e:1x1", 1, 1, 2048, "full", "qlora"),
+    ("sft", "llama3_8b", "v5e:2x4", 8, 8, 4096, "full", "lora"),
+    ("sft", "llama3_8b", "v5e:2x4", 8, 8, 4096, "full", "qlora"),
+    ("dpo", "llama3_8b", "v5e:2x4", 8, 8, 4096, "full", "lora"),
+    ("dpo", "llama3_8b", "v5e:2x4", 8, 8, 4096, "full", "qlora"),
+]
+TRAINING = {
+    "full": [],
+    "lora": ["lora.rank=16", "lora.alpha=32", "model.dtype=bfloat16", "dpo.reference=base"],
+    "qlora": ["lora.rank=16", "lora.alpha=32", "model.dtype=bfloat16", "dpo.reference=base",
+              "lora.base_quantization=nf4"],
+}  # fmt: skip
+
 # (task, preset, topology, fsdp, seq_len, remat): the largest batch that fits
 LARGEST = [
     ("sft", "llama3_8b", "v5p:4x4x4", 64, 4096, "full"),
@@ -59,14 +81,15 @@ def overrides(preset: str, fsdp: int, batch: int, seq_len: int, remat: str) -> l
 
 
 def run_case(case, out_dir: Path, reuse: bool = False) -> dict:
-    task, preset, topology, fsdp, batch, seq_len, remat = case
-    out = out_dir / f"{task}_{preset}_{topology.replace(':', '_')}_{batch}x{seq_len}_{remat}.json"
+    task, preset, topology, fsdp, batch, seq_len, remat, training = (*case, "full")[:8]
+    name = f"{task}_{preset}_{topology.replace(':', '_')}_{batch}x{seq_len}_{remat}"
+    out = out_dir / (name + ("" if training == "full" else f"_{training}") + ".json")
     if reuse and out.with_suffix(".case.json").is_file():
         return json.loads(out.with_suffix(".case.json").read_text())
     command = [
         sys.executable, "-m", "persllm_jax.cli", "compile", task, "--topology", topology,
         "--config", str(ROOT / "configs" / f"{task}_tiny.yaml"), "--json", str(out),
-        *overrides(preset, fsdp, batch, seq_len, remat),
+        *overrides(preset, fsdp, batch, seq_len, remat), *TRAINING[training],
     ]  # fmt: skip
     t0 = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
@@ -76,7 +99,7 @@ def run_case(case, out_dir: Path, reuse: bool = False) -> dict:
     projected = next((ln for ln in result.stdout.splitlines() if ln.startswith("projected step time")), "")
     row = {
         "task": task, "model": preset, "topology": topology, "batch": batch, "seq_len": seq_len, "remat": remat,
-        "compile_s": time.perf_counter() - t0, "projection": projected, **report,
+        "training": training, "compile_s": time.perf_counter() - t0, "projection": projected, **report,
     }  # fmt: skip
     out.with_suffix(".case.json").write_text(json.dumps(row, indent=2) + "\n")
     print(
@@ -130,6 +153,20 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def adapter_table(rows: list[dict]) -> str:
+    lines = [
+        "| step | training | slice | batch x seq | GiB per chip (args / temp / total) | of | fits |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {r['training']} | {r['topology']} ({r['devices']} chips) | {r['batch']} x {r['seq_len']} "
+            f"| {r['argument_bytes'] / GiB:.2f} / {r['temp_bytes'] / GiB:.2f} / {r['total_bytes'] / GiB:.2f} "
+            f"| {r['device_memory_bytes'] / GiB:.0f} | {'yes' if r['fits'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
 def largest_table(results: list[dict]) -> str:
     lines = [
         "| step | model | slice | seq | remat | largest batch that fits | GiB per chip there | next batch (GiB per chip) | step time at 50% MFU (projection) |",
@@ -159,6 +196,7 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated case indices (default: all)")
     parser.add_argument("--only-largest", default="", help="comma-separated largest-batch case indices")
     parser.add_argument("--reuse", action="store_true", help="read cases compiled by an earlier run")
+    parser.add_argument("--adapters", action="store_true", help="only the LoRA / QLoRA table")
     parser.add_argument("--json", default="", help="write every case's figures here")
     parser.add_argument("--out-dir", default="/tmp/persllm_compile_table", help="per-case JSON files")
     args = parser.parse_args()
@@ -166,13 +204,22 @@ def main() -> int:
     largest = [LARGEST[int(i)] for i in args.only_largest.split(",")] if args.only_largest else LARGEST
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    adapters = [run_case(case, out_dir, args.reuse) for case in ADAPTER_CASES]
+    if args.adapters:
+        print(adapter_table(adapters))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"adapters": adapters}, indent=2) + "\n")
+        return 0
     rows = [run_case(case, out_dir, args.reuse) for case in picked]
     limits = [largest_batch(case, out_dir, args.reuse) for case in largest]
     print(table(rows))
     print()
     print(largest_table(limits))
+    print()
+    print(adapter_table(adapters))
     if args.json:
-        Path(args.json).write_text(json.dumps({"cases": rows, "largest": limits}, indent=2) + "\n")
+        result = {"cases": rows, "largest": limits, "adapters": adapters}
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

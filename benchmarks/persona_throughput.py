@@ -231,10 +231,11 @@ def child_trl(args) -> dict:
             trainer = trl.DPOTrainer(
                 model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[timer]
             )
-        counted = _count_tokens(trainer, kind, timer)
+        counted, rows = _count_tokens(trainer, kind, timer)
         trainer.train()
     timed = timer.times[args.warmup :]
     real = counted[args.warmup : steps]
+    pairs = [n // 2 for n in rows[args.warmup : steps]]  # a DPO batch holds chosen and rejected rows
     step = statistics.mean(timed)
     return {
         "status": "ok",
@@ -242,16 +243,18 @@ def child_trl(args) -> dict:
         "real_tokens_per_step": statistics.mean(real),
         "tokens_per_s": sum(real) / sum(timed),
         "row_fill": None,
-        "examples_per_step": args.pairs_per_step if kind == "dpo" else None,
+        "examples_per_step": statistics.mean(pairs) if kind == "dpo" else None,
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "peak_memory_gb": _own_peak_rss_gb(),
     }
 
 
-def _count_tokens(trainer, kind: str, timer) -> list[int]:
-    """Real tokens of each batch the trainer trains on (not the reference precompute's), counted
-    as its collator makes them: padding-free SFT has no padding; DPO's attention mask marks it."""
+def _count_tokens(trainer, kind: str, timer) -> tuple[list[int], list[int]]:
+    """Real tokens and rows of each batch the trainer trains on (not the reference precompute's),
+    counted as its collator makes them: padding-free SFT has no padding; DPO's attention mask marks
+    it. (The last batch of an epoch holds the pairs left over, fewer than the batch size.)"""
     counted: list[int] = []
+    rows: list[int] = []
     collator = trainer.data_collator
 
     def counting(features):
@@ -259,10 +262,11 @@ def _count_tokens(trainer, kind: str, timer) -> list[int]:
         if timer.training:
             mask = batch.get("attention_mask") if kind == "dpo" else None
             counted.append(int(batch["input_ids"].numel() if mask is None else mask.sum()))
+            rows.append(int(batch["input_ids"].shape[0]))
         return batch
 
     trainer.data_collator = counting
-    return counted
+    return counted, rows
 
 
 def _own_peak_rss_gb() -> float:

@@ -11,6 +11,9 @@ Five measurements, each in its own child process (so that peak memory is per mea
                materialized logits, optax.adamw, donated buffers, same remat setting
   trl_sft      TRL's SFTTrainer on the same shape (LlamaForCausalLM, random init), full rows
   trl_dpo      TRL's DPOTrainer, batch/2 pairs, precompute_ref_log_probs=True (precompute excluded)
+  ours_sft_lora  our SFT step training LoRA adapters (rank --lora-rank on every projection; the
+               frozen base in the run's dtype), against
+  trl_sft_lora TRL's SFTTrainer with a PEFT LoraConfig of the same rank, alpha and targets
 
 For each: mean step time after warm-up, tokens/s, peak memory (CPU: peak RSS of the process; GPU:
 the framework's peak device allocation), and MFU = model FLOPs per step (training FLOPs per token
@@ -50,7 +53,7 @@ from train_throughput_common import wait_idle
 from train_throughput_jax import child_minimal, child_ours, child_probe
 from train_throughput_trl import child_probe_torch, child_trl
 
-MEASUREMENTS = ("ours_sft", "ours_dpo", "minimal_jax", "trl_sft", "trl_dpo")
+MEASUREMENTS = ("ours_sft", "ours_dpo", "minimal_jax", "trl_sft", "trl_dpo", "ours_sft_lora", "trl_sft_lora")
 MODELS = ("smollm2_135m", "llama3_1b", "llama3_8b", "tiny")
 RESULT_MARK = "@@train_throughput-result@@ "
 GB = 1e9
@@ -84,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--attention", default="xla", choices=("xla", "cudnn"), help="our attention_impl (cudnn: GPU only)"
     )
     p.add_argument("--logits-chunk", type=int, default=512, help="our loss's positions per logits chunk")
+    p.add_argument("--lora-rank", type=int, default=16, help="the *_lora measurements' rank (alpha: 2 x rank)")
     p.add_argument(
         "--trl-gradient-checkpointing",
         action="store_true",
@@ -132,6 +136,7 @@ def child_argv(args, name: str, dtype: str) -> list[str]:
         f"--remat={args.remat}",
         f"--attention={args.attention}",
         f"--logits-chunk={args.logits_chunk}",
+        f"--lora-rank={args.lora_rank}",
         f"--child={name}",
     ]
     if args.trl_gradient_checkpointing:
@@ -148,12 +153,13 @@ def run_child(args) -> dict:
         return child_probe(args)
     if args.child == "probe_torch":
         return child_probe_torch(args)
-    if args.child in ("ours_sft", "ours_dpo"):
-        return child_ours(args, args.child.split("_")[1])
+    lora = args.lora_rank if args.child.endswith("_lora") else 0
+    if args.child in ("ours_sft", "ours_dpo", "ours_sft_lora"):
+        return child_ours(args, args.child.split("_")[1], lora_rank=lora)
     if args.child == "minimal_jax":
         return child_minimal(args)
-    if args.child in ("trl_sft", "trl_dpo"):
-        return child_trl(args, args.child.split("_")[1])
+    if args.child in ("trl_sft", "trl_dpo", "trl_sft_lora"):
+        return child_trl(args, args.child.split("_")[1], lora_rank=lora)
     raise ValueError(f"unknown child {args.child!r}")
 
 
@@ -208,6 +214,8 @@ def estimate_bytes(name: str, cfg: dict, args, dtype: str) -> float:
     layers, heads = cfg["num_layers"], cfg["num_heads"]
     tokens = args.batch * args.seq
     state = 16.0 * params  # fp32 parameters, gradients, two Adam moments
+    if name.endswith("_lora"):
+        state = 4.0 * params  # the frozen base; the adapters' share is small
     per_layer = tokens * (10 * d + 4 * f) * act  # what one layer keeps for its backward pass
     if name.startswith("trl"):
         state += (2.0 * params) if dtype == "bfloat16" else 0.0  # autocast's weight copies
@@ -322,7 +330,9 @@ def report(results: dict, probe: dict, torch_probe: dict | None, args) -> str:
     if cpu and all(results.get(n, {}).get("cpu_s_per_step") for n in ("ours_sft", "minimal_jax", "ours_dpo")):
         ratio("ours_sft / minimal_jax process CPU time", "ours_sft", "minimal_jax", "cpu_s_per_step")
         ratio("ours_dpo / ours_sft process CPU time", "ours_dpo", "ours_sft", "cpu_s_per_step")
-    for ours, trl in (("ours_sft", "trl_sft"), ("ours_dpo", "trl_dpo")):
+    ratio("ours_sft_lora / ours_sft step time", "ours_sft_lora", "ours_sft", "mean_step_s")
+    ratio("ours_sft_lora / ours_sft peak memory", "ours_sft_lora", "ours_sft", "peak_memory_bytes")
+    for ours, trl in (("ours_sft", "trl_sft"), ("ours_dpo", "trl_dpo"), ("ours_sft_lora", "trl_sft_lora")):
         ratio(f"{ours} / {trl} step time", ours, trl, "mean_step_s")
         ratio(f"{ours} / {trl} tokens/s", ours, trl, "tokens_per_s")
         ratio(f"{ours} / {trl} peak memory", ours, trl, "peak_memory_bytes", TARGET_MEMORY_VS_TRL)

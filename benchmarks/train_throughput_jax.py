@@ -132,13 +132,14 @@ def jax_result(compiled, base_rss: int) -> dict:
 # Children: our SFT and DPO steps, built as persllm_jax.train.loop builds them.
 
 
-def child_ours(args, kind: str) -> dict:
+def child_ours(args, kind: str, lora_rank: int = 0) -> dict:
     import jax
     import numpy as np
     from flax import nnx
 
     from persllm_jax.io import pretrained
     from persllm_jax.model.decoder import CausalLM, abstract_model
+    from persllm_jax.model.lora import add_adapters
     from persllm_jax.model.sharding import make_mesh
     from persllm_jax.train.batches import DPOBatch, SFTBatch
     from persllm_jax.train.config import DPOSection, OptimSection
@@ -164,6 +165,10 @@ def child_ours(args, kind: str) -> dict:
 
     start = time.perf_counter()
     model = pretrained.assemble(cfg, mesh, random_state)
+    trainable = nnx.Param
+    if lora_rank:  # the adapters of `persllm sft lora.rank=...` on every projection
+        model = add_adapters(model, lora_rank, 2.0 * lora_rank, mesh=mesh)
+        cfg, trainable = model.cfg, nnx.LoRAParam
     graphdef, params = nnx.split(model)
     del model
     _, abstract_params = nnx.split(abstract_model(cfg))
@@ -172,7 +177,7 @@ def child_ours(args, kind: str) -> dict:
     max_steps = 1000
     optimizer = make_optimizer(optim, max_steps)
     schedule = learning_rate_schedule(optim, max_steps)
-    train_shardings, _ = state_shardings(optimizer, abstract_params, params_shardings, mesh)
+    train_shardings, _ = state_shardings(optimizer, abstract_params, params_shardings, mesh, trainable)
     sharding = common.batch_sharding(mesh)
     side_shardings = SFTBatch(*([sharding] * 7))
 
@@ -224,10 +229,10 @@ def child_ours(args, kind: str) -> dict:
             )
             batch = batch.replace(ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
             del reference
-        state = jax.jit(lambda p: init_state(p, optimizer), out_shardings=train_shardings)(params)
+        state = jax.jit(lambda p: init_state(p, optimizer, trainable), out_shardings=train_shardings)(params)
         del params
         step_fn = jax.jit(
-            make_train_step(graphdef, loss_fn, optimizer, schedule, 1),
+            make_train_step(graphdef, loss_fn, optimizer, schedule, 1, trainable=trainable),
             in_shardings=(train_shardings, batch_shardings, None),
             out_shardings=(train_shardings, None),
             donate_argnums=(0,),

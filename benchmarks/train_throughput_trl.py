@@ -80,7 +80,7 @@ class _Words:
             n += min_tokens - count
 
 
-def child_trl(args, kind: str) -> dict:
+def child_trl(args, kind: str, lora_rank: int = 0) -> dict:
     import datasets
     import torch
     import transformers
@@ -149,9 +149,19 @@ def child_trl(args, kind: str) -> dict:
                 {"text": [words.text(args.seq + 1) for _ in range(rows * num_steps)]}
             )
             config = trl.SFTConfig(output_dir=out_dir, packing=False, dataset_text_field="text", **common)
+            peft_config = None
+            if lora_rank:  # the same adapters as ours: every projection, alpha = 2 x rank, no dropout
+                import peft
+
+                projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+                peft_config = peft.LoraConfig(
+                    r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=projections,
+                    task_type="CAUSAL_LM",
+                )  # fmt: skip
             trainer = trl.SFTTrainer(
-                model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[timer]
-            )
+                model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[timer],
+                peft_config=peft_config,
+            )  # fmt: skip
             lengths = [min(len(ids), args.seq) for ids in trainer.train_dataset["input_ids"]]
         else:
             prompt_tokens = max(1, args.seq // 4)

@@ -43,7 +43,7 @@ def _export_hf(args) -> None:
             f"(base: {base})"
         )
         return
-    out = pretrained.save_pretrained(model, tokenizer, args.out)
+    out = pretrained.save_pretrained(model, tokenizer, args.out, dtype=args.dtype)
     print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 

@@ -308,18 +308,23 @@ def load_model_dir(
 
 
 def _lora_run_model(cfg: ModelConfig, base: dict, params_dir: Path, mesh) -> CausalLM:
-    """A LoRA run's model: its base built again from the recipe, its adapters from the checkpoint."""
+    """A LoRA run's model: its base built again from the recipe, its adapters from the checkpoint.
+    A quantized base is built in the dtype the run quantized it from, whatever dtype is asked for,
+    so that its codes are the run's."""
     from persllm_jax.io.starting_model import load_starting_model
     from persllm_jax.model.lora import add_adapters, merged_model
 
+    if cfg.base_quantization != "none":
+        cfg = cfg.replace(param_dtype=base.get("dtype") or cfg.param_dtype)
     recipe = {**base, "dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype, "remat": cfg.remat}
     recipe["attention_impl"] = cfg.attention_impl
     start, _ = load_starting_model(recipe, mesh)
     if start.cfg.lora_rank:
         start = merged_model(start)
     model = add_adapters(
-        start, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, mesh=mesh, token_rows=cfg.lora_token_rows
-    )
+        start, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, mesh=mesh, token_rows=cfg.lora_token_rows,
+        base_quantization=cfg.base_quantization,
+    )  # fmt: skip
     if model.cfg != cfg:
         raise ValueError(f"{params_dir}: the base rebuilt from its recipe is not the model the run trained")
     adapters = nnx.state(model, nnx.LoRAParam)
@@ -332,11 +337,17 @@ def _lora_run_model(cfg: ModelConfig, base: dict, params_dir: Path, mesh) -> Cau
 
 
 def save_pretrained(
-    model: CausalLM, tokenizer, out_dir: str | Path, max_shard_bytes: int = hf_weights.SHARD_BYTES
+    model: CausalLM,
+    tokenizer,
+    out_dir: str | Path,
+    max_shard_bytes: int = hf_weights.SHARD_BYTES,
+    dtype: str | None = None,
 ) -> Path:
     """Write an HF model directory that transformers loads with no missing or unexpected weights:
     config.json, generation_config.json, safetensors (sharded past 2 GB), tokenizer + chat template.
-    In a multi-process run every process must call this; process 0 writes."""
+    `dtype` (default: the model's parameter dtype) is the dtype every tensor is written in; a QLoRA
+    run's merged model holds float32 kernels beside its base's dtype. In a multi-process run every
+    process must call this; process 0 writes."""
     import transformers
 
     out_dir = Path(out_dir)
@@ -344,7 +355,7 @@ def save_pretrained(
         from persllm_jax.model.lora import merged_model
 
         model = merged_model(model)
-    cfg = model.cfg
+    cfg = model.cfg if dtype is None else model.cfg.replace(param_dtype=str(jnp.dtype(dtype)))
     base = source_config(model)
     if tokenizer is not None:
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -353,6 +364,8 @@ def save_pretrained(
                 base[key] = token_id
     hf_config = to_hf_config(cfg, base)
     tensors = hf_weights.hf_tensors(nnx.state(model, nnx.Param), cfg)
+    if dtype is not None:
+        tensors = ((name, tensor.astype(jnp.dtype(dtype))) for name, tensor in tensors)
     if jax.process_index() != 0:
         for _ in tensors:  # take part in the gathers, write nothing
             pass

@@ -16,6 +16,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16")
+QUANTIZATIONS = ("none", "int8", "nf4")  # of a LoRA run's frozen base (model/quantization.py)
 # The projections of every decoder layer, by the path LoRA targets are matched against.
 PROJECTIONS = tuple(f"layers/attn/{p}_proj" for p in "qkvo") + tuple(
     f"layers/mlp/{p}_proj" for p in ("gate", "up", "down")
@@ -61,6 +62,8 @@ class ModelConfig:
     # Vocabulary rows trained alongside the adapters (the stage tokens a run adds, which start
     # untrained): a learned change of those embedding rows, also the output rows when tied.
     lora_token_rows: tuple[int, ...] = ()
+    # QLoRA: the frozen projection kernels stored as int8 or NF4 codes ("none": as param_dtype).
+    base_quantization: str = "none"
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -77,6 +80,12 @@ class ModelConfig:
                 raise ValueError(f"model {name}={value!r}; valid values: {', '.join(allowed)}")
         if self.lora_rank < 0:
             raise ValueError(f"lora rank {self.lora_rank} must be >= 0")
+        if self.base_quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"base quantization {self.base_quantization!r}; valid values: {', '.join(QUANTIZATIONS)}"
+            )
+        if self.base_quantization != "none" and not self.lora_rank:
+            raise ValueError("a quantized base is frozen: it needs LoRA adapters (lora rank > 0) to train")
         if self.lora_token_rows and not self.lora_rank:
             raise ValueError("lora token rows are trained with the adapters: they need lora rank > 0")
         if any(not 0 <= row < self.vocab_size for row in self.lora_token_rows):

@@ -63,10 +63,11 @@ class CausalLM(nnx.Module):
             else param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
         )
         # LoRA runs: the trained change of the embedding rows `cfg.lora_token_rows` (zero at the
-        # start, so the base is unchanged; with tied embeddings it moves their output rows too).
+        # start, so the base is unchanged; with tied embeddings it moves their output rows too),
+        # float32 like the adapters whatever the base's dtype.
         self.token_rows = (
             nnx.LoRAParam(
-                jnp.zeros((len(cfg.lora_token_rows), cfg.hidden_size), dtype), logical_axes=(None, "embed")
+                jnp.zeros((len(cfg.lora_token_rows), cfg.hidden_size), jnp.float32), logical_axes=(None, "embed")
             )
             if cfg.lora_rank and cfg.lora_token_rows
             else None
@@ -101,8 +102,10 @@ class CausalLM(nnx.Module):
         x_BTD = jnp.take(self.embed[...], input_ids_BT, axis=0)
         if self.token_rows is not None:
             rows = jnp.asarray(self.cfg.lora_token_rows, jnp.int32)
-            hits_BTR = (input_ids_BT[..., None] == rows).astype(x_BTD.dtype)
-            x_BTD = x_BTD + jnp.einsum("btr,rd->btd", hits_BTR, self.token_rows[...].astype(x_BTD.dtype))
+            hits_BTR = (input_ids_BT[..., None] == rows).astype(jnp.float32)
+            change_BTD = jnp.einsum("btr,rd->btd", hits_BTR, self.token_rows[...].astype(jnp.float32))
+            # a changed row is stored as the table stores rows (as the merged export holds it)
+            x_BTD = (x_BTD.astype(jnp.float32) + change_BTD).astype(x_BTD.dtype)
         return constrain(x_BTD.astype(self.cfg.compute_dtype), ("batch", "length", "act_embed"))
 
     def init_cache(self, batch: int, length: int):
@@ -145,7 +148,8 @@ class CausalLM(nnx.Module):
         table = self.embed[...]
         if self.token_rows is not None:
             rows = jnp.asarray(self.cfg.lora_token_rows, jnp.int32)
-            table = table.at[rows].add(self.token_rows[...].astype(table.dtype))
+            changed = table[rows].astype(jnp.float32) + self.token_rows[...].astype(jnp.float32)
+            table = table.at[rows].set(changed.astype(table.dtype))
         return table.T
 
     def logits_from_hidden(self, hidden_BTD):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from persllm_jax.model import quantization
 from persllm_jax.model.config import ModelConfig
 from persllm_jax.model.sharding import constrain
 
@@ -20,12 +21,24 @@ class Linear(nnx.Module):
     """y = x @ kernel (+ bias); kernel [in, out] (the transpose of torch's weight).
 
     When the config's LoRA targets match `path`, an adapter (Flax's `nnx.LoRA`: lora_a [in, rank],
-    lora_b [rank, out], b zero at the start, both `nnx.LoRAParam`) adds scale * x @ a @ b, so a new
-    adapter leaves the output unchanged."""
+    lora_b [rank, out], b zero at the start, both `nnx.LoRAParam`, always float32: they are what
+    trains) adds scale * x @ a @ b, so a new adapter leaves the output unchanged.
+
+    With `cfg.base_quantization` (QLoRA), the frozen kernel is held as codes and scales
+    (quantization.py) and dequantized into the compute dtype at each call; `kernel` is then None."""
 
     def __init__(self, d_in, d_out, axes, *, bias, cfg: ModelConfig, rngs: nnx.Rngs, path: str = ""):
         dtype = jnp.dtype(cfg.param_dtype)
-        self.kernel = param(rngs, (d_in, d_out), axes, dtype)
+        kernel = param(rngs, (d_in, d_out), axes, dtype)
+        self.qtype = cfg.base_quantization
+        if self.qtype == "none":
+            self.kernel = kernel
+        else:
+            codes, scale = quantization.quantize(kernel.get_value(), self.qtype)
+            self.kernel = None
+            self.kernel_codes = quantization.QuantizedBase(codes, logical_axes=axes)
+            scale_axes = (None, axes[1]) if self.qtype == "int8" else axes
+            self.kernel_scale = quantization.QuantizedBase(scale, logical_axes=scale_axes)
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype), logical_axes=axes[1:]) if bias else None
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
         adapted = path in cfg.lora_paths()
@@ -35,7 +48,7 @@ class Linear(nnx.Module):
                 cfg.lora_rank,
                 d_out,
                 dtype=self.compute_dtype,
-                param_dtype=dtype,
+                param_dtype=jnp.float32,
                 a_metadata={"logical_axes": (axes[0], None)},
                 b_metadata={"logical_axes": (None, axes[1])},
                 rngs=rngs,
@@ -47,12 +60,20 @@ class Linear(nnx.Module):
 
     def __call__(self, x):
         x = x.astype(self.compute_dtype)
-        y = x @ self.kernel[...].astype(self.compute_dtype)
+        y = x @ self.frozen_kernel()
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
         if self.lora is not None:
             y = y + self.lora(x) * jnp.asarray(self.lora_scale, self.compute_dtype)
         return y
+
+
+    def frozen_kernel(self):
+        """The kernel in the compute dtype (dequantized when the base is quantized)."""
+        if self.kernel is not None:
+            return self.kernel[...].astype(self.compute_dtype)
+        codes, scale = self.kernel_codes[...], self.kernel_scale[...]
+        return quantization.dequantize(codes, scale, self.qtype, self.compute_dtype)
 
 
 class RMSNorm(nnx.Module):

@@ -10,13 +10,17 @@ its weights.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
 
+from persllm_jax.model import quantization
 from persllm_jax.model.config import DEFAULT_LORA_TARGETS, ModelConfig
 from persllm_jax.model.decoder import CausalLM, abstract_model
-from persllm_jax.model.sharding import active_mesh, state_shardings
+from persllm_jax.model.sharding import active_mesh, logical_to_spec, param_logical_axes, state_shardings
 
 _A, _B = "lora_a", "lora_b"
 _ROWS = "token_rows"  # the trained change of some embedding rows (CausalLM.token_rows)
@@ -37,15 +41,20 @@ def add_adapters(
     seed: int = 0,
     mesh=None,
     token_rows: tuple[int, ...] = (),
+    base_quantization: str = "none",
 ) -> CausalLM:
     """`model` (no adapters) with fresh adapters: lora_a random, lora_b zero, each placed by its
     logical axes on `mesh` (default: the active mesh) like the base parameters, and a zero change
     of the embedding rows `token_rows`, trained with them. The base parameters are shared, not
-    copied."""
+    copied; with `base_quantization` (QLoRA) the projection kernels are replaced by their codes."""
     if model.cfg.lora_rank:
         raise ValueError("the model already has adapters")
     cfg = model.cfg.replace(
-        lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets), lora_token_rows=tuple(token_rows)
+        lora_rank=rank,
+        lora_alpha=alpha,
+        lora_targets=tuple(targets),
+        lora_token_rows=tuple(token_rows),
+        base_quantization=base_quantization,
     )
     graphdef, abstract = nnx.split(abstract_model(cfg))
     abstract_adapters = nnx.state(nnx.merge(graphdef, abstract), nnx.LoRAParam)
@@ -60,8 +69,31 @@ def add_adapters(
         adapters = jax.jit(fresh, out_shardings=state_shardings(abstract_adapters, mesh))()
     flat = _flat(nnx.state(model))
     flat.update(_flat(adapters))
+    if base_quantization != "none":
+        flat.update(_quantized_kernels(flat, _flat(abstract), base_quantization, mesh))
     state = nnx.from_flat_state([(path, flat[path]) for path in _flat(abstract)])
     return _carry(model, nnx.merge(graphdef, state))
+
+
+def _quantized_kernels(flat: dict, abstract: dict, qtype: str, mesh) -> dict:
+    """The codes and scales of every projection kernel in `flat`, placed like the abstract's."""
+    out = {}
+    for path in [p for p in abstract if p[-1] == "kernel_codes"]:
+        module = path[:-1]
+        codes, scale = abstract[path], abstract[module + ("kernel_scale",)]
+        fn = functools.partial(quantization.quantize_stacked, qtype=qtype)
+        if mesh is not None:
+            shardings = tuple(
+                NamedSharding(mesh, logical_to_spec(param_logical_axes(v, v.get_value().ndim), v.get_value().shape, mesh))
+                for v in (codes, scale)
+            )
+            fn = jax.jit(fn, out_shardings=shardings)
+        else:
+            fn = jax.jit(fn)
+        codes_value, scale_value = fn(flat[module + ("kernel",)].get_value())
+        out[path] = codes.replace(codes_value)
+        out[module + ("kernel_scale",)] = scale.replace(scale_value)
+    return out
 
 
 def adapters_off(state: nnx.State) -> nnx.State:
@@ -76,9 +108,15 @@ def adapters_off(state: nnx.State) -> nnx.State:
 
 def merged_state(state: nnx.State, cfg: ModelConfig) -> tuple[nnx.State, ModelConfig]:
     """The adapters folded into the base kernels, W + scale * A B, and the rows' change into the
-    embedding (in fp32, stored in the weight's dtype), and the adapters removed: a plain model of
-    the returned config (lora_rank 0)."""
+    embedding (in fp32, stored in the weight's dtype; a quantized base's kernels in fp32), and the
+    adapters removed: a plain model of the returned config (lora_rank 0)."""
     flat = _flat(state)
+    for path in [p for p in flat if p[-1] == "kernel_codes"]:  # a quantized base: dequantized, and
+        # kept in float32 (the codes and the adapters' change are both exact there)
+        module = path[:-1]
+        codes, scale = flat.pop(path), flat.pop(module + ("kernel_scale",))
+        value = quantization.dequantize(codes.get_value(), scale.get_value(), cfg.base_quantization, jnp.float32)
+        flat[module + ("kernel",)] = nnx.Param(value, **codes.get_metadata())
     if (_ROWS,) in flat:
         delta = flat.pop((_ROWS,)).get_value().astype(jnp.float32)
         embed = flat[("embed",)]
@@ -93,7 +131,8 @@ def merged_state(state: nnx.State, cfg: ModelConfig) -> tuple[nnx.State, ModelCo
         delta = cfg.lora_scale * jnp.einsum("...ir,...ro->...io", a, b)
         value = kernel.get_value()
         flat[module + ("kernel",)] = kernel.replace((value.astype(jnp.float32) + delta).astype(value.dtype))
-    return nnx.from_flat_state(list(flat.items())), cfg.replace(lora_rank=0, lora_token_rows=())
+    plain = cfg.replace(lora_rank=0, lora_token_rows=(), base_quantization="none")
+    return nnx.from_flat_state(list(flat.items())), plain
 
 
 def merged_model(model: CausalLM) -> CausalLM:

@@ -75,9 +75,19 @@ def topology_devices(name: str, slices: int = 1) -> list:
         # compiling touches no chip, so other processes compiling at the same time may load it too.
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-        return list(
-            topologies.get_topology_desc(platform="tpu", topology_name=name, num_slices=slices).devices
-        )
+        try:
+            described = topologies.get_topology_desc(platform="tpu", topology_name=name, num_slices=slices)
+        except Exception as err:
+            # A slice smaller than one host's default chips (v5e:1x1, v5e:2x1) is one host holding
+            # all of its chips.
+            dims = [int(d) for d in name.partition(":")[2].split("x") if d.isdigit()]
+            if "chips_per_host_bounds" not in str(err) or not dims:
+                raise
+            bounds = (dims + [1, 1, 1])[:3]
+            described = topologies.get_topology_desc(
+                platform="tpu", topology_name=name, num_slices=slices, chips_per_host_bounds=bounds
+            )
+        return list(described.devices)
     except Exception as err:  # libtpu missing, or a name it does not know
         raise ValueError(
             f"--topology {name}: cannot describe this TPU topology ({type(err).__name__}: {err}); "
@@ -117,6 +127,7 @@ def model_config_for(cfg: RunConfig) -> ModelConfig:
             lora_alpha=lora.alpha,
             lora_targets=tuple(lora.targets),
             lora_token_rows=lora_token_rows(cfg, tokenizer) if tokenizer is not None else (),
+            base_quantization=lora.base_quantization,
         )
     return model_cfg
 

@@ -30,6 +30,9 @@ class LoraSection:
     # "added": the embedding rows of model.add_tokens (the stage tokens, which start untrained and
     # alike) train with the adapters; "none": they stay as they start
     train_embeddings_rows: str = "added"
+    # QLoRA: the frozen base's projection kernels stored as "int8" (a scale per output channel) or
+    # "nf4" (4-bit NormalFloat, a scale per 64 inputs) and dequantized into model.compute_dtype
+    base_quantization: str = "none"
 
 
 @dataclasses.dataclass(frozen=True)

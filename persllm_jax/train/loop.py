@@ -63,12 +63,18 @@ def check_training_settings(cfg: RunConfig) -> None:
         raise ValueError(
             f"lora.train_embeddings_rows={cfg.lora.train_embeddings_rows!r}; valid: {', '.join(LORA_ROW_CHOICES)}"
         )
-    if cfg.model.dtype != "float32":
+    if cfg.model.dtype != "float32" and not cfg.lora.rank:
         raise ValueError(
             f"model.dtype={cfg.model.dtype}: training keeps its parameters and optimizer state in "
             "model.dtype, and an AdamW update smaller than a bfloat16 weight's resolution would be "
             "lost; train with model.dtype=float32 and model.compute_dtype=bfloat16 (fp32 master "
-            "weights, bf16 matmuls)"
+            "weights, bf16 matmuls), or train LoRA adapters (lora.rank > 0: they are float32 whatever "
+            "the frozen base's dtype)"
+        )
+    if cfg.lora.base_quantization != "none" and not cfg.lora.rank:
+        raise ValueError(
+            f"lora.base_quantization={cfg.lora.base_quantization} quantizes a frozen base: it needs "
+            "lora.rank > 0 (only the adapters train)"
         )
 
 
@@ -103,8 +109,9 @@ def load_initial_model(cfg: RunConfig, mesh) -> tuple[CausalLM, object]:
         lora = cfg.lora
         rows = lora_token_rows(cfg, tokenizer)
         model = add_adapters(
-            model, lora.rank, lora.alpha, tuple(lora.targets), seed=lora.seed, mesh=mesh, token_rows=rows
-        )
+            model, lora.rank, lora.alpha, tuple(lora.targets), seed=lora.seed, mesh=mesh, token_rows=rows,
+            base_quantization=lora.base_quantization,
+        )  # fmt: skip
     return model, tokenizer
 
 
