@@ -85,7 +85,9 @@ def main() -> None:
         first = np.asarray(_first_key_blocks(segments, block))
         read = sum(max(0, i + 1 - f) for i, f in enumerate(first)) / n**2
         seconds = timed(step(Segments(segments, block)), q, k, v, repeats=args.repeats)
-        print(f"{'block ' + str(block):>12}: {seconds:8.3f} s  reads {read:6.1%}  ({base / seconds:.2f}x dense)")
+        print(
+            f"{'block ' + str(block):>12}: {seconds:8.3f} s  reads {read:6.1%}  ({base / seconds:.2f}x dense)"
+        )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ random weights, saved once in Hugging Face format, so that every run loads the s
 
 The token budget per step is `--rows` x `--seq` (DPO: `--rows` x 2 x `--seq`: a packed DPO row
 holds both sides of its pairs, an unpacked pair takes two rows of `--seq`). TRL SFT gets the
-same rows of `--seq`; TRL DPO pads each batch to its longest pair, so it gets as many pairs per
-step as our packed DPO step holds on average. Each measurement runs in its own process; reported
+same rows of `--seq`; TRL DPO pads each batch to its longest pair, so it gets batches of as many
+pairs as our packed DPO step holds on average (an epoch's last batch holds what is left). Each measurement runs in its own process; reported
 are real (non-padding) tokens per second over the timed steps (after `--warmup` steps, which
 include compilation), the step time, how full the rows were, and the process's peak RSS.
 

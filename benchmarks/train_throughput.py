@@ -87,7 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--attention", default="xla", choices=("xla", "cudnn"), help="our attention_impl (cudnn: GPU only)"
     )
     p.add_argument("--logits-chunk", type=int, default=512, help="our loss's positions per logits chunk")
-    p.add_argument("--lora-rank", type=int, default=16, help="the *_lora measurements' rank (alpha: 2 x rank)")
+    p.add_argument(
+        "--lora-rank", type=int, default=16, help="the *_lora measurements' rank (alpha: 2 x rank)"
+    )
     p.add_argument(
         "--trl-gradient-checkpointing",
         action="store_true",

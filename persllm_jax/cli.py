@@ -36,7 +36,9 @@ def _export_hf(args) -> None:
         out = save_adapter(model, args.out, base_model=base, tokenizer=tokenizer, added_token_ids=added)
         resize = (
             f"base_model.resize_token_embeddings({len(tokenizer)}) (the added tokens' rows are in the "
-            "adapter), then " if added else ""
+            "adapter), then "
+            if added
+            else ""
         )
         print(
             f"wrote {out}: load it with {resize}peft.PeftModel.from_pretrained(base_model, {str(out)!r}) "

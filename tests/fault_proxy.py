@@ -401,7 +401,9 @@ class FaultProxy:
             self.server_in_flight += change
             self.in_flight_timeline.append((time.time(), self.server_in_flight))
 
-    async def _server_answer(self, method: str, target: str, request: _HTTPMessage, digest: str) -> _HTTPMessage:
+    async def _server_answer(
+        self, method: str, target: str, request: _HTTPMessage, digest: str
+    ) -> _HTTPMessage:
         """The real server's answer, through the slow server when `slow_s` is set. Runs to the end
         whether or not the client still waits: nothing here watches the client's connection."""
         self._count_in_flight(+1)

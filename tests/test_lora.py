@@ -76,7 +76,9 @@ def test_trained_rows_change_only_their_tokens_embedding(base_dir):
     rows = nnx.state(model, nnx.LoRAParam)["token_rows"]
     rows.set_value(rows.get_value() + 0.5)
     without = jnp.asarray([[5, 6, 7, 8]], jnp.int32)
-    np.testing.assert_array_equal(np.asarray(model.hidden_states(without)), np.asarray(base.hidden_states(without)))
+    np.testing.assert_array_equal(
+        np.asarray(model.hidden_states(without)), np.asarray(base.hidden_states(without))
+    )
     with_row = jnp.asarray([[5, 3, 7, 8]], jnp.int32)
     assert np.abs(np.asarray(model.hidden_states(with_row) - base.hidden_states(with_row))).max() > 1e-3
 
@@ -86,7 +88,9 @@ def test_trained_rows_change_only_their_tokens_embedding(base_dir):
     [(None, (), False), (("q_proj", "v_proj"), (), False), (None, ROWS, False), (None, ROWS, True)],
     ids=["attention-and-mlp", "queries-and-values", "with-rows-untied", "with-rows-tied"],
 )
-def test_peft_loads_the_adapter_export_with_equal_logits(base_dir, tied_base_dir, tmp_path, targets, rows, tied):
+def test_peft_loads_the_adapter_export_with_equal_logits(
+    base_dir, tied_base_dir, tmp_path, targets, rows, tied
+):
     import peft
     import transformers
 

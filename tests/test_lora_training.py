@@ -94,7 +94,10 @@ def test_merged_and_adapter_exports_give_our_logits(sft_run, tmp_path):
     np.testing.assert_allclose(torch_logits(merged.eval(), _ids()), expected, atol=TOL, rtol=0)
 
     result = run_cli("export-hf", sft_run, tmp_path / "adapter", "--adapter", cwd=ROOT)
-    assert "resize_token_embeddings(49155)" in result.stdout and "peft.PeftModel.from_pretrained" in result.stdout
+    assert (
+        "resize_token_embeddings(49155)" in result.stdout
+        and "peft.PeftModel.from_pretrained" in result.stdout
+    )
     # what a user has: the base as it was, without the stage tokens; resized, PEFT gives it our rows
     base, tokenizer = _initial_base(SFT, "model.add_tokens=[]")
     save_pretrained(base, tokenizer, tmp_path / "base")

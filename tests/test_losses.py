@@ -277,7 +277,9 @@ def test_scoring_only_marked_positions_matches_plain(layout, t, chunk_size):
     assert (np.asarray(got)[~np.asarray(where)] == 0.0).all()
 
     grads = jax.grad(_masked_sum(marked, targets, where), argnums=(0, 1))(hidden, kernel)
-    want_grads = jax.grad(_masked_sum(losses.token_logps_plain, targets, where), argnums=(0, 1))(hidden, kernel)
+    want_grads = jax.grad(_masked_sum(losses.token_logps_plain, targets, where), argnums=(0, 1))(
+        hidden, kernel
+    )
     for name, g, w in zip(("d_hidden", "d_kernel"), grads, want_grads):
         assert np.abs(np.asarray(w)).max() > 0.1, f"{name} too small to compare"
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-5, err_msg=name)

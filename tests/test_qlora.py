@@ -128,7 +128,9 @@ def test_a_qlora_run_trains_resumes_and_exports(tmp_path):
     ids = np.random.default_rng(0).integers(0, 300, size=(2, 16)).astype(np.int32)
     ids[:, 1] = 49152  # a stage token, whose trained row is in the export
     run_cli("export-hf", straight, tmp_path / "merged", "--dtype", "float32", cwd=ROOT)
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "merged", output_loading_info=True
+    )
     assert not any(info.values()), info
     expected = np.asarray(model(jnp.asarray(ids)))
     np.testing.assert_allclose(torch_logits(hf.eval(), ids), expected, atol=1e-4, rtol=0)

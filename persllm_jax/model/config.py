@@ -89,7 +89,9 @@ class ModelConfig:
         if self.lora_token_rows and not self.lora_rank:
             raise ValueError("lora token rows are trained with the adapters: they need lora rank > 0")
         if any(not 0 <= row < self.vocab_size for row in self.lora_token_rows):
-            raise ValueError(f"lora token rows {list(self.lora_token_rows)} are not all below vocab {self.vocab_size}")
+            raise ValueError(
+                f"lora token rows {list(self.lora_token_rows)} are not all below vocab {self.vocab_size}"
+            )
         if self.lora_rank and not self.lora_paths():
             raise ValueError(
                 f"lora targets {list(self.lora_targets)} match no projection; the projections are "

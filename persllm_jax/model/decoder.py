@@ -67,7 +67,8 @@ class CausalLM(nnx.Module):
         # float32 like the adapters whatever the base's dtype.
         self.token_rows = (
             nnx.LoRAParam(
-                jnp.zeros((len(cfg.lora_token_rows), cfg.hidden_size), jnp.float32), logical_axes=(None, "embed")
+                jnp.zeros((len(cfg.lora_token_rows), cfg.hidden_size), jnp.float32),
+                logical_axes=(None, "embed"),
             )
             if cfg.lora_rank and cfg.lora_token_rows
             else None

@@ -60,15 +60,14 @@ class Linear(nnx.Module):
 
     def __call__(self, x):
         x = x.astype(self.compute_dtype)
-        y = x @ self.frozen_kernel()
+        y = x @ self.compute_kernel()
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
         if self.lora is not None:
             y = y + self.lora(x) * jnp.asarray(self.lora_scale, self.compute_dtype)
         return y
 
-
-    def frozen_kernel(self):
+    def compute_kernel(self):
         """The kernel in the compute dtype (dequantized when the base is quantized)."""
         if self.kernel is not None:
             return self.kernel[...].astype(self.compute_dtype)

@@ -84,7 +84,10 @@ def _quantized_kernels(flat: dict, abstract: dict, qtype: str, mesh) -> dict:
         fn = functools.partial(quantization.quantize_stacked, qtype=qtype)
         if mesh is not None:
             shardings = tuple(
-                NamedSharding(mesh, logical_to_spec(param_logical_axes(v, v.get_value().ndim), v.get_value().shape, mesh))
+                NamedSharding(
+                    mesh,
+                    logical_to_spec(param_logical_axes(v, v.get_value().ndim), v.get_value().shape, mesh),
+                )
                 for v in (codes, scale)
             )
             fn = jax.jit(fn, out_shardings=shardings)
@@ -115,7 +118,9 @@ def merged_state(state: nnx.State, cfg: ModelConfig) -> tuple[nnx.State, ModelCo
         # kept in float32 (the codes and the adapters' change are both exact there)
         module = path[:-1]
         codes, scale = flat.pop(path), flat.pop(module + ("kernel_scale",))
-        value = quantization.dequantize(codes.get_value(), scale.get_value(), cfg.base_quantization, jnp.float32)
+        value = quantization.dequantize(
+            codes.get_value(), scale.get_value(), cfg.base_quantization, jnp.float32
+        )
         flat[module + ("kernel",)] = nnx.Param(value, **codes.get_metadata())
     if (_ROWS,) in flat:
         delta = flat.pop((_ROWS,)).get_value().astype(jnp.float32)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from persllm_jax.model.config import QUANTIZATIONS
+
 NF4_BLOCK = 64  # inputs per NF4 scale
 
 
@@ -38,7 +39,9 @@ def quantize(kernel_IO: jax.Array, qtype: str) -> tuple[jax.Array, jax.Array]:
         q = qwix.quantize(x, jnp.int8, channelwise_axes=(1,))
     elif qtype == "nf4":
         if kernel_IO.shape[0] % NF4_BLOCK:
-            raise ValueError(f"NF4 needs the input size ({kernel_IO.shape[0]}) to be a multiple of {NF4_BLOCK}")
+            raise ValueError(
+                f"NF4 needs the input size ({kernel_IO.shape[0]}) to be a multiple of {NF4_BLOCK}"
+            )
         q = qwix.quantize(x, "nf4", channelwise_axes=(1,), tiled_axes={0: NF4_BLOCK})
     else:
         raise ValueError(f"unknown quantization {qtype!r}; valid: {', '.join(QUANTIZATIONS[1:])}")

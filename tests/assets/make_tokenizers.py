@@ -82,7 +82,9 @@ def read_vocabulary(path: Path) -> tuple[list[str], list[int], list[tuple[str, s
     return tokens, types, merges
 
 
-def build(family: dict, vocab: dict[str, int], merges: list[tuple[str, str]], specials: dict[str, int]) -> Tokenizer:
+def build(
+    family: dict, vocab: dict[str, int], merges: list[tuple[str, str]], specials: dict[str, int]
+) -> Tokenizer:
     # The special tokens sit in the model's vocabulary too: an added token takes the id the model gives it,
     # which keeps their real ids when the small copy's vocabulary has gaps.
     model = models.BPE({**vocab, **specials}, merges, ignore_merges=family["ignore_merges"], fuse_unk=False)
@@ -105,7 +107,9 @@ def build(family: dict, vocab: dict[str, int], merges: list[tuple[str, str]], sp
             )
         )
     tokenizer.post_processor = processors.Sequence(steps)
-    tokenizer.add_special_tokens([AddedToken(content, special=True, normalized=False) for content in specials])
+    tokenizer.add_special_tokens(
+        [AddedToken(content, special=True, normalized=False) for content in specials]
+    )
     for content, token_id in specials.items():
         assert tokenizer.token_to_id(content) == token_id, (content, token_id)
     return tokenizer
@@ -132,11 +136,17 @@ def rendered(texts: list[str], template_name: str) -> list[str]:
     """The texts inside each role's turn, as the chat template renders them (the boundaries under audit)."""
     import jinja2
 
-    template = jinja2.Environment().from_string((ASSETS / "chat_templates" / template_name).read_text().removesuffix("\n"))
+    template = jinja2.Environment().from_string(
+        (ASSETS / "chat_templates" / template_name).read_text().removesuffix("\n")
+    )
     out = []
     for role in ("system", "user", "assistant"):
         for text in texts:
-            out.append(template.render(messages=[{"role": role, "content": text}], bos_token="", add_generation_prompt=True))
+            out.append(
+                template.render(
+                    messages=[{"role": role, "content": text}], bos_token="", add_generation_prompt=True
+                )
+            )
     return out
 
 
@@ -187,12 +197,17 @@ def main(models_dir: Path) -> None:
         covered = texts + rendered(texts, family["template"])
         small = small_copy(family, tokens, merges, specials, full, covered)
         for text in covered:
-            assert small.encode(text, add_special_tokens=False).ids == full.encode(text, add_special_tokens=False).ids, text
+            assert (
+                small.encode(text, add_special_tokens=False).ids
+                == full.encode(text, add_special_tokens=False).ids
+            ), text
 
         folder = OUT / name
         folder.mkdir(parents=True, exist_ok=True)
         small.save(str(folder / "tokenizer.json"))
-        template = (ASSETS / "chat_templates" / family["template"]).read_text(encoding="utf-8").removesuffix("\n")
+        template = (
+            (ASSETS / "chat_templates" / family["template"]).read_text(encoding="utf-8").removesuffix("\n")
+        )
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
         config.update(family["config"])
         config["chat_template"] = template
