@@ -300,12 +300,8 @@ def test_a_slow_server_is_not_stormed(server, tmp_path):
             out = tmp_path / f"adaptive_{adaptive}"
             build(
                 out, proxy.url, server.model, "personas=[holmes]", "limits.seeds_per_stage=4",
-                "general_data.path=", "llm.concurrency=8", "llm.timeout_s=6", "llm.max_retries=4",
+                "general_data.path=", "llm.concurrency=8", "llm.timeout_s=6", "llm.max_retries=8",
                 f"llm.adaptive={str(adaptive).lower()}",
-                # short answers and 4 retries: the storm comes from the queue of 8 behind a 0.5 s
-                # server, not from the answers' length, and every stormed copy is computed (the
-                # fixed pool sends 8 x 5 of them; the adaptive client needs 28 requests, none resent)
-                "llm.max_tokens=16",
             )  # fmt: skip
             while proxy.server_in_flight:  # count what the server still computes for gone clients
                 time.sleep(0.2)
