@@ -113,7 +113,7 @@ def token_logps(hidden_BTD, kernel_DV, targets_BT, chunk_size=256, where_BT=None
 
     `where_BT` (bool) limits the work to the positions a loss reads (an answer's tokens): each row's
     marked positions are moved to its front, in order, and only the chunks that hold a marked position
-    of some row run; the others are skipped at run time (`lax.cond`), so one compiled step serves
+    of some row run (a loop whose trip count is read on the device), so one compiled step serves
     every batch layout. Unmarked positions then give 0. On persona data the vocabulary projection is
     most of a small model's work, and half or more of a row is prompt.
     """

@@ -25,6 +25,7 @@ from flax import nnx
 
 from persllm_jax.io import safetensors_file
 from persllm_jax.io.hf_weights import _host_array, flat_variables, key_map
+from persllm_jax.io.vocabulary import token_ids
 from persllm_jax.model.config import ModelConfig
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -125,8 +126,8 @@ def added_token_ids(run_dir: Path, tokenizer) -> list[int]:
     """The ids of the tokens a LoRA run added to its base (its recipe's `add_tokens`)."""
     meta = run_dir / "persllm_model.json"
     base = json.loads(meta.read_text()).get("base") if meta.is_file() else None
-    tokens = [t.strip() for t in (base or {}).get("add_tokens") or () if t.strip()]
-    return [int(i) for i in tokenizer.convert_tokens_to_ids(tokens)] if tokens and tokenizer else []
+    tokens = (base or {}).get("add_tokens") or ()
+    return token_ids(tokenizer, tokens) if tokenizer is not None else []
 
 
 def base_model_of(run_dir: Path) -> str:

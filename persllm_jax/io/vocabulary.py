@@ -22,6 +22,12 @@ from persllm_jax.model.decoder import CausalLM, abstract_model
 log = logging.getLogger(__name__)
 
 
+def token_ids(tokenizer, tokens: Sequence[str]) -> list[int]:
+    """The ids of `tokens` (as `model.add_tokens` lists them, blanks dropped) in the tokenizer."""
+    tokens = [t.strip() for t in tokens if t.strip()]
+    return [int(i) for i in tokenizer.convert_tokens_to_ids(tokens)] if tokens else []
+
+
 def register_tokens(tokenizer, tokens: Sequence[str], vocab_size: int) -> tuple[list[str], list[int], int]:
     """Add `tokens` to the tokenizer as special tokens (in place); (tokens, ids of the tokens the
     tokenizer did not have before, the model's vocabulary size after growing to fit it)."""

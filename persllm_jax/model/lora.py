@@ -15,12 +15,11 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from persllm_jax.model import quantization
 from persllm_jax.model.config import DEFAULT_LORA_TARGETS, ModelConfig
 from persllm_jax.model.decoder import CausalLM, abstract_model
-from persllm_jax.model.sharding import active_mesh, logical_to_spec, param_logical_axes, state_shardings
+from persllm_jax.model.sharding import active_mesh, state_shardings
 
 _A, _B = "lora_a", "lora_b"
 _ROWS = "token_rows"  # the trained change of some embedding rows (CausalLM.token_rows)
@@ -70,29 +69,25 @@ def add_adapters(
     flat = _flat(nnx.state(model))
     flat.update(_flat(adapters))
     if base_quantization != "none":
-        flat.update(_quantized_kernels(flat, _flat(abstract), base_quantization, mesh))
+        placed = None if mesh is None else _flat(state_shardings(abstract, mesh))
+        flat.update(_quantized_kernels(flat, _flat(abstract), base_quantization, placed))
     state = nnx.from_flat_state([(path, flat[path]) for path in _flat(abstract)])
     return _carry(model, nnx.merge(graphdef, state))
 
 
-def _quantized_kernels(flat: dict, abstract: dict, qtype: str, mesh) -> dict:
-    """The codes and scales of every projection kernel in `flat`, placed like the abstract's."""
+def _quantized_kernels(flat: dict, abstract: dict, qtype: str, placed: dict | None) -> dict:
+    """The codes and scales of every projection kernel in `flat`, on their shardings in `placed`
+    (flat shardings of the abstract state; None: the default device)."""
     out = {}
     for path in [p for p in abstract if p[-1] == "kernel_codes"]:
         module = path[:-1]
         codes, scale = abstract[path], abstract[module + ("kernel_scale",)]
         fn = functools.partial(quantization.quantize_stacked, qtype=qtype)
-        if mesh is not None:
-            shardings = tuple(
-                NamedSharding(
-                    mesh,
-                    logical_to_spec(param_logical_axes(v, v.get_value().ndim), v.get_value().shape, mesh),
-                )
-                for v in (codes, scale)
-            )
-            fn = jax.jit(fn, out_shardings=shardings)
-        else:
+        if placed is None:
             fn = jax.jit(fn)
+        else:
+            paths = (path, module + ("kernel_scale",))
+            fn = jax.jit(fn, out_shardings=tuple(placed[p].get_value() for p in paths))
         codes_value, scale_value = fn(flat[module + ("kernel",)].get_value())
         out[path] = codes.replace(codes_value)
         out[module + ("kernel_scale",)] = scale.replace(scale_value)

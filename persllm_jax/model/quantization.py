@@ -59,8 +59,3 @@ def dequantize(codes: jax.Array, scale: jax.Array, qtype: str, dtype) -> jax.Arr
     qwix = _qwix()
     logical = jnp.int8 if qtype == "int8" else "nf4"
     return qwix.dequantize(qwix.QArray(qvalue=codes, scale=scale, qtype=logical)).astype(dtype)
-
-
-def scale_shape(shape_IO: tuple[int, int], qtype: str) -> tuple[int, int]:
-    d_in, d_out = shape_IO
-    return (1, d_out) if qtype == "int8" else (d_in // NF4_BLOCK, d_out)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from persllm_jax import configlib
 from persllm_jax.io import pretrained
 from persllm_jax.io.starting_model import load_starting_model, load_tokenizer, portable_recipe
+from persllm_jax.io.vocabulary import token_ids
 from persllm_jax.model.decoder import CausalLM
 from persllm_jax.model.lora import add_adapters, merged_model
 from persllm_jax.train import distributed, resume_check
@@ -43,10 +44,9 @@ LORA_ROW_CHOICES = ("added", "none")
 
 def lora_token_rows(cfg: RunConfig, tokenizer) -> tuple[int, ...]:
     """The vocabulary rows a LoRA run trains with its adapters (`lora.train_embeddings_rows`)."""
-    tokens = [t.strip() for t in cfg.model.add_tokens if t.strip()]
-    if cfg.lora.train_embeddings_rows != "added" or not tokens:
+    if cfg.lora.train_embeddings_rows != "added":
         return ()
-    return tuple(int(i) for i in tokenizer.convert_tokens_to_ids(tokens))
+    return tuple(token_ids(tokenizer, cfg.model.add_tokens))
 
 
 class TrainingStopped(RuntimeError):
