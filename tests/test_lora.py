@@ -172,3 +172,46 @@ def test_targets_that_match_no_projection_are_refused(base_dir):
         add_adapters(base, rank=4, targets=("attention",))
     with pytest.raises(ValueError, match="is not a regular expression"):
         add_adapters(base, rank=4, targets=("q_proj(",))
+
+
+def test_dropout_drops_only_the_adapters_input_and_only_in_training():
+    """An adapted projection with A and B the identity (rank = width, scale 1): its output minus the
+    base path is exactly the adapter's input, so the drawn mask can be read off. A quarter of the
+    entries are zero (within 5 binomial standard deviations), every kept one is x / (1 - rate)
+    exactly, two keys draw different masks, and without a key (evaluation) nothing drops."""
+    from persllm_jax.model.config import ModelConfig
+    from persllm_jax.model.layers import Linear
+
+    rate, width = 0.25, 16
+    cfg = ModelConfig(
+        vocab_size=32, hidden_size=width, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+        lora_rank=width, lora_alpha=float(width), lora_dropout=rate,
+    )  # fmt: skip
+    proj = Linear(
+        width, width, ("embed", "heads"), bias=False, cfg=cfg, rngs=nnx.Rngs(0), path="layers/attn/q_proj"
+    )
+    proj.lora.lora_a.set_value(jnp.eye(width))
+    proj.lora.lora_b.set_value(jnp.eye(width))
+    x = jax.random.uniform(jax.random.key(1), (8, 512, width), minval=0.5, maxval=1.5)
+    base = np.asarray(x @ proj.kernel[...])
+    np.testing.assert_allclose(np.asarray(proj(x)) - base, np.asarray(x), rtol=1e-5, atol=1e-5)
+    adapter_in = np.asarray(proj(x, jax.random.key(2))) - base
+    dropped = np.abs(adapter_in) < 1e-3  # a kept entry is at least 0.5 / 0.75
+    n = dropped.size
+    assert abs(dropped.mean() - rate) < 5 * np.sqrt(rate * (1 - rate) / n)
+    np.testing.assert_allclose(
+        adapter_in[~dropped], np.asarray(x)[~dropped] / (1 - rate), rtol=1e-5, atol=1e-5
+    )
+    other = np.abs(np.asarray(proj(x, jax.random.key(3))) - base) < 1e-3
+    assert (other != dropped).mean() > 0.2, "another key must draw another mask"
+
+
+def test_a_dropout_model_without_a_key_gives_the_same_logits_as_without_dropout(base_dir):
+    base, _ = load_pretrained(base_dir)
+    ids = jnp.asarray(_ids())
+    plain = _trained(add_adapters(base, rank=4, alpha=8.0))
+    dropping = add_adapters(base, rank=4, alpha=8.0, dropout=0.3)
+    nnx.update(dropping, nnx.state(plain, nnx.LoRAParam))
+    np.testing.assert_array_equal(np.asarray(dropping(ids)), np.asarray(plain(ids)))
+    trained = np.asarray(dropping.hidden_states(ids, dropout_key=jax.random.key(0)))
+    assert np.abs(trained - np.asarray(plain.hidden_states(ids))).max() > 1e-3, "a key must drop"

@@ -125,14 +125,23 @@ def test_the_base_reference_needs_adapters(tmp_path):
     assert result.returncode != 0 and "dpo.reference=base needs LoRA adapters" in result.stderr
 
 
-def test_a_lora_run_resumes_exactly(tmp_path):
+def test_a_lora_run_with_dropout_resumes_exactly(sft_run, tmp_path):
+    """With lora.dropout the masks follow from the seed and the step: a run cut at step 2 and
+    resumed equals the straight run bit for bit. Against `sft_run` (the same run without dropout):
+    step 1's loss is equal (lora_b starts at zero, so a dropped adapter input changes no output
+    yet) but its gradient is not, and from step 3 on the losses differ too (AdamW's first update is
+    about lr times the gradient's sign, which dropout rarely flips, so step 2's loss may agree)."""
     straight, cut = tmp_path / "straight", tmp_path / "cut"
-    common = (*LORA, "train.max_steps=4", "checkpoint.every_steps=2")
+    common = (*LORA, "lora.dropout=0.1", "train.max_steps=4", "train.grad_accum_steps=2")
     train("sft", straight, *common, env=ONE_DEVICE)
-    train("sft", cut, *common, "train.stop_after=2", env=ONE_DEVICE)
-    train("sft", cut, *common, env=ONE_DEVICE)
+    train("sft", cut, *common, "checkpoint.every_steps=2", "train.stop_after=2", env=ONE_DEVICE)
+    train("sft", cut, *common, "checkpoint.every_steps=2", env=ONE_DEVICE)
     assert losses(cut) == losses(straight)
     assert_same_params(straight, cut)
+    dropped, kept = read_metrics(straight / "metrics.jsonl"), read_metrics(sft_run / "metrics.jsonl")
+    assert dropped[0]["loss"] == pytest.approx(kept[0]["loss"], rel=1e-6)
+    assert all(abs(d["grad_norm"] - k["grad_norm"]) > 1e-5 for d, k in zip(dropped, kept, strict=True))
+    assert all(abs(d["loss"] - k["loss"]) > 1e-6 for d, k in zip(dropped[2:], kept[2:], strict=True))
 
 
 def test_generation_from_a_lora_run_equals_its_merged_model(sft_run):

@@ -87,7 +87,7 @@ def adapter_config(cfg: ModelConfig, base_model: str, token_ids=()) -> dict:
         "base_model_name_or_path": base_model,
         "r": cfg.lora_rank,
         "lora_alpha": cfg.lora_alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": cfg.lora_dropout,
         # PEFT matches module names by suffix; the projection names are unique within a layer
         "target_modules": sorted({path.rsplit("/", 1)[1] for path in cfg.lora_paths()}),
         "bias": "none",

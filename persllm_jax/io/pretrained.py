@@ -323,7 +323,7 @@ def _lora_run_model(cfg: ModelConfig, base: dict, params_dir: Path, mesh) -> Cau
         start = merged_model(start)
     model = add_adapters(
         start, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, mesh=mesh, token_rows=cfg.lora_token_rows,
-        base_quantization=cfg.base_quantization,
+        base_quantization=cfg.base_quantization, dropout=cfg.lora_dropout,
     )  # fmt: skip
     if model.cfg != cfg:
         raise ValueError(f"{params_dir}: the base rebuilt from its recipe is not the model the run trained")

@@ -13,7 +13,7 @@ from flax import nnx
 from persllm_jax.model import rope
 from persllm_jax.model.block_attention import BLOCK, block_attention
 from persllm_jax.model.config import ModelConfig
-from persllm_jax.model.layers import Linear
+from persllm_jax.model.layers import Linear, subkeys
 from persllm_jax.model.sharding import constrain
 from persllm_jax.model.splash import splash_attention
 
@@ -80,20 +80,23 @@ class Attention(nnx.Module):
         self.v_proj = projection("v_proj", d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg.qkv_bias)
         self.o_proj = projection("o_proj", cfg.num_heads * hd, d, ("heads", "embed"), cfg.o_bias)
 
-    def __call__(self, x_BTD, cos, sin, mask, cache=None):
-        """With `cache` = (k [L, B, S, K, H], v, layer, write_index), this step's keys and values
+    def __call__(self, x_BTD, cos, sin, mask, cache=None, dropout_key=None):
+        """`dropout_key`: the adapters' dropout in a training step (layers.Linear).
+
+        With `cache` = (k [L, B, S, K, H], v, layer, write_index), this step's keys and values
         are written into `layer` at `write_index` and attention runs over that layer's whole cache
         (`mask` is then [B, T, S]); the updated (k, v) is returned alongside the output."""
         cfg = self.cfg
         b, t, _ = x_BTD.shape
-        q = self.q_proj(x_BTD).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x_BTD).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x_BTD).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q_key, k_key, v_key, o_key = subkeys(dropout_key, 4)
+        q = self.q_proj(x_BTD, q_key).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x_BTD, k_key).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x_BTD, v_key).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         q = constrain(rope.apply_rotary(q, cos, sin), ("batch", "length", "act_heads", None))
         k = constrain(rope.apply_rotary(k, cos, sin), ("batch", "length", "act_heads", None))
         if cache is None:
             out = attend(q, k, v, mask, cfg.attention_impl)
-            return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim))
+            return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim), o_key)
         # The cache holds every layer ([L, B, S, K, H]) and stays in the scan carry, so each step
         # writes only its new slots in place instead of copying the layer's whole cache.
         k_all, v_all, layer, write_index = cache

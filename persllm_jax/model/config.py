@@ -59,6 +59,8 @@ class ModelConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    # The fraction of each adapter's input dropped in a training step (the base path never drops).
+    lora_dropout: float = 0.0
     # Vocabulary rows trained alongside the adapters (the stage tokens a run adds, which start
     # untrained): a learned change of those embedding rows, also the output rows when tied.
     lora_token_rows: tuple[int, ...] = ()
@@ -80,6 +82,8 @@ class ModelConfig:
                 raise ValueError(f"model {name}={value!r}; valid values: {', '.join(allowed)}")
         if self.lora_rank < 0:
             raise ValueError(f"lora rank {self.lora_rank} must be >= 0")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora dropout {self.lora_dropout} must be in [0, 1)")
         if self.base_quantization not in QUANTIZATIONS:
             raise ValueError(
                 f"base quantization {self.base_quantization!r}; valid values: {', '.join(QUANTIZATIONS)}"

@@ -15,7 +15,7 @@ from flax import nnx
 from persllm_jax.model import rope
 from persllm_jax.model.attention import Attention, DenseMask, Segments
 from persllm_jax.model.config import ModelConfig
-from persllm_jax.model.layers import MLP, RMSNorm, param
+from persllm_jax.model.layers import MLP, RMSNorm, param, subkeys
 from persllm_jax.model.sharding import constrain
 
 _REMAT_POLICIES = {
@@ -31,13 +31,17 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_BTD, cos, sin, mask, cache=None):
+    def __call__(self, x_BTD, cos, sin, mask, cache=None, dropout_key=None):
+        attn_key, mlp_key = subkeys(dropout_key, 2)
         if cache is None:
-            attn_out, new_cache = self.attn(self.input_norm(x_BTD), cos, sin, mask), None
+            attn_out, new_cache = (
+                self.attn(self.input_norm(x_BTD), cos, sin, mask, dropout_key=attn_key),
+                None,
+            )
         else:
             attn_out, new_cache = self.attn(self.input_norm(x_BTD), cos, sin, mask, cache)
         x_BTD = x_BTD + attn_out
-        x_BTD = x_BTD + self.mlp(self.post_attn_norm(x_BTD))
+        x_BTD = x_BTD + self.mlp(self.post_attn_norm(x_BTD), mlp_key)
         x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
         return x_BTD if cache is None else (x_BTD, new_cache)
 
@@ -74,8 +78,13 @@ class CausalLM(nnx.Module):
             else None
         )
 
-    def hidden_states(self, input_ids_BT, attention_mask_BT=None, positions_BT=None, segment_ids_BT=None):
+    def hidden_states(
+        self, input_ids_BT, attention_mask_BT=None, positions_BT=None, segment_ids_BT=None, dropout_key=None
+    ):
         """Final-normed hidden states [B, T, D] in compute dtype.
+
+        `dropout_key` (a training step of a LoRA run with `lora_dropout`) drops part of each
+        adapter's input, with a key of its own per layer and projection; without it nothing drops.
 
         Packed rows give `segment_ids_BT` (1, 2, ... for the sequences packed into a row, 0 for
         padding) and `positions_BT` (each sequence's own positions, restarting at 0): a token then
@@ -90,13 +99,17 @@ class CausalLM(nnx.Module):
         x_BTD = self._embed(input_ids_BT)
         graphdef, stacked_state = nnx.split(self.layers)
 
-        def one_layer(x, layer_state):
-            layer = nnx.merge(graphdef, layer_state)
-            return layer(x, cos, sin, mask), None
+        dropping = dropout_key is not None and cfg.lora_rank > 0 and cfg.lora_dropout > 0
 
-        if cfg.remat != "none":
+        def one_layer(x, inputs):
+            layer_state, layer_key = inputs if dropping else (inputs, None)
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(x, cos, sin, mask, dropout_key=layer_key), None
+
+        if cfg.remat != "none":  # a dropout mask is recomputed from its key, not saved
             one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        x_BTD, _ = jax.lax.scan(one_layer, x_BTD, stacked_state)
+        xs = (stacked_state, jax.random.split(dropout_key, cfg.num_layers)) if dropping else stacked_state
+        x_BTD, _ = jax.lax.scan(one_layer, x_BTD, xs)
         return self.final_norm(x_BTD)
 
     def _embed(self, input_ids_BT):

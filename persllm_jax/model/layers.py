@@ -24,6 +24,9 @@ class Linear(nnx.Module):
     lora_b [rank, out], b zero at the start, both `nnx.LoRAParam`, always float32: they are what
     trains) adds scale * x @ a @ b, so a new adapter leaves the output unchanged.
 
+    With `cfg.lora_dropout`, a training call given `dropout_key` drops that fraction of the
+    adapter's input (scaled by 1 / (1 - rate), as PEFT's LoRA dropout); the base path never drops.
+
     With `cfg.base_quantization` (QLoRA), the frozen kernel is held as codes and scales
     (quantization.py) and dequantized into the compute dtype at each call; `kernel` is then None."""
 
@@ -57,15 +60,27 @@ class Linear(nnx.Module):
             else None
         )
         self.lora_scale = cfg.lora_scale if adapted else 0.0
+        self.lora_dropout = cfg.lora_dropout if adapted else 0.0
 
-    def __call__(self, x):
+    def __call__(self, x, dropout_key=None):
         x = x.astype(self.compute_dtype)
         y = x @ self.compute_kernel()
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
         if self.lora is not None:
-            y = y + self.lora(x) * jnp.asarray(self.lora_scale, self.compute_dtype)
+            y = y + self.lora(self._dropped(x, dropout_key)) * jnp.asarray(
+                self.lora_scale, self.compute_dtype
+            )
         return y
+
+    def _dropped(self, x, dropout_key):
+        """The adapter's input: `x` with `lora_dropout` of it zeroed (and the rest scaled up) when a
+        key is given, `x` itself otherwise (evaluation, generation, the reference pass)."""
+        rate = self.lora_dropout
+        if dropout_key is None or rate == 0.0:
+            return x
+        keep = jax.random.bernoulli(dropout_key, 1.0 - rate, x.shape)
+        return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
     def compute_kernel(self):
         """The kernel in the compute dtype (dequantized when the base is quantized)."""
@@ -97,6 +112,12 @@ class MLP(nnx.Module):
         self.up_proj = Linear(d, f, ("embed", "mlp"), path="layers/mlp/up_proj", **options)
         self.down_proj = Linear(f, d, ("mlp", "embed"), path="layers/mlp/down_proj", **options)
 
-    def __call__(self, x_BTD):
-        hidden = jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD)
-        return self.down_proj(constrain(hidden, ("batch", "length", "act_mlp")))
+    def __call__(self, x_BTD, dropout_key=None):
+        gate_key, up_key, down_key = subkeys(dropout_key, 3)
+        hidden = jax.nn.silu(self.gate_proj(x_BTD, gate_key)) * self.up_proj(x_BTD, up_key)
+        return self.down_proj(constrain(hidden, ("batch", "length", "act_mlp")), down_key)
+
+
+def subkeys(key, n: int) -> tuple:
+    """`n` independent keys from `key` (n Nones without one: no dropout)."""
+    return (None,) * n if key is None else tuple(jax.random.split(key, n))

@@ -41,17 +41,20 @@ def add_adapters(
     mesh=None,
     token_rows: tuple[int, ...] = (),
     base_quantization: str = "none",
+    dropout: float = 0.0,
 ) -> CausalLM:
     """`model` (no adapters) with fresh adapters: lora_a random, lora_b zero, each placed by its
     logical axes on `mesh` (default: the active mesh) like the base parameters, and a zero change
     of the embedding rows `token_rows`, trained with them. The base parameters are shared, not
-    copied; with `base_quantization` (QLoRA) the projection kernels are replaced by their codes."""
+    copied; with `base_quantization` (QLoRA) the projection kernels are replaced by their codes.
+    `dropout`: the fraction of the adapters' input dropped in a training step."""
     if model.cfg.lora_rank:
         raise ValueError("the model already has adapters")
     cfg = model.cfg.replace(
         lora_rank=rank,
         lora_alpha=alpha,
         lora_targets=tuple(targets),
+        lora_dropout=dropout,
         lora_token_rows=tuple(token_rows),
         base_quantization=base_quantization,
     )
@@ -131,7 +134,7 @@ def merged_state(state: nnx.State, cfg: ModelConfig) -> tuple[nnx.State, ModelCo
         delta = cfg.lora_scale * jnp.einsum("...ir,...ro->...io", a, b)
         value = kernel.get_value()
         flat[module + ("kernel",)] = kernel.replace((value.astype(jnp.float32) + delta).astype(value.dtype))
-    plain = cfg.replace(lora_rank=0, lora_token_rows=(), base_quantization="none")
+    plain = cfg.replace(lora_rank=0, lora_dropout=0.0, lora_token_rows=(), base_quantization="none")
     return nnx.from_flat_state(list(flat.items())), plain
 
 

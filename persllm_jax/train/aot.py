@@ -126,6 +126,7 @@ def model_config_for(cfg: RunConfig) -> ModelConfig:
             lora_rank=lora.rank,
             lora_alpha=lora.alpha,
             lora_targets=tuple(lora.targets),
+            lora_dropout=lora.dropout,
             lora_token_rows=lora_token_rows(cfg, tokenizer) if tokenizer is not None else (),
             base_quantization=lora.base_quantization,
         )

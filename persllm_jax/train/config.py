@@ -26,7 +26,10 @@ class LoraSection:
     alpha: float = 16.0  # the adapters' output is scaled by alpha / rank, as PEFT scales it
     # regular expressions over the projections' paths (layers/attn/q_proj, ..., layers/mlp/down_proj)
     targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    seed: int = 0  # initialization of the adapters' A matrices
+    # the fraction of each adapter's input dropped in a training step, as PEFT's lora_dropout
+    # (the masks follow from lora.seed and the step, so a resumed run draws the same ones)
+    dropout: float = 0.0
+    seed: int = 0  # initialization of the adapters' A matrices, and the dropout masks
     # "added": the embedding rows of model.add_tokens (the stage tokens, which start untrained and
     # alike) train with the adapters; "none": they stay as they start
     train_embeddings_rows: str = "added"

@@ -76,6 +76,10 @@ def check_training_settings(cfg: RunConfig) -> None:
             f"lora.base_quantization={cfg.lora.base_quantization} quantizes a frozen base: it needs "
             "lora.rank > 0 (only the adapters train)"
         )
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ValueError(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    if cfg.lora.dropout and not cfg.lora.rank:
+        raise ValueError(f"lora.dropout={cfg.lora.dropout} drops the adapters' input: it needs lora.rank > 0")
 
 
 def check_batch_layout(cfg: RunConfig, mesh) -> None:
@@ -110,7 +114,7 @@ def load_initial_model(cfg: RunConfig, mesh) -> tuple[CausalLM, object]:
         rows = lora_token_rows(cfg, tokenizer)
         model = add_adapters(
             model, lora.rank, lora.alpha, tuple(lora.targets), seed=lora.seed, mesh=mesh, token_rows=rows,
-            base_quantization=lora.base_quantization,
+            base_quantization=lora.base_quantization, dropout=lora.dropout,
         )  # fmt: skip
     return model, tokenizer
 

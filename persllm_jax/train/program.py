@@ -34,6 +34,7 @@ class TrainProgram:
     shardings: TrainState  # of the whole train state
     grad_accum_steps: int
     trainable: type  # the kind of parameter that trains (nnx.Param, or nnx.LoRAParam with adapters)
+    dropout_seed: int | None = None  # the adapters' dropout masks (None: no dropout)
 
     def abstract_state(self) -> TrainState:
         """The train state without memory: what a checkpoint restores into, what AOT compiles for."""
@@ -53,6 +54,7 @@ class TrainProgram:
             self.grad_accum_steps,
             grad_shardings=self.shardings.params,
             trainable=self.trainable,
+            dropout_seed=self.dropout_seed,
         )
         return jax.jit(
             step,
@@ -81,4 +83,5 @@ def build_program(cfg: RunConfig, model_cfg: ModelConfig, mesh: Mesh) -> TrainPr
         shardings=shardings,
         grad_accum_steps=cfg.train.grad_accum_steps,
         trainable=trainable,
+        dropout_seed=cfg.lora.seed if model_cfg.lora_rank and model_cfg.lora_dropout > 0 else None,
     )

@@ -39,8 +39,12 @@ def make_train_step(
     grad_accum_steps: int = 1,
     grad_shardings=None,
     trainable=nnx.Param,
+    dropout_seed: int | None = None,
 ):
     """The step function (state, batch, frozen) -> (state, metrics); jit it with shardings.
+
+    With `dropout_seed`, the loss function is also given `dropout_key`, drawn from the seed, the
+    step number and the micro-batch: the same masks on every host and in a resumed run.
 
     Only the parameters of kind `trainable` (every `nnx.Param`, or the LoRA adapters) get
     gradients and updates; the others pass through the step unchanged, bit for bit.
@@ -48,8 +52,9 @@ def make_train_step(
     only its shard of them (a reduce-scatter instead of an all-reduce under fsdp), and the
     optimizer update runs on shards."""
 
-    def summed_loss(train, fixed, batch, frozen):
-        loss_sum, count, sums = loss_fn(nnx.merge(graphdef, train, fixed), batch, frozen)
+    def summed_loss(train, fixed, batch, frozen, key):
+        extra = {} if key is None else {"dropout_key": key}
+        loss_sum, count, sums = loss_fn(nnx.merge(graphdef, train, fixed), batch, frozen, **extra)
         return loss_sum, (count, sums)
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
@@ -58,20 +63,30 @@ def make_train_step(
 
     def step(state: TrainState, batch, frozen=None):
         train, fixed = nnx.split_state(state.params, trainable, ...)
+        keys = None
+        if dropout_seed is not None:
+            step_key = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+            keys = jax.random.split(step_key, grad_accum_steps)
         if grad_accum_steps == 1:
-            (loss_sum, (count, sums)), grads = grad_fn(train, fixed, batch, frozen)
+            key = None if keys is None else keys[0]
+            (loss_sum, (count, sums)), grads = grad_fn(train, fixed, batch, frozen, key)
         else:
             micro = _micro_batches(batch, grad_accum_steps)
 
-            def accumulate(carry, one):
-                (loss_sum, (count, sums)), grads = grad_fn(train, fixed, one, frozen)
+            def accumulate(carry, inputs):
+                one, key = inputs
+                (loss_sum, (count, sums)), grads = grad_fn(train, fixed, one, frozen, key)
                 return jax.tree.map(jnp.add, carry, (loss_sum, count, sums, grads)), None
 
+            first = None if keys is None else keys[0]
             (loss_sum, (count, sums)), grads = grad_fn(
-                train, fixed, jax.tree.map(lambda x: x[0], micro), frozen
+                train, fixed, jax.tree.map(lambda x: x[0], micro), frozen, first
             )
             rest = jax.tree.map(lambda x: x[1:], micro)
-            (loss_sum, count, sums, grads), _ = jax.lax.scan(accumulate, (loss_sum, count, sums, grads), rest)
+            rest_keys = None if keys is None else keys[1:]
+            (loss_sum, count, sums, grads), _ = jax.lax.scan(
+                accumulate, (loss_sum, count, sums, grads), (rest, rest_keys)
+            )
         denominator = jnp.maximum(count.astype(jnp.float32), 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grads)
         if grad_shardings is not None:

@@ -129,7 +129,7 @@ def make_loss_fn(cfg: RunConfig, graphdef, num_personas: int, num_stages: int, n
     """The DPO loss of the train step; `frozen` is the reference's parameters, or None when the
     batch carries cached reference log-probs."""
 
-    def loss_fn(model, batch: DPOBatch, frozen):
+    def loss_fn(model, batch: DPOBatch, frozen, dropout_key=None):
         if cfg.dpo.reference == "base":  # the same weights with the adapters off: no second copy
             reference = nnx.merge(graphdef, adapters_off(nnx.state(model)))
         else:
@@ -143,6 +143,7 @@ def make_loss_fn(cfg: RunConfig, graphdef, num_personas: int, num_stages: int, n
             num_personas=num_personas,
             num_stages=num_stages,
             num_sources=num_sources,
+            dropout_key=dropout_key,
         )
 
     return loss_fn

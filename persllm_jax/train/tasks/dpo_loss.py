@@ -15,11 +15,11 @@ from persllm_jax.train.tasks.dpo_packing import packed_pair_logps
 from persllm_jax.train.tasks.sft import sequence_nll
 
 
-def pair_logps(model, chosen: SFTBatch, rejected: SFTBatch, chunk_size: int):
+def pair_logps(model, chosen: SFTBatch, rejected: SFTBatch, chunk_size: int, dropout_key=None):
     """Summed answer log-probs and answer lengths, chosen and rejected in one forward pass:
     (chosen_logps [B], rejected_logps [B], chosen_lengths [B], rejected_lengths [B])."""
     both = jax.tree.map(lambda c, r: jnp.concatenate([c, r]), chosen, rejected)
-    nll, count = sequence_nll(model, both, chunk_size)
+    nll, count = sequence_nll(model, both, chunk_size, dropout_key)
     pairs = chosen.input_ids.shape[0]
     return -nll[:pairs], -nll[pairs:], count[:pairs], count[pairs:]
 
@@ -72,14 +72,16 @@ def dpo_batch_loss(
     num_personas: int = 0,
     num_stages: int = 0,
     num_sources: int = 0,
+    dropout_key=None,
 ):
     """(summed per-pair losses, number of pairs, metric sums incl. per-persona / stage / pair-source
-    slices). `reference` is a frozen model, or None to use the cached log-probs carried by the batch."""
+    slices). `reference` is a frozen model, or None to use the cached log-probs carried by the batch.
+    `dropout_key` drops part of the policy's adapter inputs (the reference never drops)."""
     if isinstance(batch, PackedDPOBatch):
         pairs = batch.valid.shape[1]
 
-        def logps(m):
-            return packed_pair_logps(m, batch.chosen, batch.rejected, pairs, chunk_size)
+        def logps(m, key=None):
+            return packed_pair_logps(m, batch.chosen, batch.rejected, pairs, chunk_size, key)
 
         valid = batch.valid.reshape(-1)
         persona_ids, stage_ids = batch.persona_ids.reshape(-1), batch.stage_ids.reshape(-1)
@@ -88,8 +90,8 @@ def dpo_batch_loss(
         cut = (batch.chosen.length > batch.chosen.input_ids.shape[1]).sum()
     else:
 
-        def logps(m):
-            return pair_logps(m, batch.chosen, batch.rejected, chunk_size)
+        def logps(m, key=None):
+            return pair_logps(m, batch.chosen, batch.rejected, chunk_size, key)
 
         valid = batch.chosen.loss_mask.any(-1)  # a real pair trains at least one token; padding rows none
         persona_ids, stage_ids = batch.chosen.persona_ids, batch.chosen.stage_ids
@@ -97,7 +99,7 @@ def dpo_batch_loss(
         tokens = batch.chosen.attention_mask.sum() + batch.rejected.attention_mask.sum()
         seq_len = batch.chosen.input_ids.shape[1]
         cut = ((batch.chosen.length > seq_len) | (batch.rejected.length > seq_len)).sum()
-    policy_c, policy_r, len_c, len_r = (x.reshape(-1) for x in logps(model))
+    policy_c, policy_r, len_c, len_r = (x.reshape(-1) for x in logps(model, dropout_key))
     if reference is not None:
         ref_c, ref_r = (x.reshape(-1) for x in jax.lax.stop_gradient(logps(reference)[:2]))
     else:

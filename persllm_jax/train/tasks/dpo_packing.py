@@ -106,13 +106,15 @@ def packed_batch(rows: dict, max_pairs: int) -> tuple[PackedDPOBatch, np.ndarray
     return batch, np.stack([ids["key_source"], ids["key_index"]], axis=-1)
 
 
-def packed_pair_logps(model, chosen: SFTBatch, rejected: SFTBatch, max_pairs: int, chunk_size: int):
+def packed_pair_logps(
+    model, chosen: SFTBatch, rejected: SFTBatch, max_pairs: int, chunk_size: int, dropout_key=None
+):
     """Summed answer log-probs and answer lengths of every pair slot, one forward pass over the
     chosen and rejected rows: (chosen_logps [B, P], rejected_logps, chosen_lengths, rejected_lengths)."""
     both = jax.tree.map(lambda c, r: jnp.concatenate([c, r]), chosen, rejected)
     rows = both.input_ids.shape[0]
     mask = both.loss_mask.astype(jnp.float32)
-    logps = token_logps(model, both, chunk_size) * mask
+    logps = token_logps(model, both, chunk_size, dropout_key) * mask
     bins = max_pairs + 1  # padding in the last
     local = jnp.where(both.segment_ids > 0, both.segment_ids - 1, max_pairs)
     flat = (jnp.arange(rows, dtype=jnp.int32)[:, None] * bins + local).reshape(-1)

@@ -64,17 +64,20 @@ def batch_from_rows(rows: dict[str, np.ndarray]) -> SFTBatch:
     )
 
 
-def token_logps(model, batch: SFTBatch, chunk_size: int):
+def token_logps(model, batch: SFTBatch, chunk_size: int, dropout_key=None):
     """Log-probs [B, T] of the trained targets (`loss_mask`), 0 elsewhere: the vocabulary
-    projection runs only where a loss reads it (packed rows: each sequence sees only itself)."""
-    hidden = model.hidden_states(batch.input_ids, batch.attention_mask, batch.positions, batch.segment_ids)
+    projection runs only where a loss reads it (packed rows: each sequence sees only itself).
+    `dropout_key`: the adapters' dropout of a training step (none without it)."""
+    hidden = model.hidden_states(
+        batch.input_ids, batch.attention_mask, batch.positions, batch.segment_ids, dropout_key=dropout_key
+    )
     kernel = model.output_kernel()
     return losses.token_logps(hidden, kernel, batch.targets, chunk_size=chunk_size, where_BT=batch.loss_mask)
 
 
-def sequence_nll(model, batch: SFTBatch, chunk_size: int):
+def sequence_nll(model, batch: SFTBatch, chunk_size: int, dropout_key=None):
     """Summed negative log-likelihood of the trained targets per row [B], and their count [B]."""
-    logps = token_logps(model, batch, chunk_size)
+    logps = token_logps(model, batch, chunk_size, dropout_key)
     mask = batch.loss_mask.astype(jnp.float32)
     return -(logps * mask).sum(-1), mask.sum(-1)
 
@@ -84,9 +87,11 @@ def per_token(ids, shape):
     return ids if ids.ndim == 2 else jnp.broadcast_to(ids[:, None], shape)
 
 
-def sft_loss(model, batch: SFTBatch, *, chunk_size: int, num_personas: int = 0, num_stages: int = 0):
+def sft_loss(
+    model, batch: SFTBatch, *, chunk_size: int, num_personas: int = 0, num_stages: int = 0, dropout_key=None
+):
     """(summed NLL of trained tokens, their count, metric sums incl. per-persona/stage slices)."""
-    logps = token_logps(model, batch, chunk_size)
+    logps = token_logps(model, batch, chunk_size, dropout_key)
     mask = batch.loss_mask.astype(jnp.float32)
     nll_BT = -(logps * mask)
     shape = batch.input_ids.shape
@@ -131,9 +136,14 @@ def abstract_batch(
 
 
 def make_loss_fn(cfg: RunConfig, num_personas: int, num_stages: int):
-    def loss_fn(model, batch: SFTBatch, frozen):
+    def loss_fn(model, batch: SFTBatch, frozen, dropout_key=None):
         return sft_loss(
-            model, batch, chunk_size=cfg.train.logits_chunk, num_personas=num_personas, num_stages=num_stages
+            model,
+            batch,
+            chunk_size=cfg.train.logits_chunk,
+            num_personas=num_personas,
+            num_stages=num_stages,
+            dropout_key=dropout_key,
         )
 
     return loss_fn
