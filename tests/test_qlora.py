@@ -134,3 +134,65 @@ def test_a_qlora_run_trains_resumes_and_exports(tmp_path):
     assert not any(info.values()), info
     expected = np.asarray(model(jnp.asarray(ids)))
     np.testing.assert_allclose(torch_logits(hf.eval(), ids), expected, atol=1e-4, rtol=0)
+
+
+def _peak_device_bytes_while_loading(monkeypatch, load):
+    """The most bytes held in live device arrays at any tensor read of `load()` (each read comes
+    just before a new array is made from it) beyond those live before it, and the loaded model."""
+    import gc
+
+    from persllm_jax.io import hf_weights
+
+    gc.collect()
+    before = sum(a.nbytes for a in jax.live_arrays())
+    peak, read = [0], hf_weights._read
+
+    def counting_read(*args, **kwargs):
+        peak[0] = max(peak[0], sum(a.nbytes for a in jax.live_arrays()))
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(hf_weights, "_read", counting_read)
+    model = load()
+    monkeypatch.setattr(hf_weights, "_read", read)
+    return peak[0] - before, model
+
+
+@pytest.mark.parametrize("qtype", ["int8", "nf4"])
+def test_a_base_quantized_as_it_loads_has_the_codes_of_one_quantized_after(
+    monkeypatch, smollm2_hf_dir, qtype
+):
+    """Loading SmolLM2-135M with `quantize` gives the codes that loading it whole and quantizing
+    afterwards gives, bit for bit, while the device never holds more than the final model and two
+    layers' fp32 kernels (the whole fp32 model is held when loading unquantized)."""
+    from flax import nnx
+
+    from persllm_jax import load_pretrained
+
+    jax.clear_caches()
+    whole_peak, whole = _peak_device_bytes_while_loading(
+        monkeypatch, lambda: load_pretrained(smollm2_hf_dir)[0]
+    )
+    after = add_adapters(whole, rank=4, base_quantization=qtype)
+    expected = {
+        p: np.asarray(v.get_value())
+        for p, v in nnx.to_flat_state(nnx.state(after, quantization.QuantizedBase))
+    }
+    del whole, after
+    streamed_peak, streamed = _peak_device_bytes_while_loading(
+        monkeypatch, lambda: load_pretrained(smollm2_hf_dir, quantize=qtype)[0]
+    )
+    got = {
+        p: np.asarray(v.get_value())
+        for p, v in nnx.to_flat_state(nnx.state(streamed, quantization.QuantizedBase))
+    }
+    assert len(expected) == 14 and set(got) == set(expected)  # codes and scales of 7 projections
+    for path, value in expected.items():
+        np.testing.assert_array_equal(got[path], value, err_msg=str(path))
+    final = sum(x.nbytes for x in jax.tree.leaves(nnx.state(streamed)))
+    cfg = streamed.cfg
+    layer_kernel = 4 * cfg.hidden_size * cfg.intermediate_size  # the largest, in fp32
+    assert streamed_peak <= final + 2 * layer_kernel, (streamed_peak, final, layer_kernel)
+    assert whole_peak > 2 * streamed_peak, (whole_peak, streamed_peak)
+    print(
+        f"{qtype}: peak device bytes while loading {streamed_peak / 2**20:.0f} MiB, unquantized {whole_peak / 2**20:.0f} MiB"
+    )

@@ -8,6 +8,7 @@ the slice (and, for stacked layer parameters, only the layers) that one device s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -18,8 +19,10 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from persllm_jax.io import safetensors_file
+from persllm_jax.model import quantization
 from persllm_jax.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -167,7 +170,7 @@ def check_source(source: TensorSource, cfg: ModelConfig, abstract_state: nnx.Sta
     expected: dict[str, tuple[int, ...]] = {}
     flat = flat_variables(abstract_state)
     for entry in key_map(cfg):
-        shape = tuple(flat[entry.path].get_value().shape)
+        shape = tuple(flat[_stored_path(entry, flat)].get_value().shape)  # codes: the kernel's shape
         per_tensor = shape[1:] if entry.stacked else shape
         if entry.transpose:
             per_tensor = per_tensor[::-1]
@@ -205,13 +208,19 @@ def _read(source: TensorSource, entry: KeyMapEntry, layer, index, dtype) -> np.n
 def load_state(
     source: TensorSource, cfg: ModelConfig, abstract_state: nnx.State, shardings: nnx.State
 ) -> nnx.State:
-    """Materialize every parameter directly into its shards (`shardings`: NamedSharding leaves)."""
+    """Materialize every parameter directly into its shards (`shardings`: NamedSharding leaves).
+
+    A model config with `base_quantization` (QLoRA) gets its projection kernels quantized as they
+    load, one layer at a time: no full-precision stacked kernel is ever whole on a device."""
     check_source(source, cfg, abstract_state)
     flat, flat_shardings = flat_variables(abstract_state), flat_variables(shardings)
     for entry in key_map(cfg):
+        if _stored_path(entry, flat) != entry.path:
+            flat.update(_load_quantized(source, entry, cfg, flat, flat_shardings))
+            continue
         variable = flat[entry.path]
         aval = variable.get_value()
-        dtype = np.dtype(ml_dtypes.bfloat16) if aval.dtype == jax.numpy.bfloat16 else np.dtype(aval.dtype)
+        dtype = _numpy_dtype(aval.dtype)
 
         def shard(index, entry=entry, dtype=dtype, shape=aval.shape):
             if not entry.stacked:
@@ -222,6 +231,56 @@ def load_state(
         array = jax.make_array_from_callback(aval.shape, flat_shardings[entry.path].get_value(), shard)
         flat[entry.path] = variable.replace(array)
     return nnx.from_flat_state(flat)
+
+
+def _numpy_dtype(dtype) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if dtype == jax.numpy.bfloat16 else np.dtype(dtype)
+
+
+def _stored_path(entry: KeyMapEntry, flat: dict) -> tuple[str, ...]:
+    """Where `entry` lives in the state: its own path, or a quantized kernel's codes."""
+    if entry.path in flat:
+        return entry.path
+    return entry.path[:-1] + ("kernel_codes",)
+
+
+def _layer_sharding(sharding):
+    """The sharding of one layer of a stacked parameter (the leading layers axis dropped)."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+    return sharding
+
+
+def _load_quantized(source: TensorSource, entry: KeyMapEntry, cfg: ModelConfig, flat, flat_shardings) -> dict:
+    """The codes and scales of one stacked projection kernel, read and quantized layer by layer
+    into arrays that are written in place (donated), so the device holds the codes, one layer's
+    kernel in `cfg.param_dtype` and that layer's codes at most."""
+    module = entry.path[:-1]
+    paths = (module + ("kernel_codes",), module + ("kernel_scale",))
+    avals = [flat[p].get_value() for p in paths]
+    placed = tuple(flat_shardings[p].get_value() for p in paths)
+    layer_shape = avals[0].shape[1:]
+    layer_sharding = _layer_sharding(placed[0])
+    dtype = _numpy_dtype(jax.numpy.dtype(cfg.param_dtype))
+    qtype = cfg.base_quantization
+
+    @functools.partial(jax.jit, out_shardings=placed)
+    def empty():
+        return tuple(jax.numpy.zeros(a.shape, a.dtype) for a in avals)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=placed)
+    def put(codes, scale, kernel, layer):
+        layer_codes, layer_scale = quantization.quantize(kernel, qtype)
+        return codes.at[layer].set(layer_codes), scale.at[layer].set(layer_scale)
+
+    codes, scale = empty()
+    for layer in range(avals[0].shape[0]):
+        kernel = jax.make_array_from_callback(
+            layer_shape, layer_sharding, lambda index, layer=layer: _read(source, entry, layer, index, dtype)
+        )
+        codes, scale = put(codes, scale, kernel, layer)
+        del kernel
+    return {paths[0]: flat[paths[0]].replace(codes), paths[1]: flat[paths[1]].replace(scale)}
 
 
 # ---------------------------------------------------------------------------------------------

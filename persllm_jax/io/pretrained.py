@@ -114,7 +114,11 @@ def detect_format(path: Path) -> str:
 
 
 def load_pretrained(
-    path: str | Path, dtype=jnp.float32, mesh: Mesh | None = None, **model_options: Any
+    path: str | Path,
+    dtype=jnp.float32,
+    mesh: Mesh | None = None,
+    quantize: str = "none",
+    **model_options: Any,
 ) -> tuple[CausalLM, Any]:
     """Load a model and its tokenizer.
 
@@ -123,6 +127,9 @@ def load_pretrained(
         directory, or a training run directory (its latest checkpoint).
       dtype: parameter dtype (float32 or bfloat16).
       mesh: place each parameter directly into its shards on this mesh; None = first device.
+      quantize: "int8" or "nf4" (a frozen QLoRA base, HF and GGUF sources only): the projection
+        kernels are quantized as they load, one layer at a time, so the base is never whole on a
+        device in `dtype`.
       **model_options: ModelConfig fields to override, e.g. compute_dtype="bfloat16", remat="full".
 
     Returns:
@@ -131,6 +138,11 @@ def load_pretrained(
     path = Path(path)
     kind = detect_format(path)
     model_options = {"param_dtype": _dtype_name(dtype), **model_options}
+    if quantize != "none" and kind in ("persllm", "run"):
+        raise ValueError(
+            f"{path} is a {kind} directory: it loads as it was saved; quantize it with "
+            "model.lora.add_adapters(..., base_quantization=...)"
+        )
     if kind == "persllm":
         return load_model_dir(path, mesh=mesh, **model_options)
     if kind == "run":
@@ -148,7 +160,7 @@ def load_pretrained(
         hf_config = transformers.AutoConfig.from_pretrained(path)
         source = hf_weights.SafetensorsDir(path)
         tokenizer = _load_tokenizer(path)
-    cfg = from_hf_config(hf_config, **model_options)
+    cfg = from_hf_config(hf_config, base_quantization=quantize, **model_options)
     model = assemble(
         cfg, mesh, lambda abstract, shardings: hf_weights.load_state(source, cfg, abstract, shardings)
     )
@@ -318,7 +330,7 @@ def _lora_run_model(cfg: ModelConfig, base: dict, params_dir: Path, mesh) -> Cau
         cfg = cfg.replace(param_dtype=base.get("dtype") or cfg.param_dtype)
     recipe = {**base, "dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype, "remat": cfg.remat}
     recipe["attention_impl"] = cfg.attention_impl
-    start, _ = load_starting_model(recipe, mesh)
+    start, _ = load_starting_model(recipe, mesh, quantize=cfg.base_quantization)
     if start.cfg.lora_rank:
         start = merged_model(start)
     model = add_adapters(

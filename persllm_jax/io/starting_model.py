@@ -28,16 +28,24 @@ def load_tokenizer(path: str):
     return transformers.AutoTokenizer.from_pretrained(path_)
 
 
-def load_starting_model(recipe: Mapping, mesh) -> tuple[CausalLM, object]:
-    """A pretrained path, or a preset with random weights, with the recipe's tokens added."""
+def load_starting_model(recipe: Mapping, mesh, quantize: str = "none") -> tuple[CausalLM, object]:
+    """A pretrained path, or a preset with random weights, with the recipe's tokens added.
+
+    `quantize` (a QLoRA run's base): the projection kernels of a Hugging Face or GGUF path or of
+    a preset are stored as codes from the start, quantized as they load; a persllm model or run
+    directory loads as saved (`add_adapters` quantizes it)."""
     options = {k: recipe[k] for k in ("compute_dtype", "remat", "attention_impl")}
     path, preset_name, dtype = recipe.get("path", ""), recipe.get("preset", ""), recipe["dtype"]
     if path and preset_name:
         raise ValueError("set model.path or model.preset, not both")
     if path:
-        model, tokenizer = pretrained.load_pretrained(path, dtype=dtype, mesh=mesh, **options)
+        if pretrained.detect_format(Path(path)) in ("persllm", "run"):
+            quantize = "none"
+        model, tokenizer = pretrained.load_pretrained(
+            path, dtype=dtype, mesh=mesh, quantize=quantize, **options
+        )
     elif preset_name:
-        model_cfg = preset(preset_name, param_dtype=dtype, **options)
+        model_cfg = preset(preset_name, param_dtype=dtype, base_quantization=quantize, **options)
         seed = recipe.get("seed", 0)
 
         def random_state(abstract, shardings):

@@ -88,8 +88,6 @@ class ModelConfig:
             raise ValueError(
                 f"base quantization {self.base_quantization!r}; valid values: {', '.join(QUANTIZATIONS)}"
             )
-        if self.base_quantization != "none" and not self.lora_rank:
-            raise ValueError("a quantized base is frozen: it needs LoRA adapters (lora rank > 0) to train")
         if self.lora_token_rows and not self.lora_rank:
             raise ValueError("lora token rows are trained with the adapters: they need lora rank > 0")
         if any(not 0 <= row < self.vocab_size for row in self.lora_token_rows):

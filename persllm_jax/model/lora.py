@@ -50,6 +50,9 @@ def add_adapters(
     `dropout`: the fraction of the adapters' input dropped in a training step."""
     if model.cfg.lora_rank:
         raise ValueError("the model already has adapters")
+    loaded_as = model.cfg.base_quantization  # a base quantized as it loaded keeps its codes
+    if loaded_as not in ("none", base_quantization):
+        raise ValueError(f"the base was loaded quantized as {loaded_as}, not {base_quantization}")
     cfg = model.cfg.replace(
         lora_rank=rank,
         lora_alpha=alpha,
@@ -71,7 +74,7 @@ def add_adapters(
         adapters = jax.jit(fresh, out_shardings=state_shardings(abstract_adapters, mesh))()
     flat = _flat(nnx.state(model))
     flat.update(_flat(adapters))
-    if base_quantization != "none":
+    if base_quantization != "none" and loaded_as == "none":
         placed = None if mesh is None else _flat(state_shardings(abstract, mesh))
         flat.update(_quantized_kernels(flat, _flat(abstract), base_quantization, placed))
     state = nnx.from_flat_state([(path, flat[path]) for path in _flat(abstract)])

@@ -106,7 +106,9 @@ def model_options(cfg: RunConfig) -> dict:
 
 def load_initial_model(cfg: RunConfig, mesh) -> tuple[CausalLM, object]:
     """The model training starts from (see `io/starting_model.py`), with the run's LoRA adapters."""
-    model, tokenizer = load_starting_model(dataclasses.asdict(cfg.model), mesh)
+    model, tokenizer = load_starting_model(
+        dataclasses.asdict(cfg.model), mesh, quantize=cfg.lora.base_quantization
+    )
     if model.cfg.lora_rank:  # a LoRA run to start from: its adapters become part of the base
         model = merged_model(model)
     if cfg.lora.rank:
