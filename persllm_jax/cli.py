@@ -183,23 +183,46 @@ def _compile(args) -> int:
     return 0 if report["fits"] else 1
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Each option's help followed by its default, where it has one to say and does not say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or action.default in (None, False, argparse.SUPPRESS)
+            or "default" in text
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _command(commands, name: str, text: str) -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=text, description=text, formatter_class=_HelpWithDefaults)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="persllm", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(prog="persllm", description=__doc__, formatter_class=_HelpWithDefaults)
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, HTTP request lines of the LLM clients included",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("build-data", help="persona materials -> persona dialogues and preference pairs")
+    p = _command(commands, "build-data", "persona materials -> persona dialogues and preference pairs")
     p.add_argument("--config", required=True, help="YAML build config (configs/data_*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. limits.seeds_per_stage=2")
     p.set_defaults(func=_build_data)
 
     for task, text in (("sft", "personified conversational SFT"), ("dpo", "DPO on preference pairs")):
-        p = commands.add_parser(task, help=text)
+        p = _command(commands, task, text)
         p.add_argument("--config", required=True, help=f"YAML run config (configs/{task}_*.yaml)")
         p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=8")
         p.set_defaults(func=_train(task))
 
-    p = commands.add_parser("import-hf", help="HF directory or .gguf file -> persllm model directory")
+    p = _command(commands, "import-hf", "HF directory or .gguf file -> persllm model directory")
     p.add_argument("src", help="HF model directory or .gguf file")
     p.add_argument("out", help="output persllm model directory")
     p.add_argument(
@@ -208,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
     p.set_defaults(func=_import_hf)
 
-    p = commands.add_parser("export-hf", help="persllm model directory or run checkpoint -> HF directory")
+    p = _command(commands, "export-hf", "persllm model directory or run checkpoint -> HF directory")
     p.add_argument("checkpoint", help="persllm model directory, or a run directory (its latest checkpoint)")
     p.add_argument("out", help="output HF directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="exported dtype")
@@ -220,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export_hf)
 
     model_help = "HF directory, .gguf file, persllm model directory or training run directory"
-    p = commands.add_parser("chat", help="chat with a model in the terminal, optionally as a persona")
+    p = _command(commands, "chat", "chat with a model in the terminal, optionally as a persona")
     p.add_argument("model", help=model_help)
     p.add_argument("--persona", help="persona id (a folder of --personas-dir); no system prompt without it")
     p.add_argument("--stage", help="stage id of the persona (default: its last stage)")
@@ -236,12 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
     p.set_defaults(func=_chat)
 
-    p = commands.add_parser("serve", help="OpenAI-compatible chat server (/v1/chat/completions)")
+    p = _command(commands, "serve", "OpenAI-compatible chat server (/v1/chat/completions)")
     p.add_argument("model", help=model_help)
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
     )
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument(
         "--api-key",
         default=None,
@@ -249,13 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
         "none: no check, with a warning when --host is not loopback)",
     )
     p.add_argument(
-        "--max-queue", type=int, default=64, help="requests that may wait; more get 429 with Retry-After (64)"
+        "--max-queue", type=int, default=64, help="requests that may wait; more get 429 with Retry-After"
     )
     p.add_argument("--docs", action="store_true", help="serve the interactive /docs pages (off by default)")
     p.add_argument("--model-name", default=None, help="model id clients use (default: the path's basename)")
-    p.add_argument("--max-batch", type=int, default=16, help="most requests generated together (16)")
+    p.add_argument("--max-batch", type=int, default=16, help="most requests generated together")
     p.add_argument(
-        "--batch-window-ms", type=float, default=15.0, help="how long a batch waits for more requests (15 ms)"
+        "--batch-window-ms",
+        type=float,
+        default=15.0,
+        help="how long a batch waits for more requests, in milliseconds",
     )
     p.add_argument(
         "--default-max-tokens",
@@ -266,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation before listening")
     p.set_defaults(func=_serve)
-    p = commands.add_parser("eval", help="evaluate models on the held-out split: BLEU, DPO, judge; report")
+    p = _command(commands, "eval", "evaluate models on the held-out split: BLEU, DPO, judge; report")
     p.add_argument("--config", help="YAML eval config (configs/eval_*.yaml)")
     p.add_argument(
         "--checkpoint", action="append", help="NAME=PATH or PATH of a model (repeatable), without --config"
@@ -279,18 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_eval)
 
-    p = commands.add_parser("talk", help="two personified agents converse on a topic")
+    p = _command(commands, "talk", "two personified agents converse on a topic")
     p.add_argument("--config", required=True, help="YAML talk config (configs/talk_*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. turns=4")
     p.set_defaults(func=_talk)
 
-    p = commands.add_parser(
+    p = _command(
+        commands,
         "compile",
-        help="AOT-compile the sft or dpo train step for a TPU slice: bytes per chip, exit 1 if it does not fit",
+        "AOT-compile the sft or dpo train step for a TPU slice: bytes per chip, exit 1 if it does not fit",
     )
     tasks = p.add_subparsers(dest="task", required=True)
     for task in ("sft", "dpo"):
-        t = tasks.add_parser(task, help=f"the step `persllm {task}` would run with this config")
+        t = _command(tasks, task, f"the step `persllm {task}` would run with this config")
         t.add_argument(
             "--topology",
             required=True,
@@ -308,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.batch_size=64")
         t.set_defaults(func=_compile)
 
-    p = commands.add_parser("pipeline", help="the whole method end to end (configs/demo.yaml)")
+    p = _command(commands, "pipeline", "the whole method end to end (configs/demo.yaml)")
     p.add_argument("--config", default="configs/demo.yaml", help="YAML pipeline config")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sft.overrides=[...]")
     p.set_defaults(func=_pipeline)
@@ -322,8 +349,11 @@ def main(argv=None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("jax._src.xla_bridge", "absl", "httpx"):
+    for noisy in ("jax._src.xla_bridge", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.verbose:  # a line per HTTP request (the annotator's thousands) only when asked for
+        for chatty in ("httpx", "httpcore", "openai", "urllib3"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     from persllm_jax.configlib import ConfigError
     from persllm_jax.pipeline import PipelineError
     from persllm_jax.train.loop import TrainingStopped

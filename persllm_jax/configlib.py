@@ -140,11 +140,24 @@ def load(cls, path: str | Path | None = None, overrides: Sequence[str] = ()):
             raise ConfigError(f"cannot read config file {path}: {err}") from err
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
-    data = apply_overrides(data, overrides)
     try:
-        return from_dict(cls, data)
+        config = from_dict(cls, apply_overrides(data, overrides))
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}" if path else str(err)) from err
+        raise ConfigError(_blame(cls, path, data, overrides, err)) from err
+    return config
+
+
+def _blame(cls, path, data: dict, overrides: Sequence[str], err: ConfigError) -> str:
+    """`err` said of where it comes from: the first command-line override that brings it in, or
+    the YAML file when the file alone is already wrong."""
+    for count in range(len(overrides) + 1):
+        try:
+            from_dict(cls, apply_overrides(data, overrides[:count]))
+        except ConfigError as partial:
+            if count == 0:
+                return f"{path}: {partial}" if path else str(partial)
+            return f"command-line override {overrides[count - 1]!r}: {partial}"
+    return f"{path}: {err}" if path else str(err)
 
 
 def dump(config, path: str | Path) -> None:

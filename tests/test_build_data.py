@@ -178,6 +178,33 @@ def _annotation_set(out):
 
 
 @pytest.mark.slow
+def test_ids_do_not_depend_on_where_the_build_runs(built, server, tmp_path):
+    """The same build from another directory (the materials, the general chats and the LLM-call
+    cache copied there, run from there): dialogues.jsonl and pairs.jsonl hold the same ids, and no id
+    holds a path of either machine."""
+    import shutil
+
+    first, _ = built
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(ROOT / "examples" / "personas", elsewhere / "personas")
+    (elsewhere / "general").mkdir()
+    shutil.copy(ROOT / "tests" / "data" / "general.jsonl", elsewhere / "general" / "general.jsonl")
+    shutil.copytree(first / "cache", elsewhere / "out" / "cache")
+    with FaultProxy(server.base_url) as proxy:
+        run_cli(
+            "build-data", "--config", CONFIG, "out_dir=out", f"llm.base_url={proxy.url}",
+            f"llm.model={server.model}", *SMALL, "limits.seeds_per_stage=2", "personas_dir=personas",
+            "general_data.path=general/general.jsonl", cwd=elsewhere,
+        )  # fmt: skip
+    for name in ("dialogues.jsonl", "pairs.jsonl"):
+        ids = [row["id"] for row in read_jsonl(first / name)]
+        assert ids and ids == [row["id"] for row in read_jsonl(elsewhere / "out" / name)], name
+        assert not [i for i in ids if str(ROOT) in i or str(tmp_path.parents[1]) in i or ".jsonl" in i]
+    general = [row["id"] for row in read_jsonl(first / "dialogues.jsonl") if row["kind"] == "general"]
+    assert general and all(i.startswith("general/") for i in general)
+
+
+@pytest.mark.slow
 def test_killed_build_resumes_with_the_same_records(server, tmp_path):
     greedy = ["personas=[holmes]", "limits.seeds_per_stage=2", "llm.temperature=0", "general_data.path="]
     with FaultProxy(server.base_url) as proxy:

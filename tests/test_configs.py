@@ -85,6 +85,21 @@ def test_overrides_and_errors(tmp_path):
         configlib.load(RunConfig, path)
 
 
+def test_an_unknown_key_is_blamed_on_where_it_was_given(tmp_path):
+    """A bad key on the command line names that override, not the YAML file; one in the file
+    names the file."""
+    path = tmp_path / "run.yaml"
+    path.write_text("run_dir: runs/x\ntrain: {max_steps: 3}\n")
+    with pytest.raises(ConfigError) as err:
+        configlib.load(RunConfig, path, ["train.batch_size=4", "train.max_stepz=8", "mesh.fsdp=2"])
+    assert str(err.value).startswith("command-line override 'train.max_stepz=8': unknown config key")
+    assert "run.yaml" not in str(err.value)
+    path.write_text("run_dir: runs/x\ntrain: {max_stepz: 3}\n")
+    with pytest.raises(ConfigError) as err:
+        configlib.load(RunConfig, path, ["train.batch_size=4"])
+    assert str(err.value).startswith(f"{path}: unknown config key 'train.max_stepz'")
+
+
 def test_model_presets_and_validation():
     assert preset("smollm2_135m").num_params == 134_515_008  # SmolLM2-135M's published count
     assert preset("llama3_8b").num_params == 8_030_261_248  # Llama-3-8B's published count

@@ -13,6 +13,7 @@ tfds/               a TFDS dataset (array_record) readable with tfds.data_source
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -57,14 +58,14 @@ def general_rows(cfg, num_persona_dialogues: int, seed: int) -> list[dict]:
     from persllm_jax.data.readers import read_records
 
     records = read_records(cfg.path, split="train")
-    examples = [sft_example(r) for r in records]
     if cfg.max_items:
-        examples = examples[: cfg.max_items]
-    conversational = [e for e in examples if e.messages]
+        records = records[: cfg.max_items]
+    examples = [(general_id(r), sft_example(r)) for r in records]
+    conversational = [(i, e) for i, e in examples if e.messages]
     if len(conversational) < len(examples):
         raise ValueError(f"general_data.path {cfg.path}: every record must be a conversation (messages)")
     whole, fraction = int(cfg.repeats), cfg.repeats - int(cfg.repeats)
-    copies = [(e, c) for c in range(whole) for e in conversational]
+    copies = [(ie, c) for c in range(whole) for ie in conversational]
     if fraction > 0:
         rng = np.random.default_rng(seed)
         count = int(round(fraction * len(conversational)))
@@ -73,7 +74,7 @@ def general_rows(cfg, num_persona_dialogues: int, seed: int) -> list[dict]:
         ]
     return [
         {
-            "id": f"general/{e.id}/{c}",
+            "id": f"general/{gid}/{c}",
             "persona": "",
             "stage": "",
             "kind": "general",
@@ -82,8 +83,18 @@ def general_rows(cfg, num_persona_dialogues: int, seed: int) -> list[dict]:
             "seed_id": "",
             "split": "train",
         }
-        for e, c in copies
+        for (gid, e), c in copies
     ]
+
+
+def general_id(record: dict) -> str:
+    """A general chat's id: its own, or its place in its file (line or row) and a digest of its
+    messages; never the file's path, so the same build gives the same ids on any machine."""
+    if record.get("id") is not None:
+        return str(record["id"])
+    place = record.get("_line", record.get("_index", 0))
+    content = json.dumps(record.get("messages"), sort_keys=True, ensure_ascii=False)
+    return f"{place:05d}-{hashlib.sha256(content.encode()).hexdigest()[:10]}"
 
 
 def annotation_row(item) -> dict:
