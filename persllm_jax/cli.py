@@ -343,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from persllm_jax.progress import quiet_foreign_bars
+
+    quiet_foreign_bars()
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

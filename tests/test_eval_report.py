@@ -77,6 +77,7 @@ def metrics():
                 "chosen_reward": 0.0,
                 "rejected_reward": 0.0,
                 "n_pairs": 8,
+                "reference": "sft",  # measured against itself: its rewards are zero by definition
             },
             "dpo": {
                 "reward_accuracy": 0.8125,
@@ -84,6 +85,7 @@ def metrics():
                 "chosen_reward": 0.9,
                 "rejected_reward": -0.334,
                 "n_pairs": 8,
+                "reference": "sft",
             },
         },
         perplexity={
@@ -149,12 +151,23 @@ def test_write_report(tmp_path, metrics):
         assert column in header
     for column in ("Knowledge (0-5)", "Attitude (0-5)", "Mean rank"):
         assert column in header
-    assert "| dpo | 4.36 | 3.50 | 0.58 | 0.812 | 1.234 | 14.25 | 0.875 | 3.50 | - | 1.50 |" in lines
-    assert "| base | 3.00 | 3.25 | 1.00 | - | - | 21.50 | 0.125 | 1.25 | 2.50 | 2.75 |" in lines
-    assert "| sft | 4.03 | 3.46 | 0.63 | 0.500 | 0.000 | - | 0.500 | 2.75 | 3.12 | 1.75 |" in lines
+    # judge figures carry the number of parsed judgments they rest on; the reference's rewards say so
+    dpo_row = (
+        "| dpo | 4.36 | 3.50 | 0.58 | 0.812 | 1.234 | 14.25 | 0.875 (n=2) | 3.50 (n=3) | - | 1.50 (n=5) |"
+    )
+    assert dpo_row in lines
+    base_row = (
+        "| base | 3.00 | 3.25 | 1.00 | - | - | 21.50 | 0.125 (n=2) | 1.25 (n=3) | 2.50 (n=3) | 2.75 (n=5) |"
+    )
+    assert base_row in lines
+    sft_row = "| sft | 4.03 | 3.46 | 0.63 | reference | reference | - | 0.500 (n=2) | 2.75 (n=3) | 3.12 (n=3) | 1.75 (n=5) |"
+    assert sft_row in lines
     assert "| dpo | 8 | 0.900 | -0.334 | 2.6570 | 400 | 5 |" in lines  # details: pairs, rewards, NLL
+    assert "| sft | 8 | reference | reference | - | - | 5 |" in lines
     assert md.index("## Model comparison") < md.index("## Per persona") < md.index("## Judge parse counts")
-    assert "| holmes | 3 | 3.86 | 3.50 | 0.33 | 0.875 | 3.50 | - | 1.50 |" in md  # dpo's holmes row
+    assert (
+        "| holmes | 3 | 3.86 | 3.50 | 0.33 | 0.875 (n=2) | 3.50 (n=3) | - | 1.50 (n=5) |" in md
+    )  # dpo's holmes
     assert "| darwin | 2 | 4.86 | - | 0.83 | - | - | - | - |" in md  # no judge slice for darwin
     assert "| score_knowledge | dpo | 17 | 13 | 3 | 1 |" in md
     assert "| classify | all | 5 | 4 | 1 | 0 |" in md

@@ -3,6 +3,11 @@
 talk, and transformers answering from the export. A rerun skips every finished step."""
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 
 
+# The smoke SFT made 4 steps long, a checkpoint after each: the test kills it after the first.
+SFT_LONGER = (
+    "sft.overrides=[train.max_steps=4, train.batch_size=2, train.seq_len=256, model.remat=full, "
+    "train.logits_chunk=128, checkpoint.every_steps=1]"
+)
+
 # Given as overrides, as a user would pass real keys; the local servers ignore them.
 SECRET = "sk-persllm-test-7f3c9a1e55d2"
 
@@ -31,18 +42,98 @@ def _with_keys() -> list[str]:
     return [f"build.overrides={json.dumps(build)}", f"eval.overrides={json.dumps(judge)}"]
 
 
+def _child_running(parent: int, *words: str) -> int | None:
+    """The pid of a child process of `parent` whose command line holds every one of `words`."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and all(w in cmdline for w in words):
+            return int(proc.name)
+    return None
+
+
+def _kill_sft_after_its_first_checkpoint(pipeline: subprocess.Popen, out: Path) -> None:
+    deadline = time.time() + 1800
+    while not (out / "sft" / "checkpoints" / "1").is_dir():
+        assert pipeline.poll() is None, pipeline.communicate()
+        assert time.time() < deadline, "sft saved no checkpoint"
+        time.sleep(0.1)
+    pid = _child_running(pipeline.pid, "persllm_jax.cli", "sft")
+    assert pid is not None, "the sft step's process is not running"
+    os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_demo_smoke_pipeline(tmp_path):
+    """The smoke pipeline as a user meets it: its SFT step SIGKILLed (as the out-of-memory killer
+    does) after its first checkpoint; the pipeline says which signal, the likely cause, the step's
+    peak memory and the command that resumes it; that command, run as printed (with the API key
+    given again), finishes the whole run, and the resumed trainer says what became of the killed
+    one."""
     out = tmp_path / "demo"
-    result = run_cli(
-        "pipeline",
+    args = [
         "--config",
-        ROOT / "configs" / "demo_smoke.yaml",
+        str(ROOT / "configs" / "demo_smoke.yaml"),
         f"out_dir={out}",
         *_with_keys(),
+        SFT_LONGER,
+    ]
+    pipeline = subprocess.Popen(
+        [sys.executable, "-m", "persllm_jax.cli", "pipeline", *args],
         cwd=ROOT,
+        env={**os.environ, **ONE_DEVICE},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _kill_sft_after_its_first_checkpoint(pipeline, out)
+    first_out, first_err = pipeline.communicate(timeout=600)
+    assert pipeline.returncode == 2, (first_out, first_err)
+    message = next(line for line in first_err.splitlines() if "was killed" in line)
+    assert message.startswith(
+        "persllm pipeline: error: step sft was killed by SIGKILL: most likely the kernel's out-of-memory killer"
+    )
+    assert re.search(r"Its peak memory was \d+\.\d\d GB of the machine's \d+\.\d GB", message), message
+    assert "finished steps are skipped and sft resumes from its checkpoint of step" in message
+    assert (out / "logs" / "sft.log").read_text().rstrip().endswith(message.split("error: ", 1)[1])
+    assert SECRET not in first_out + first_err
+    command = message.rsplit("): ", 1)[1].strip()
+    assert command.startswith("persllm pipeline --config ") and "llm.api_key=KEY" in command
+    result = subprocess.run(
+        ["bash", "-c", command.replace("=KEY", f"={SECRET}")],
+        cwd=ROOT,
+        env={**os.environ, **ONE_DEVICE, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
         timeout=2400,
-        env=ONE_DEVICE,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[pipeline] build-data: done earlier, skipped" in result.stdout
+    sft_log = (out / "logs" / "sft.log").read_text()
+    assert "the previous training process here" in sft_log and "out-of-memory killer" in sft_log
+    assert "resumed from step" in sft_log
+    steps = [json.loads(line)["step"] for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] == 4, steps  # each step logged once
+    assert re.search(
+        r"\[pipeline\] finished in [\d.]+ min \(this run\); [\d.]+ min over all 2 runs", result.stdout
+    )
+    result.stdout = first_out + result.stdout
+    # the logs a person reads: no HTTP request lines, no progress-bar debris, no TFDS download talk
+    logs = {path.name: path.read_text(errors="replace") for path in (out / "logs").glob("*.log")}
+    assert {"base.log", "build-data.log", "sft.log", "dpo.log", "eval.log"} <= set(logs)
+    for name, text in logs.items():
+        assert "\r" not in text and "HTTP Request:" not in text and "Downloading and preparing" not in text, (
+            name
+        )
+        assert "it/s]" not in text and "s/it]" not in text, name
+    assert re.search(r"answers \(attempt 1\): 0/\d+ \(0%\), started", logs["build-data.log"])
+    assert re.search(
+        r"sft steps: \d/4 \(\d+%\), .* left, loss [\d.]+, tok_s \d+, peak_memory", logs["sft.log"]
     )
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) > 50

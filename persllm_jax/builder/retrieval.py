@@ -27,6 +27,9 @@ def default_model_path() -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / "model")
 
 
+_BATCH = 64  # texts per encoder call (and per progress update)
+
+
 def _key(model: str, text: str) -> str:
     return hashlib.sha256(f"{model}\0{text}".encode()).hexdigest()[:24]
 
@@ -49,11 +52,20 @@ class Embedder:
         keys = [_key(self.model_path, t) for t in texts]
         missing = sorted({(k, t) for k, t in zip(keys, texts) if k not in self._cache})
         if missing:
-            vectors = self.model.encode(
-                [t for _, t in missing], batch_size=64, normalize_embeddings=True, show_progress_bar=False
-            )
-            for (k, _), v in zip(missing, vectors):
-                self._cache[k] = np.asarray(v, np.float32)
+            from persllm_jax.progress import Progress
+
+            with Progress(len(missing), "embedding texts", unit="text") as bar:
+                for start in range(0, len(missing), _BATCH):
+                    chunk = missing[start : start + _BATCH]
+                    vectors = self.model.encode(
+                        [t for _, t in chunk],
+                        batch_size=_BATCH,
+                        normalize_embeddings=True,
+                        show_progress_bar=False,
+                    )
+                    for (k, _), v in zip(chunk, vectors):
+                        self._cache[k] = np.asarray(v, np.float32)
+                    bar.update(len(chunk))
             self._save()
         if not texts:
             return np.zeros((0, self.model.get_sentence_embedding_dimension()), np.float32)

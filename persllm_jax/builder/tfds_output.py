@@ -20,11 +20,16 @@ The builder class is not registered: readers go through the files (`dataset_info
 
 from __future__ import annotations
 
+import io
+import logging
 import shutil
 import tempfile
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import tensorflow_datasets as tfds
+
+log = logging.getLogger(__name__)
 
 DATASET_VERSION = "1.0.0"
 SPLITS = ("train", "test")
@@ -115,11 +120,14 @@ def _write_one(tfds_dir: Path, name: str, rows: list[dict]) -> Path | None:
     if not rows:
         return None
     builder = PersllmBuilder(name=name, rows=rows, data_dir=tfds_dir)
-    with tempfile.TemporaryDirectory(prefix="tfds-downloads-") as downloads:
+    # TFDS prints "Downloading and preparing dataset ..." for every build, local ones too: what it
+    # prints is replaced by one line that says what happened.
+    with tempfile.TemporaryDirectory(prefix="tfds-downloads-") as downloads, redirect_stdout(io.StringIO()):
         builder.download_and_prepare(
             download_dir=downloads,
             download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP),
         )
+    log.info("wrote TFDS dataset %s (%d rows) to %s", name, len(rows), builder.data_dir)
     return Path(builder.data_dir)
 
 

@@ -15,6 +15,7 @@ Models appear in the order of "models" (e.g. base, SFT, DPO). Any metric may be 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -25,6 +26,7 @@ from typing import Any
 from persllm_jax.train.metrics_log import plot_loss
 
 MISSING = "-"
+REFERENCE = "reference"  # the reward cells of the model the DPO rewards are measured against
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 DISTINCTION_PNG, TABLE_PNG = "distinction_bleu.png", "comparison_table.png"
 
@@ -79,45 +81,88 @@ def fmt(value: Any, spec: str = ".2f") -> str:
     return format(value, spec)
 
 
-# (header, value getter on one model's metrics, format spec)
-Column = tuple[str, Callable[[Mapping], Any], str]
+# (header, value getter on one model's metrics, format spec, getter of how many items the value
+# rests on (judge aggregates), whether the reference model's own value is shown as "reference")
+@dataclasses.dataclass(frozen=True)
+class Column:
+    header: str
+    value: Callable[[Mapping], Any]
+    spec: str
+    count: Callable[[Mapping], Any] | None = None
+    reward: bool = False  # a reward of the DPO metrics: zero by definition for the reference itself
+
+
+def _judged(*path: str) -> Callable[[Mapping], Any]:
+    return lambda m: get(m, "judge", *path, "parsed")
+
+
 COMPARISON_COLUMNS: list[Column] = [
-    ("Intra BLEU", lambda m: get(m, "distinction", "average", "intra"), ".2f"),
-    ("Stage BLEU", lambda m: get(m, "distinction", "average", "stage"), ".2f"),
-    ("Inter BLEU", lambda m: get(m, "distinction", "average", "inter"), ".2f"),
-    ("Reward acc.", lambda m: get(m, "dpo", "reward_accuracy"), ".3f"),
-    ("Reward margin", lambda m: get(m, "dpo", "reward_margin"), ".3f"),
-    ("Perplexity", lambda m: get(m, "perplexity", "perplexity"), ".2f"),
-    ("Anti-induction", lambda m: get(m, "judge", "anti_induction", "rate"), ".3f"),
-    ("Knowledge (0-5)", lambda m: get(m, "judge", "knowledge", "mean"), ".2f"),
-    ("Attitude (0-5)", lambda m: get(m, "judge", "attitude", "mean"), ".2f"),
-    ("Mean rank", lambda m: get(m, "judge", "ranking", "mean_rank"), ".2f"),
+    Column("Intra BLEU", lambda m: get(m, "distinction", "average", "intra"), ".2f"),
+    Column("Stage BLEU", lambda m: get(m, "distinction", "average", "stage"), ".2f"),
+    Column("Inter BLEU", lambda m: get(m, "distinction", "average", "inter"), ".2f"),
+    Column("Reward acc.", lambda m: get(m, "dpo", "reward_accuracy"), ".3f", reward=True),
+    Column("Reward margin", lambda m: get(m, "dpo", "reward_margin"), ".3f", reward=True),
+    Column("Perplexity", lambda m: get(m, "perplexity", "perplexity"), ".2f"),
+    Column(
+        "Anti-induction",
+        lambda m: get(m, "judge", "anti_induction", "rate"),
+        ".3f",
+        _judged("anti_induction"),
+    ),
+    Column("Knowledge (0-5)", lambda m: get(m, "judge", "knowledge", "mean"), ".2f", _judged("knowledge")),
+    Column("Attitude (0-5)", lambda m: get(m, "judge", "attitude", "mean"), ".2f", _judged("attitude")),
+    Column(
+        "Mean rank",
+        lambda m: get(m, "judge", "ranking", "mean_rank"),
+        ".2f",
+        lambda m: get(m, "judge", "ranking", "n_ranked"),
+    ),
 ]
 PERSONA_COLUMNS: list[Column] = [
-    ("Items", lambda p: get(p, "distinction", "n_items"), "d"),
-    ("Intra BLEU", lambda p: get(p, "distinction", "intra"), ".2f"),
-    ("Stage BLEU", lambda p: get(p, "distinction", "stage"), ".2f"),
-    ("Inter BLEU", lambda p: get(p, "distinction", "inter"), ".2f"),
-    ("Anti-induction", lambda p: get(p, "judge", "anti_induction", "rate"), ".3f"),
-    ("Knowledge (0-5)", lambda p: get(p, "judge", "knowledge", "mean"), ".2f"),
-    ("Attitude (0-5)", lambda p: get(p, "judge", "attitude", "mean"), ".2f"),
-    ("Mean rank", lambda p: get(p, "judge", "ranking", "mean_rank"), ".2f"),
+    Column("Items", lambda p: get(p, "distinction", "n_items"), "d"),
+    Column("Intra BLEU", lambda p: get(p, "distinction", "intra"), ".2f"),
+    Column("Stage BLEU", lambda p: get(p, "distinction", "stage"), ".2f"),
+    Column("Inter BLEU", lambda p: get(p, "distinction", "inter"), ".2f"),
+    Column(
+        "Anti-induction",
+        lambda p: get(p, "judge", "anti_induction", "rate"),
+        ".3f",
+        _judged("anti_induction"),
+    ),
+    Column("Knowledge (0-5)", lambda p: get(p, "judge", "knowledge", "mean"), ".2f", _judged("knowledge")),
+    Column("Attitude (0-5)", lambda p: get(p, "judge", "attitude", "mean"), ".2f", _judged("attitude")),
+    Column(
+        "Mean rank",
+        lambda p: get(p, "judge", "ranking", "mean_rank"),
+        ".2f",
+        lambda p: get(p, "judge", "ranking", "n_ranked"),
+    ),
 ]
 DETAIL_COLUMNS: list[Column] = [
-    ("Pairs", lambda m: get(m, "dpo", "n_pairs"), "d"),
-    ("Chosen reward", lambda m: get(m, "dpo", "chosen_reward"), ".3f"),
-    ("Rejected reward", lambda m: get(m, "dpo", "rejected_reward"), ".3f"),
-    ("NLL", lambda m: get(m, "perplexity", "nll"), ".4f"),
-    ("Tokens", lambda m: get(m, "perplexity", "n_tokens"), "d"),
-    ("Items ranked", lambda m: get(m, "judge", "ranking", "n_ranked"), "d"),
+    Column("Pairs", lambda m: get(m, "dpo", "n_pairs"), "d"),
+    Column("Chosen reward", lambda m: get(m, "dpo", "chosen_reward"), ".3f", reward=True),
+    Column("Rejected reward", lambda m: get(m, "dpo", "rejected_reward"), ".3f", reward=True),
+    Column("NLL", lambda m: get(m, "perplexity", "nll"), ".4f"),
+    Column("Tokens", lambda m: get(m, "perplexity", "n_tokens"), "d"),
+    Column("Items ranked", lambda m: get(m, "judge", "ranking", "n_ranked"), "d"),
 ]
+
+
+def cell(name: str, values: Mapping, column: Column) -> str:
+    """One formatted cell: "reference" for the DPO reference's own rewards (zero by definition),
+    and a judge aggregate with the number of parsed judgments it rests on, `3.50 (n=4)`."""
+    if column.reward and get(values, "dpo", "reference") == name:
+        return REFERENCE
+    text = fmt(column.value(values), column.spec)
+    count = column.count(values) if column.count else None
+    if text != MISSING and isinstance(count, int):
+        text += f" (n={count})"
+    return text
 
 
 def table_rows(rows: Mapping[str, Mapping], columns: Sequence[Column]) -> list[list[str]]:
     """Formatted cells: one row per entry of `rows`, name first."""
-    return [
-        [name] + [fmt(getter(values), spec) for _, getter, spec in columns] for name, values in rows.items()
-    ]
+    return [[name] + [cell(name, values, c) for c in columns] for name, values in rows.items()]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -138,7 +183,7 @@ def persona_metrics(model_metrics: Mapping) -> dict[str, dict]:
 
 def comparison_table(metrics: Mapping) -> tuple[list[str], list[list[str]]]:
     """Header and formatted rows of the model comparison table."""
-    header = ["Model"] + [c[0] for c in COMPARISON_COLUMNS]
+    header = ["Model"] + [c.header for c in COMPARISON_COLUMNS]
     return header, table_rows(metrics.get("models", {}), COMPARISON_COLUMNS)
 
 
@@ -151,14 +196,18 @@ def render_markdown(metrics: Mapping, title: str, images: Mapping[str, str]) -> 
         "more self-consistent), Stage between stages of one persona and Inter between personas (lower = more "
         "distinct). Knowledge and attitude are judge scores from 0 (conflicting) to 5 (same as the reference); "
         "anti-induction is the share of false-premise questions whose false premise the answer rejects; mean "
-        "rank is the judge's rank among the compared models (1 = best).",
+        "rank is the judge's rank among the compared models (1 = best). Each judge figure is followed by the "
+        "number of parsed judgments it rests on (n). Rewards are beta times a model's log-probability ratio "
+        'to the reference model, so the reference\'s own reward cells read "reference".',
         "",
     ]
     if any(get(m, "dpo") or get(m, "perplexity") for m in models.values()):
         parts += [
             "### Details",
             "",
-            markdown_table(["Model"] + [c[0] for c in DETAIL_COLUMNS], table_rows(models, DETAIL_COLUMNS)),
+            markdown_table(
+                ["Model"] + [c.header for c in DETAIL_COLUMNS], table_rows(models, DETAIL_COLUMNS)
+            ),
             "",
         ]
     parts += dpo_by_source_section(models)
@@ -170,7 +219,7 @@ def render_markdown(metrics: Mapping, title: str, images: Mapping[str, str]) -> 
         parts += ["## Per persona", ""]
         for name, personas in personas_by_model.items():
             if personas:
-                header = ["Persona"] + [c[0] for c in PERSONA_COLUMNS]
+                header = ["Persona"] + [c.header for c in PERSONA_COLUMNS]
                 parts += [
                     f"### {name}",
                     "",
@@ -349,8 +398,11 @@ def write_report(
     if distinction_png:
         written["distinction"] = distinction_png
     for name, run_dir in (run_dirs or {}).items():
+        run = Path(run_dir).resolve()
         png = plot_loss(
-            Path(run_dir) / "metrics.jsonl", out / f"loss_{_file_name(name)}.png", f"{name}: training loss"
+            run / "metrics.jsonl",
+            out / f"loss_{_file_name(name)}.png",
+            f"{name}: training loss of run {run.parent.name}/{run.name}",
         )
         if png:
             written[f"loss:{name}"] = Path(png)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from persllm_jax.configlib import ConfigError
 from persllm_jax.data import formats
@@ -29,6 +28,7 @@ from persllm_jax.evaluation.distinction import distinction_bleu
 from persllm_jax.inference.generation import Generator
 from persllm_jax.io import pretrained
 from persllm_jax.personas.materials import load_personas
+from persllm_jax.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         model, tokenizer = pretrained.load_pretrained(spec.path, dtype=jnp.dtype(cfg.dtype))
         if cached_answers is None:
             generator = Generator(model, tokenizer, max_batch=cfg.generation.batch_size)
-            with tqdm(total=len(requests), desc=f"answers ({spec.name})", unit="answer") as bar:
+            with Progress(len(requests), f"answers ({spec.name})", unit="answer") as bar:
                 cached_answers = answers_mod.answer_all(
                     generator, spec.name, requests, personas, cfg.generation, progress=bar
                 )

@@ -262,9 +262,10 @@ class LLMClient:
         """Run many `complete` calls concurrently; results in the order of `requests`.
 
         Each request is a mapping with `messages` and optionally `tag`, `temperature`, `max_tokens` and
-        extra params. A tqdm bar shows the rate and ETA, with tokens, cache hits and failures as postfix.
+        extra params. The progress (a bar, or plain lines off a terminal) shows the rate and the time
+        left, with tokens, cache hits and failures.
         """
-        from tqdm.auto import tqdm
+        from persllm_jax.progress import Progress
 
         requests = [dict(r) for r in requests]
         results: list[Completion | None] = [None] * len(requests)
@@ -274,7 +275,7 @@ class LLMClient:
             return index, await self.complete(messages, **req)
 
         tasks = [asyncio.ensure_future(run(i, r)) for i, r in enumerate(requests)]
-        bar = tqdm(total=len(tasks), desc=progress_desc, unit="req", disable=not progress, dynamic_ncols=True)
+        bar = Progress(len(tasks), progress_desc, unit="req", disable=not progress)
         try:
             for next_done in asyncio.as_completed(tasks):
                 index, result = await next_done

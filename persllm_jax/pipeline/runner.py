@@ -23,7 +23,10 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import resource
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -109,6 +112,8 @@ class Pipeline:
         self.timings: dict[str, float] = {}
         self.step_env: dict[str, str] = {}  # API keys for the steps' processes, never written down
         self.peak_rss_mb: dict[str, float] = {}  # per step: its process's peak resident memory
+        self.command = f"persllm pipeline --config {config_path or 'CONFIG'}"  # what resumes it
+        self.command_note = ""
 
     # -- paths -----------------------------------------------------------------------------------
 
@@ -147,8 +152,62 @@ class Pipeline:
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
             self.peak_rss_mb[step] = round(usage.ru_maxrss / 1024, 1)  # Linux reports KiB
+            if proc.returncode < 0:  # killed: the step's own log just stops, so say why here
+                message = self._killed_message(step, -proc.returncode, log_path)
+                log_file.write(f"\n[pipeline] {message}\n".encode())
+                raise PipelineError(message)
         if proc.returncode != 0:
-            raise PipelineError(f"step {step} failed (exit {proc.returncode}); see {log_path}")
+            raise PipelineError(
+                f"step {step} failed (exit {proc.returncode}); see {log_path}. Once its cause is fixed, "
+                f"the same command resumes{self.command_note}: {self.command}"
+            )
+
+    def _killed_message(self, step: str, signum: int, log_path: Path) -> str:
+        """Which signal ended a step, its likely cause, the memory the step had reached, and the
+        command that resumes the pipeline."""
+        from persllm_jax.train.attempts import killed_cause, machine_memory_gb
+
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        memory = machine_memory_gb()
+        of = f" of the machine's {memory:.1f} GB" if memory else ""
+        resumes = "finished steps are skipped"
+        checkpoint = _latest_checkpoint(self.path(step))
+        if checkpoint is not None:
+            resumes += f" and {step} resumes from its checkpoint of step {checkpoint}"
+        elif step in ("sft", "dpo"):
+            resumes += f" and {step} starts again (it had saved no checkpoint yet)"
+        elif step == "build-data":
+            resumes += " and build-data keeps every annotation already in its LLM-call cache"
+        return (
+            f"step {step} was killed by {name}: {killed_cause(name)}. Its peak memory was "
+            f"{self.peak_rss_mb[step] / 1024:.2f} GB{of}; its log: {log_path}. Running the same command "
+            f"again resumes ({resumes}){self.command_note}: {self.command}"
+        )
+
+    def _record_invocation(self, started: float, finished: bool) -> None:
+        """Every invocation's wall time, finished or not, so the summary adds up the whole run."""
+        path = self.path("steps", "invocations.jsonl")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"started": started, "seconds": round(time.time() - started, 1), "finished": finished}
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _invocations(self) -> list[dict]:
+        path = self.path("steps", "invocations.jsonl")
+        lines = path.read_text().splitlines() if path.is_file() else []
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def _step_records(self) -> dict[str, dict]:
+        """Each finished step's time and peak memory, from its marker (whichever run finished it)."""
+        records = {}
+        for step in STEPS:
+            marker = self._done_marker(step)
+            if marker.is_file():
+                records[step] = json.loads(marker.read_text())
+        return records
 
     def _write_config(self, step: str, data: dict, cls, overrides) -> Path:
         data = configlib.apply_overrides(data, overrides)
@@ -331,6 +390,7 @@ class Pipeline:
     def run(self) -> dict[str, Path]:
         started = time.time()
         self.out.mkdir(parents=True, exist_ok=True)
+        finished = False
         try:
             for step in STEPS:
                 marker = self._done_marker(step)
@@ -356,8 +416,10 @@ class Pipeline:
                 )
                 if step == "eval":
                     self.stop_server()
+            finished = True
         finally:
             self.stop_server()
+            self._record_invocation(started, finished)
         results = {
             "report": self.path("eval", "report.md"),
             "model": self.path("hf_model"),
@@ -365,10 +427,30 @@ class Pipeline:
             "answers": self.path("hf_answers", "answers.md"),
         }
         total = time.time() - started
+        invocations = self._invocations()
+        overall = sum(i["seconds"] for i in invocations)
+        steps = self._step_records()
         self.path("steps", "timings.json").write_text(
-            json.dumps({**self.timings, "total_this_run": total, "peak_rss_mb": self.peak_rss_mb})
+            json.dumps(
+                {
+                    **{step: r["seconds"] for step, r in steps.items()},
+                    "total_this_run": total,
+                    "total_all_runs": overall,
+                    "invocations": len(invocations),
+                    "peak_rss_mb": {step: r["peak_rss_mb"] for step, r in steps.items()},
+                }
+            )
         )
-        print(f"\n[pipeline] finished in {total / 60:.1f} min")
+        print(f"\n[pipeline] finished in {total / 60:.1f} min", end="")
+        if len(invocations) > 1:
+            print(
+                f" (this run); {overall / 60:.1f} min over all {len(invocations)} runs of {self.out}", end=""
+            )
+        print()
+        for step, record in steps.items():
+            print(
+                f"  {step:<11} {record['seconds'] / 60:5.1f} min, peak memory {record['peak_rss_mb'] / 1024:.2f} GB"
+            )
         print(f"  report:      {results['report']}")
         print(f"  model (HF):  {results['model']}")
         print(f"  transcripts: {results['transcripts']}")
@@ -376,6 +458,23 @@ class Pipeline:
         return results
 
 
+def _redacted(argument: str) -> str:
+    """An argument with any API key's value replaced by KEY (a resume command is printed and logged)."""
+    return re.sub(r"(api_key=)[^,\]\s\"']+", r"\1KEY", argument)
+
+
+def _latest_checkpoint(run_dir: Path) -> int | None:
+    """The last finished checkpoint step of a training run directory (Orbax renames a step's
+    directory into place only when it is complete)."""
+    steps = [int(p.name) for p in (run_dir / "checkpoints").glob("*") if p.is_dir() and p.name.isdigit()]
+    return max(steps, default=None)
+
+
 def run_pipeline(config_path: str, overrides=()) -> dict[str, Path]:
     cfg = configlib.load(PipelineConfig, config_path, overrides)
-    return Pipeline(cfg, config_path).run()
+    pipeline = Pipeline(cfg, config_path)
+    shown = [shlex.quote(_redacted(a)) for a in [str(config_path), *overrides]]
+    pipeline.command = " ".join(["persllm", "pipeline", "--config", *shown])
+    if any("api_key=" in o for o in overrides):
+        pipeline.command_note = " (API keys are shown as KEY: give yours again)"
+    return pipeline.run()

@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from persllm_jax import configlib
 from persllm_jax.io import pretrained
@@ -28,11 +27,13 @@ from persllm_jax.io.starting_model import load_starting_model, load_tokenizer, p
 from persllm_jax.io.vocabulary import token_ids
 from persllm_jax.model.decoder import CausalLM
 from persllm_jax.model.lora import add_adapters, merged_model
+from persllm_jax.progress import Progress
 from persllm_jax.train import distributed, resume_check
+from persllm_jax.train.attempts import Attempt, peak_memory_gb
 from persllm_jax.train.checkpointing import Checkpointer
 from persllm_jax.train.config import RunConfig
 from persllm_jax.train.held_out import HeldOut
-from persllm_jax.train.metrics_log import MetricsLog, plot_loss
+from persllm_jax.train.metrics_log import MetricsLog, plot_loss, run_title
 from persllm_jax.train.preemption import Preemption
 from persllm_jax.train.program import build_program
 
@@ -130,6 +131,12 @@ def train(cfg: RunConfig, make_task: Callable) -> Path:
     run_dir = Path(cfg.run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
+    with Attempt(run_dir, enabled=is_main) as attempt:
+        return _train(cfg, make_task, mesh, run_dir, attempt)
+
+
+def _train(cfg: RunConfig, make_task: Callable, mesh, run_dir: Path, attempt: Attempt) -> Path:
+    is_main = jax.process_index() == 0
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.every_steps)
     resume_step = checkpointer.latest_step()
     if resume_step is not None:
@@ -193,21 +200,21 @@ def train(cfg: RunConfig, make_task: Callable) -> Path:
         step_fn = program.jit_step(task.loss_fn, task.batch_shardings, task.frozen_shardings)
         held_out = HeldOut(task, program.graphdef, mesh) if task.eval_data is not None else None
         try:
-            _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step, held_out)
+            _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step, held_out, attempt)
         finally:
             task.close()
     checkpointer.close()
     if is_main:
-        png = plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", f"{task.name} {run_dir.name}")
+        png = plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", run_title(task.name, run_dir))
         log.info("run directory %s%s", run_dir, f" (loss curve {png})" if png else "")
     return run_dir
 
 
-def _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step, held_out=None) -> None:
+def _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step, held_out=None, attempt=None) -> None:
     is_main = jax.process_index() == 0
     metrics_log = MetricsLog(run_dir, enabled=is_main, resume_step=resume_step)
     start, max_steps = int(jax.device_get(state.step)), cfg.train.max_steps
-    bar = tqdm(total=max_steps, initial=start, desc=task.name, disable=not is_main, dynamic_ncols=True)
+    bar = Progress(max_steps, f"{task.name} steps", unit="step", initial=start, disable=not is_main)
     pending = None  # (step, metrics, dispatch time) of the step whose metrics are not fetched yet
     last_time = time.perf_counter()
     cut = {"rows": 0.0, "seen": 0.0}  # sequences (DPO: pairs) longer than seq_len / trained, this invocation
@@ -244,8 +251,13 @@ def _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step, held_ou
         cut["seen"] += record[unit]
         if step % max(cfg.train.log_every, 1) == 0 or step == max_steps:
             metrics_log.write(record)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        peak = peak_memory_gb()
+        bar.set_postfix(
+            loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", peak_memory=f"{peak:.2f} GB"
+        )
         bar.update(1)
+        if attempt is not None:
+            attempt.step_done(step)
 
     def evaluate(step: int) -> None:
         nonlocal last_time

@@ -53,6 +53,12 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def run_title(task: str, run_dir: Path) -> str:
+    """A plot title that names the run: `SFT run demo/sft` (its directory and the one above)."""
+    run_dir = Path(run_dir).resolve()
+    return f"{task.upper()} run {run_dir.parent.name}/{run_dir.name}"
+
+
 def plot_loss(metrics_path: Path, out_png: Path, title: str) -> Path | None:
     """Loss (and, for DPO, reward accuracy) against step: training per step, held-out as points."""
     records = read_metrics(metrics_path) if metrics_path.exists() else []

@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterable
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
+from persllm_jax.progress import Progress
 from persllm_jax.train import distributed
 from persllm_jax.train.tasks import common
 from persllm_jax.train.tasks.reference_cache import SIDES, gather
@@ -35,7 +35,7 @@ def compute(
     rejected log-probs per slot."""
     jitted = jax.jit(logps)
     found: dict[str, list[float]] = {}
-    bar = tqdm(desc="reference log-probs", unit=" rows", disable=jax.process_index() != 0)
+    bar = Progress(None, "reference log-probs", unit="rows", disable=jax.process_index() != 0)
     for host_rows in rows:
         batch, keys = to_batch(host_rows)
         values = jitted(params, common.to_global(batch, sharding, data.rows, batch_size))
