@@ -132,9 +132,8 @@ def test_demo_smoke_pipeline(tmp_path):
         )
         assert "it/s]" not in text and "s/it]" not in text, name
     assert re.search(r"answers \(attempt 1\): 0/\d+ \(0%\), started", logs["build-data.log"])
-    assert re.search(
-        r"sft steps: \d/4 \(\d+%\), .* left, loss [\d.]+, tok_s \d+, peak_memory", logs["sft.log"]
-    )
+    done = r"sft steps: 4/4 \(100%\), [\d.]+ step/s, \d\d:\d\d elapsed, loss [\d.]+, tok_s \d+, peak_memory [\d.]+ GB"
+    assert re.search(done, logs["sft.log"])
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) > 50
     assert not [p for p in files if SECRET.encode() in p.read_bytes()], "an API key reached a file"
