@@ -1,6 +1,6 @@
 """`persllm eval` below the judge: likelihood metrics against PyTorch, DPO metrics against the
 formula, the answer plan, and a whole evaluation of a tiny model (the judge runs against a real
-server in tests/test_pipeline.py)."""
+server in tests/test_readme.py, the demo at smoke scale)."""
 
 import json
 import math
