@@ -96,13 +96,8 @@ def _judged(*path: str) -> Callable[[Mapping], Any]:
     return lambda m: get(m, "judge", *path, "parsed")
 
 
-COMPARISON_COLUMNS: list[Column] = [
-    Column("Intra BLEU", lambda m: get(m, "distinction", "average", "intra"), ".2f"),
-    Column("Stage BLEU", lambda m: get(m, "distinction", "average", "stage"), ".2f"),
-    Column("Inter BLEU", lambda m: get(m, "distinction", "average", "inter"), ".2f"),
-    Column("Reward acc.", lambda m: get(m, "dpo", "reward_accuracy"), ".3f", reward=True),
-    Column("Reward margin", lambda m: get(m, "dpo", "reward_margin"), ".3f", reward=True),
-    Column("Perplexity", lambda m: get(m, "perplexity", "perplexity"), ".2f"),
+# The judge's aggregates, of a whole model or of one persona, each with the judgments it rests on.
+JUDGE_COLUMNS: list[Column] = [
     Column(
         "Anti-induction",
         lambda m: get(m, "judge", "anti_induction", "rate"),
@@ -118,25 +113,21 @@ COMPARISON_COLUMNS: list[Column] = [
         lambda m: get(m, "judge", "ranking", "n_ranked"),
     ),
 ]
+COMPARISON_COLUMNS: list[Column] = [
+    Column("Intra BLEU", lambda m: get(m, "distinction", "average", "intra"), ".2f"),
+    Column("Stage BLEU", lambda m: get(m, "distinction", "average", "stage"), ".2f"),
+    Column("Inter BLEU", lambda m: get(m, "distinction", "average", "inter"), ".2f"),
+    Column("Reward acc.", lambda m: get(m, "dpo", "reward_accuracy"), ".3f", reward=True),
+    Column("Reward margin", lambda m: get(m, "dpo", "reward_margin"), ".3f", reward=True),
+    Column("Perplexity", lambda m: get(m, "perplexity", "perplexity"), ".2f"),
+    *JUDGE_COLUMNS,
+]
 PERSONA_COLUMNS: list[Column] = [
     Column("Items", lambda p: get(p, "distinction", "n_items"), "d"),
     Column("Intra BLEU", lambda p: get(p, "distinction", "intra"), ".2f"),
     Column("Stage BLEU", lambda p: get(p, "distinction", "stage"), ".2f"),
     Column("Inter BLEU", lambda p: get(p, "distinction", "inter"), ".2f"),
-    Column(
-        "Anti-induction",
-        lambda p: get(p, "judge", "anti_induction", "rate"),
-        ".3f",
-        _judged("anti_induction"),
-    ),
-    Column("Knowledge (0-5)", lambda p: get(p, "judge", "knowledge", "mean"), ".2f", _judged("knowledge")),
-    Column("Attitude (0-5)", lambda p: get(p, "judge", "attitude", "mean"), ".2f", _judged("attitude")),
-    Column(
-        "Mean rank",
-        lambda p: get(p, "judge", "ranking", "mean_rank"),
-        ".2f",
-        lambda p: get(p, "judge", "ranking", "n_ranked"),
-    ),
+    *JUDGE_COLUMNS,
 ]
 DETAIL_COLUMNS: list[Column] = [
     Column("Pairs", lambda m: get(m, "dpo", "n_pairs"), "d"),
