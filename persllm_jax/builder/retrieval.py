@@ -54,7 +54,10 @@ class Embedder:
         if missing:
             from persllm_jax.progress import Progress
 
-            with Progress(len(missing), "embedding texts", unit="text") as bar:
+            # a progress line only for a long job (the materials at the start), not each query
+            with Progress(
+                len(missing), "embedding texts", unit="text", disable=len(missing) <= _BATCH
+            ) as bar:
                 for start in range(0, len(missing), _BATCH):
                     chunk = missing[start : start + _BATCH]
                     vectors = self.model.encode(
