@@ -352,10 +352,10 @@ def main(argv=None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("jax._src.xla_bridge", "absl"):
+    for noisy in ("jax._src.xla_bridge", "absl", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not args.verbose:  # a line per HTTP request (the annotator's thousands) only when asked for
-        for chatty in ("httpx", "httpcore", "openai", "urllib3"):
+        for chatty in ("httpx", "httpx2", "httpcore", "openai", "urllib3"):
             logging.getLogger(chatty).setLevel(logging.WARNING)
     from persllm_jax.configlib import ConfigError
     from persllm_jax.pipeline import PipelineError
