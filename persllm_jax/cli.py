@@ -60,8 +60,10 @@ def _train(task: str):
             from persllm_jax.train.tasks.sft import SFTTask as make_task
         else:
             from persllm_jax.train.tasks.dpo import DPOTask as make_task
-        run_dir = loop.train(cfg, make_task)
-        print(f"{task} finished: {run_dir} (metrics.jsonl, loss.png, checkpoints/)")
+        loop.train(cfg, make_task)
+        print(
+            f"{task} finished: {cfg.run_dir} (metrics.jsonl, loss.png, checkpoints/)"
+        )  # as the user gave it
 
     return run
 
