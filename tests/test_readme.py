@@ -68,7 +68,7 @@ def test_every_command_block_is_tested_or_marked_illustrative():
     unmarked = [b.line for b in blocks if not b.mark]
     assert not unmarked, f"README.md blocks at lines {unmarked} are neither tested nor illustrative"
     tested = [b for b in blocks if b.mark == "tested"]
-    assert len(tested) >= 8 and "bash scripts/demo.sh" in tested[0].code
+    assert len(tested) >= 4 and "bash scripts/demo.sh" in tested[0].code
 
 
 def _with_keys() -> list[str]:
@@ -171,13 +171,19 @@ def test_the_readme_commands_run_in_order(checkout):
         "sft finished: runs/sft_tiny",
         "dpo finished: runs/dpo_tiny",
         "runs/smollm2_stages (134.5M parameters, vocabulary 49155)",
-        '"status":"ok"',
-        '"object":"chat.completion"',
     ):
         assert expected in printed, expected
     assert (checkout / "runs" / "smollm2_stages_saved" / "config.json").is_file()
-    assert (checkout / "runs" / "eval_sft" / "report.md").is_file()
-    assert (checkout / "runs" / "talk_demo" / "transcript.md").is_file()
+    # the illustrative blocks that use the demo's outputs name only paths the demo made
+    named = set()
+    for block in readme_blocks():
+        if block.mark == "illustrative":
+            named |= set(re.findall(r"runs/demo/[\w./-]+", block.code))
+    talk = yaml.safe_load((checkout / "configs" / "talk_demo.yaml").read_text())
+    named |= {agent["model"] for agent in talk["agents"]}
+    assert {"runs/demo/dpo", "runs/demo/hf_model", "runs/demo/sft"} <= named
+    missing = sorted(path for path in named if not (checkout / path).exists())
+    assert not missing, f"README examples name paths the demo did not make: {missing}"
 
 
 def _the_demo(checkout: Path, block: Block) -> None:
