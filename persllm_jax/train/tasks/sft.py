@@ -68,8 +68,9 @@ def token_logps(model, batch: SFTBatch, chunk_size: int, dropout_key=None):
     """Log-probs [B, T] of the trained targets (`loss_mask`), 0 elsewhere: the vocabulary
     projection runs only where a loss reads it (packed rows: each sequence sees only itself).
     `dropout_key`: the adapters' dropout of a training step (none without it)."""
+    extra = {} if dropout_key is None else {"dropout_key": dropout_key}  # only a training step drops
     hidden = model.hidden_states(
-        batch.input_ids, batch.attention_mask, batch.positions, batch.segment_ids, dropout_key=dropout_key
+        batch.input_ids, batch.attention_mask, batch.positions, batch.segment_ids, **extra
     )
     kernel = model.output_kernel()
     return losses.token_logps(hidden, kernel, batch.targets, chunk_size=chunk_size, where_BT=batch.loss_mask)
