@@ -1,6 +1,8 @@
 """Progress of a long stage: a tqdm bar on a terminal; elsewhere (a log file, a pipeline's pipe) one
 plain line when the stage starts and then one every `every_s` seconds and at its end, each with the
-rate and the time left, so a log holds readable lines and no carriage-return debris.
+rate and the time left, so a log holds readable lines and no carriage-return debris. A line is due
+every `every_s` seconds whether or not work finished meanwhile: a stage waiting on its first batch
+(a CPU server answering 16 requests at once, a step compiling) still shows it is alive.
 
 The foreign bars of the libraries we call (transformers, Hugging Face Hub, TFDS, tqdm itself) are
 switched off off a terminal by `quiet_foreign_bars`, which the command line calls first.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 
 log = logging.getLogger("persllm.progress")
@@ -53,6 +56,8 @@ class Progress:
         self.disabled = disable
         self.bar = None
         self.started = self.last = time.monotonic()
+        self._lock = threading.Lock()  # update() and the heartbeat both write lines
+        self._closed = threading.Event()
         if disable:
             return
         if on_terminal():
@@ -61,13 +66,24 @@ class Progress:
             self.bar = tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True)
         else:
             self._line("started")
+            threading.Thread(target=self._heartbeat, name=f"progress: {desc}", daemon=True).start()
 
     def update(self, n: int = 1) -> None:
         self.n += n
         if self.bar is not None:
             self.bar.update(n)
-        elif not self.disabled and time.monotonic() - self.last >= self.every_s:
-            self._line()
+        elif not self.disabled:
+            self._line_if_due()
+
+    def _heartbeat(self) -> None:
+        """A line when `every_s` seconds pass with none written, until the stage closes."""
+        while not self._closed.wait(max(self.every_s - (time.monotonic() - self.last), 0.01)):
+            self._line_if_due()
+
+    def _line_if_due(self) -> None:
+        with self._lock:
+            if not self.disabled and time.monotonic() - self.last >= self.every_s:
+                self._line()
 
     def set_postfix(self, refresh: bool = False, **values) -> None:
         self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
@@ -75,12 +91,15 @@ class Progress:
             self.bar.set_postfix(refresh=refresh, **values)
 
     def close(self) -> None:
+        self._closed.set()
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        elif not self.disabled:
-            self._line("done")
-            self.disabled = True
+            return
+        with self._lock:
+            if not self.disabled:
+                self._line("done")
+                self.disabled = True
 
     def __enter__(self) -> Progress:
         return self

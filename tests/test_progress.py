@@ -4,6 +4,7 @@ of a stage; no carriage returns."""
 from __future__ import annotations
 
 import logging
+import time
 
 from persllm_jax import progress
 
@@ -33,3 +34,25 @@ def test_progress_off_a_terminal_writes_plain_lines(caplog, monkeypatch):
         "answers: 60/100 (60%), 0.857 req/s, 01:10 elapsed, hits 3",
     ]
     assert not any("\r" in line for line in lines)
+
+
+def test_a_stage_with_nothing_finished_still_writes_a_line_every_period(caplog, monkeypatch):
+    """A stage waiting on its first result (a batch on a CPU server, a step compiling) is not silent:
+    the heartbeat writes a line each period, with the rate 0 and the time left unknown."""
+    monkeypatch.setattr(progress, "on_terminal", lambda: False)
+    with caplog.at_level(logging.INFO, logger="persllm.progress"):
+        began = time.monotonic()
+        bar = progress.Progress(10, "answers", unit="req", every_s=0.2)
+        time.sleep(0.7)
+        bar.update(10)  # due or not, the stage now closes with its done line
+        bar.close()
+        waited = time.monotonic() - began
+        time.sleep(0.5)  # a closed stage writes no more
+    lines = [r.getMessage() for r in caplog.records]
+    heartbeats = lines[1:-1]
+    assert lines[0] == "answers: 0/10 (0%), started"
+    assert lines[-1].startswith("answers: 10/10 (100%), ") and "left" not in lines[-1]
+    # one line per whole period waited, at most (the heartbeat may run late on a loaded machine)
+    assert 1 <= len(heartbeats) <= int(waited / 0.2), lines
+    for line in heartbeats[: len(heartbeats) - 1]:  # the last may follow update(10)
+        assert line.startswith("answers: 0/10 (0%), 0 req/s, ") and line.endswith(" elapsed, time left unknown")

@@ -35,16 +35,15 @@ def compute(
     rejected log-probs per slot."""
     jitted = jax.jit(logps)
     found: dict[str, list[float]] = {}
-    bar = Progress(None, "reference log-probs", unit="rows", disable=jax.process_index() != 0)
-    for host_rows in rows:
-        batch, keys = to_batch(host_rows)
-        values = jitted(params, common.to_global(batch, sharding, data.rows, batch_size))
-        chosen, rejected = (gather(v).reshape(batch_size, -1)[data.rows] for v in values)
-        for (s, i), c, r in zip(keys.reshape(-1, 2), chosen.reshape(-1), rejected.reshape(-1)):
-            if s >= 0:
-                found[f"{s}:{i}"] = [float(c), float(r)]
-        bar.update(batch_size)
-    bar.close()
+    with Progress(None, "reference log-probs", unit="rows", disable=jax.process_index() != 0) as bar:
+        for host_rows in rows:
+            batch, keys = to_batch(host_rows)
+            values = jitted(params, common.to_global(batch, sharding, data.rows, batch_size))
+            chosen, rejected = (gather(v).reshape(batch_size, -1)[data.rows] for v in values)
+            for (s, i), c, r in zip(keys.reshape(-1, 2), chosen.reshape(-1), rejected.reshape(-1)):
+                if s >= 0:
+                    found[f"{s}:{i}"] = [float(c), float(r)]
+            bar.update(batch_size)
     everything: dict[str, list[float]] = {}
     for part in distributed.allgather_json(found):
         everything.update(part)
