@@ -82,7 +82,8 @@ class Progress:
 
     def _line_if_due(self) -> None:
         with self._lock:
-            if not self.disabled and time.monotonic() - self.last >= self.every_s:
+            finished = self.total is not None and self.n >= self.total  # the done line follows
+            if not self.disabled and not finished and time.monotonic() - self.last >= self.every_s:
                 self._line()
 
     def set_postfix(self, refresh: bool = False, **values) -> None:
@@ -108,7 +109,8 @@ class Progress:
         self.close()
 
     def line(self, state: str = "") -> str:
-        """The plain progress line: `answers: 40/120 (33%), 2.1 req/s, 00:38 left, hits 3`."""
+        """The plain progress line: `answers: 40/120 (33%), 2.1 req/s, 00:19 elapsed, 00:38 left, hits 3`;
+        the last one says `done` in place of the time left."""
         elapsed = time.monotonic() - self.started
         done = self.n - self.start_n
         rate = done / elapsed if elapsed > 0 else 0.0
@@ -119,7 +121,9 @@ class Progress:
             parts.append("started")
         else:
             parts.append(f"{rate:.3g} {self.unit}/s, {_clock(elapsed)} elapsed")
-            if self.total and state != "done":
+            if state == "done":
+                parts.append("done")
+            elif self.total:
                 parts.append(
                     f"{_clock((self.total - self.n) / rate)} left" if rate > 0 else "time left unknown"
                 )
