@@ -354,7 +354,7 @@ def main(argv=None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("jax._src.xla_bridge", "absl", "datasets"):
+    for noisy in ("jax._src.xla_bridge", "absl", "datasets", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not args.verbose:  # a line per HTTP request (the annotator's thousands) only when asked for
         for chatty in ("httpx", "httpx2", "httpcore", "openai", "urllib3"):
