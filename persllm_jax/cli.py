@@ -345,9 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from persllm_jax.platforms import cpu_alone_without_accelerators
     from persllm_jax.progress import quiet_foreign_bars
 
     quiet_foreign_bars()
+    cpu_alone_without_accelerators()
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -5,8 +5,10 @@ import subprocess
 import sys
 
 
-def run_cli(*args, env=None, check=True, timeout=900, cwd=None):
-    full_env = {**os.environ, **(env or {})}
+def run_cli(*args, env=None, check=True, timeout=900, cwd=None, replace_env=False):
+    """`persllm ARGS` in a subprocess; `env` adds to this process's environment, or with
+    `replace_env` is the whole environment."""
+    full_env = dict(env or {}) if replace_env else {**os.environ, **(env or {})}
     result = subprocess.run(
         [sys.executable, "-m", "persllm_jax.cli", *map(str, args)],
         capture_output=True,

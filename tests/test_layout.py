@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. A unit (a subpackage, or a top-level module of persllm_jax) may import its own
 # modules and those of lower layers: never a higher layer, nor another unit of its own layer.
 LAYERS: list[tuple[str, ...]] = [
-    ("configlib", "losses", "progress"),
+    ("configlib", "losses", "platforms", "progress"),
     ("model", "data", "personas", "llm"),
     ("io",),
     ("train", "inference"),

@@ -95,9 +95,11 @@ def checkout(tmp_path_factory) -> Path:
 
 def _environment(checkout: Path) -> dict:
     venv_bin = checkout / ".venv" / "bin"
+    # as a user's shell: none of the tests' own JAX and TPU settings
+    user = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES")}
     # the copy's code, not the tree the .venv was installed from
     return {
-        **os.environ,
+        **user,
         **ONE_DEVICE,
         "PYTHONPATH": str(checkout),
         "PATH": f"{venv_bin}:{os.environ['PATH']}",
@@ -230,7 +232,8 @@ def _the_demo(checkout: Path, block: Block) -> None:
         r"\[pipeline\] finished in [\d.]+ min \(this run\); [\d.]+ min over all 2 runs", result.stdout
     )
     result.stdout = first_out + result.stdout
-    # the logs a person reads: no HTTP request lines, no progress-bar debris, no TFDS download talk
+    # the logs a person reads: no HTTP request lines, no progress-bar debris, no TFDS download talk,
+    # no failed TPU start-up
     logs = {path.name: path.read_text(errors="replace") for path in (out / "logs").glob("*.log")}
     assert {"base.log", "build-data.log", "sft.log", "dpo.log", "eval.log"} <= set(logs)
     for name, text in logs.items():
@@ -238,6 +241,7 @@ def _the_demo(checkout: Path, block: Block) -> None:
             name
         )
         assert "it/s]" not in text and "s/it]" not in text, name
+        assert "TPU accelerator type" not in text and "InitGoogle" not in text, name  # libtpu's start-up
     assert re.search(r"answers \(attempt 1\): 0/\d+ \(0%\), started", logs["build-data.log"])
     done = r"sft steps: 4/4 \(100%\), [\d.]+ step/s, \d\d:\d\d elapsed, done, loss [\d.]+, tok_s \d+, peak_memory [\d.]+ GB"
     assert re.search(done, logs["sft.log"])
