@@ -17,13 +17,13 @@ def test_a_vanished_process_is_diagnosed_by_the_next(tmp_path, caplog):
     killed.__enter__()
     killed.step_done(3)  # ... and then SIGKILL: no __exit__
     record = json.loads((tmp_path / "attempt.json").read_text())
-    assert record["status"] == "running" and record["step"] == 3 and record["peak_memory_gb"] > 0
+    assert record["status"] == "running" and record["step"] == 3 and record["peak_memory_gib"] > 0
     with caplog.at_level(logging.WARNING, logger="persllm_jax.train.attempts"):
         with Attempt(tmp_path) as again:
             again.step_done(4)
     (warning,) = [r.getMessage() for r in caplog.records]
     assert f"pid {record['pid']}" in warning and "stopped after step 3 without exiting" in warning
-    assert "out-of-memory killer" in warning and f"peak memory was {record['peak_memory_gb']} GB" in warning
+    assert "out-of-memory killer" in warning and f"peak memory was {record['peak_memory_gib']} GiB" in warning
     assert json.loads((tmp_path / "attempt.json").read_text())["status"] == "ended"
     caplog.clear()
     with pytest.raises(RuntimeError), Attempt(tmp_path):

@@ -165,14 +165,14 @@ class Pipeline:
     def _killed_message(self, step: str, signum: int, log_path: Path) -> str:
         """Which signal ended a step, its likely cause, the memory the step had reached, and the
         command that resumes the pipeline."""
-        from persllm_jax.train.attempts import killed_cause, machine_memory_gb
+        from persllm_jax.train.attempts import killed_cause, machine_memory_gib
 
         try:
             name = signal.Signals(signum).name
         except ValueError:
             name = f"signal {signum}"
-        memory = machine_memory_gb()
-        of = f" of the machine's {memory:.1f} GB" if memory else ""
+        memory = machine_memory_gib()
+        of = f" of the machine's {memory:.1f} GiB" if memory else ""
         resumes = "finished steps are skipped"
         checkpoint = _latest_checkpoint(self.path(step))
         if checkpoint is not None:
@@ -183,7 +183,7 @@ class Pipeline:
             resumes += " and build-data keeps every annotation already in its LLM-call cache"
         return (
             f"step {step} was killed by {name}: {killed_cause(name)}. Its peak memory was "
-            f"{self.peak_rss_mb[step] / 1024:.2f} GB{of}; its log: {log_path}. Running the same command "
+            f"{self.peak_rss_mb[step] / 1024:.2f} GiB{of}; its log: {log_path}. Running the same command "
             f"again resumes ({resumes}){self.command_note}: {self.command}"
         )
 
@@ -411,7 +411,7 @@ class Pipeline:
                 marker.write_text(json.dumps({**record, "finished": time.time()}))
                 print(
                     f"[pipeline] {step}: finished in {self.timings[step]:.0f} s, "
-                    f"peak memory {self.peak_rss_mb[step] / 1024:.2f} GB",
+                    f"peak memory {self.peak_rss_mb[step] / 1024:.2f} GiB",
                     flush=True,
                 )
                 if step == "eval":
@@ -449,13 +449,21 @@ class Pipeline:
         print()
         for step, record in steps.items():
             print(
-                f"  {step:<11} {record['seconds'] / 60:5.1f} min, peak memory {record['peak_rss_mb'] / 1024:.2f} GB"
+                f"  {step:<11} {record['seconds'] / 60:5.1f} min, peak memory {record['peak_rss_mb'] / 1024:.2f} GiB"
             )
-        print(f"  report:      {results['report']}")
-        print(f"  model (HF):  {results['model']}")
-        print(f"  transcripts: {results['transcripts']}")
-        print(f"  HF answers:  {results['answers']}")
+        print(f"  report:      {_shown(results['report'])}")
+        print(f"  model (HF):  {_shown(results['model'])}")
+        print(f"  transcripts: {_shown(results['transcripts'])}")
+        print(f"  HF answers:  {_shown(results['answers'])}")
         return results
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the working directory when inside it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _redacted(argument: str) -> str:

@@ -23,12 +23,12 @@ log = logging.getLogger(__name__)
 FILE = "attempt.json"
 
 
-def peak_memory_gb() -> float:
+def peak_memory_gib() -> float:
     """This process's peak resident memory so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def machine_memory_gb() -> float | None:
+def machine_memory_gib() -> float | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
     except (ValueError, OSError, AttributeError):
@@ -71,7 +71,7 @@ class Attempt:
             "command": command or this_command(),
             "started": time.time(),
             "step": None,
-            "peak_memory_gb": round(peak_memory_gb(), 2),
+            "peak_memory_gib": round(peak_memory_gib(), 2),
         }
 
     def previous(self) -> dict | None:
@@ -93,7 +93,7 @@ class Attempt:
 
     def step_done(self, step: int) -> None:
         if self.enabled:
-            self.record.update(step=step, peak_memory_gb=round(peak_memory_gb(), 2))
+            self.record.update(step=step, peak_memory_gib=round(peak_memory_gib(), 2))
             self._write()
 
     def __exit__(self, kind, error, traceback) -> None:
@@ -102,7 +102,7 @@ class Attempt:
         self.record.update(
             status="ended",
             ended=time.time(),
-            peak_memory_gb=round(peak_memory_gb(), 2),
+            peak_memory_gib=round(peak_memory_gib(), 2),
             error=None if error is None else f"{kind.__name__}: {error}",
         )
         self._write()
@@ -117,11 +117,13 @@ def diagnosis(earlier: dict) -> str:
     """What a new process says of an earlier one that vanished mid-run."""
     step = earlier.get("step")
     where = f"after step {step}" if step is not None else "before its first step"
-    memory = machine_memory_gb()
-    of = f" of the machine's {memory:.1f} GB" if memory else ""
+    memory = machine_memory_gib()
+    of = f" of the machine's {memory:.1f} GiB" if memory else ""
+    peak = earlier.get("peak_memory_gib")
+    reached = f" (its peak memory was {peak} GiB{of})" if peak is not None else ""
     return (
         f"the previous training process here (pid {earlier.get('pid')} on {earlier.get('host')}) "
         f"stopped {where} without exiting: it was killed, most likely with SIGKILL by the kernel's "
-        f"out-of-memory killer (its peak memory was {earlier.get('peak_memory_gb')} GB{of}), or its "
-        "machine stopped; this process resumes from the last checkpoint"
+        f"out-of-memory killer{reached}, or its machine stopped; this process resumes from the last "
+        "checkpoint"
     )

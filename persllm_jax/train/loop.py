@@ -29,7 +29,7 @@ from persllm_jax.model.decoder import CausalLM
 from persllm_jax.model.lora import add_adapters, merged_model
 from persllm_jax.progress import Progress
 from persllm_jax.train import distributed, resume_check
-from persllm_jax.train.attempts import Attempt, peak_memory_gb
+from persllm_jax.train.attempts import Attempt, peak_memory_gib
 from persllm_jax.train.checkpointing import Checkpointer
 from persllm_jax.train.config import RunConfig
 from persllm_jax.train.held_out import HeldOut
@@ -251,9 +251,9 @@ def _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step, held_ou
         cut["seen"] += record[unit]
         if step % max(cfg.train.log_every, 1) == 0 or step == max_steps:
             metrics_log.write(record)
-        peak = peak_memory_gb()
+        peak = peak_memory_gib()
         bar.set_postfix(
-            loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", peak_memory=f"{peak:.2f} GB"
+            loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", peak_memory=f"{peak:.2f} GiB"
         )
         bar.update(1)
         if attempt is not None:
