@@ -55,4 +55,6 @@ def test_a_stage_with_nothing_finished_still_writes_a_line_every_period(caplog, 
     # one line per whole period waited, at most (the heartbeat may run late on a loaded machine)
     assert 1 <= len(heartbeats) <= int(waited / 0.2), lines
     for line in heartbeats:  # update(10) completes the stage: its line is the done line
-        assert line.startswith("answers: 0/10 (0%), 0 req/s, ") and line.endswith(" elapsed, time left unknown")
+        assert line.startswith("answers: 0/10 (0%), 0 req/s, ") and line.endswith(
+            " elapsed, time left unknown"
+        )
