@@ -20,3 +20,9 @@ def run_cli(*args, env=None, check=True, timeout=900, cwd=None, replace_env=Fals
     if check and result.returncode != 0:
         raise AssertionError(f"persllm {args} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def user_environment() -> dict:
+    """This process's environment without the tests' own JAX and TPU settings (conftest.py), as a
+    user's shell has it."""
+    return {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES")}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from persllm_jax import platforms
-from tests.cli_helpers import run_cli
+from tests.cli_helpers import run_cli, user_environment
 from tests.hf_fixtures import save_tiny
 
 
@@ -46,8 +46,9 @@ def test_a_command_on_this_cpu_writes_no_libtpu_start_up_errors(tmp_path):
     ALLOW_MULTIPLE_LIBTPU_LOAD stays, so libtpu would start here even while another process holds it."""
     assert not platforms.has_accelerator(), "this test describes a machine without accelerators"
     save_tiny("llama_tied_gqa", tmp_path / "src")
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES")}
-    result = run_cli("import-hf", tmp_path / "src", tmp_path / "out", env=env, replace_env=True)
+    result = run_cli(
+        "import-hf", tmp_path / "src", tmp_path / "out", env=user_environment(), replace_env=True
+    )
     output = result.stdout + result.stderr
     for debris in ("TPU accelerator type", "worker hostname", "InitGoogle", "libtpu"):
         assert debris not in output, output

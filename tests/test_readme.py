@@ -25,6 +25,8 @@ import torch
 import transformers
 import yaml
 
+from tests.cli_helpers import user_environment
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 # Commands run as a user would on this machine: one CPU device, not the tests' 8 fake ones.
@@ -95,11 +97,9 @@ def checkout(tmp_path_factory) -> Path:
 
 def _environment(checkout: Path) -> dict:
     venv_bin = checkout / ".venv" / "bin"
-    # as a user's shell: none of the tests' own JAX and TPU settings
-    user = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES")}
     # the copy's code, not the tree the .venv was installed from
     return {
-        **user,
+        **user_environment(),
         **ONE_DEVICE,
         "PYTHONPATH": str(checkout),
         "PATH": f"{venv_bin}:{os.environ['PATH']}",

@@ -183,7 +183,7 @@ class Pipeline:
             resumes += " and build-data keeps every annotation already in its LLM-call cache"
         return (
             f"step {step} was killed by {name}: {killed_cause(name)}. Its peak memory was "
-            f"{self.peak_rss_mb[step] / 1024:.2f} GiB{of}; its log: {log_path}. Running the same command "
+            f"{_gib(self.peak_rss_mb[step])}{of}; its log: {log_path}. Running the same command "
             f"again resumes ({resumes}){self.command_note}: {self.command}"
         )
 
@@ -411,7 +411,7 @@ class Pipeline:
                 marker.write_text(json.dumps({**record, "finished": time.time()}))
                 print(
                     f"[pipeline] {step}: finished in {self.timings[step]:.0f} s, "
-                    f"peak memory {self.peak_rss_mb[step] / 1024:.2f} GiB",
+                    f"peak memory {_gib(self.peak_rss_mb[step])}",
                     flush=True,
                 )
                 if step == "eval":
@@ -449,13 +449,18 @@ class Pipeline:
         print()
         for step, record in steps.items():
             print(
-                f"  {step:<11} {record['seconds'] / 60:5.1f} min, peak memory {record['peak_rss_mb'] / 1024:.2f} GiB"
+                f"  {step:<11} {record['seconds'] / 60:5.1f} min, peak memory {_gib(record['peak_rss_mb'])}"
             )
         print(f"  report:      {_shown(results['report'])}")
         print(f"  model (HF):  {_shown(results['model'])}")
         print(f"  transcripts: {_shown(results['transcripts'])}")
         print(f"  HF answers:  {_shown(results['answers'])}")
         return results
+
+
+def _gib(mib: float) -> str:
+    """A peak resident memory recorded in MiB, as printed: `7.77 GiB`."""
+    return f"{mib / 1024:.2f} GiB"
 
 
 def _shown(path: Path) -> str:
