@@ -72,7 +72,7 @@ class Progress:
         self.n += n
         if self.bar is not None:
             self.bar.update(n)
-        elif not self.disabled:
+        else:
             self._line_if_due()
 
     def _heartbeat(self) -> None:

@@ -165,14 +165,12 @@ class Pipeline:
     def _killed_message(self, step: str, signum: int, log_path: Path) -> str:
         """Which signal ended a step, its likely cause, the memory the step had reached, and the
         command that resumes the pipeline."""
-        from persllm_jax.train.attempts import killed_cause, machine_memory_gib
+        from persllm_jax.train.attempts import killed_cause, of_the_machine
 
         try:
             name = signal.Signals(signum).name
         except ValueError:
             name = f"signal {signum}"
-        memory = machine_memory_gib()
-        of = f" of the machine's {memory:.1f} GiB" if memory else ""
         resumes = "finished steps are skipped"
         checkpoint = _latest_checkpoint(self.path(step))
         if checkpoint is not None:
@@ -183,7 +181,7 @@ class Pipeline:
             resumes += " and build-data keeps every annotation already in its LLM-call cache"
         return (
             f"step {step} was killed by {name}: {killed_cause(name)}. Its peak memory was "
-            f"{_gib(self.peak_rss_mb[step])}{of}; its log: {log_path}. Running the same command "
+            f"{_gib(self.peak_rss_mb[step])}{of_the_machine()}; its log: {log_path}. Running the same command "
             f"again resumes ({resumes}){self.command_note}: {self.command}"
         )
 

@@ -28,11 +28,14 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def machine_memory_gib() -> float | None:
+def of_the_machine() -> str:
+    """` of the machine's 23.4 GiB`, to follow a peak memory figure; empty where the machine's
+    memory cannot be read."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
     except (ValueError, OSError, AttributeError):
-        return None
+        return ""
+    return f" of the machine's {memory:.1f} GiB"
 
 
 def this_command() -> str:
@@ -117,10 +120,8 @@ def diagnosis(earlier: dict) -> str:
     """What a new process says of an earlier one that vanished mid-run."""
     step = earlier.get("step")
     where = f"after step {step}" if step is not None else "before its first step"
-    memory = machine_memory_gib()
-    of = f" of the machine's {memory:.1f} GiB" if memory else ""
     peak = earlier.get("peak_memory_gib")
-    reached = f" (its peak memory was {peak} GiB{of})" if peak is not None else ""
+    reached = f" (its peak memory was {peak} GiB{of_the_machine()})" if peak is not None else ""
     return (
         f"the previous training process here (pid {earlier.get('pid')} on {earlier.get('host')}) "
         f"stopped {where} without exiting: it was killed, most likely with SIGKILL by the kernel's "
