@@ -61,8 +61,12 @@ setup(
             "trl",
             "peft==0.21.2",  # checks our LoRA adapter export
             f"jax[tpu]=={JAX_VERSION}",  # tests compile train steps for TPU slices
-            "pytest",
+            # pytest 9.2 keeps node ids where pytest-xdist 3.8 cannot tag them with their group,
+            # so --dist loadgroup would scatter the tests that share a server
+            "pytest>=8,<9.2",
             "pytest-timeout",
+            "pytest-xdist",  # CI runs the suite on two workers
+            "filelock",  # fixtures that xdist workers share are made once, under a lock
             "ruff",
         ],
     },

@@ -12,7 +12,6 @@ import pytest
 
 from tests.cli_helpers import run_cli
 from tests.fault_proxy import FaultProxy
-from tests.llm_servers import TransformersServer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "data_demo.yaml"
@@ -31,10 +30,9 @@ PAIR_KEYS = {"id", "persona", "stage", "source", "prompt", "chosen", "rejected",
 STAGE_TOKENS = {"early": "<TIME-I>", "late": "<TIME-II>"}
 
 
-@pytest.fixture(scope="module")
-def server(smollm2_hf_dir):
-    with TransformersServer(smollm2_hf_dir) as s:
-        yield s
+@pytest.fixture
+def server(smollm2_transformers_server):
+    return smollm2_transformers_server
 
 
 def build(out_dir, base_url, model, *overrides, check=True):

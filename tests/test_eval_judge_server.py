@@ -12,7 +12,6 @@ from persllm_jax.evaluation import JudgeSettings, collect_metrics, run_judge, wr
 from persllm_jax.evaluation.judge.parsing import LABELS, SCORE_MAX, SCORE_MIN
 from persllm_jax.llm.endpoint import EndpointConfig
 from tests.fault_proxy import FaultProxy
-from tests.llm_servers import TransformersServer
 
 # Short replies keep a CPU-served 135M model fast; SmolLM2 names the label after ~15 tokens of preamble
 # and a ranking needs room for a small JSON list.
@@ -63,10 +62,9 @@ def answer_records():
     return records
 
 
-@pytest.fixture(scope="module")
-def server(smollm2_hf_dir):
-    with TransformersServer(smollm2_hf_dir) as s:
-        yield s
+@pytest.fixture
+def server(smollm2_transformers_server):
+    return smollm2_transformers_server
 
 
 def judge(url, model, cache_dir):

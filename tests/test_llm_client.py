@@ -27,7 +27,6 @@ from persllm_jax.llm.retry import (
     parse_retry_after,
 )
 from tests.fault_proxy import FAULTS, FaultProxy
-from tests.llm_servers import TransformersServer
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_BACKOFF = dict(backoff_base=0.05, backoff_cap=0.5, retry_after_cap=2.0)
@@ -43,17 +42,9 @@ REASON_OF_FAULT = {
 }
 
 
-@pytest.fixture(scope="module")
-def server(smollm2_hf_dir, tmp_path_factory):
-    srv = TransformersServer(smollm2_hf_dir, log_path=tmp_path_factory.mktemp("tserve") / "serve.log")
-    srv.start()
-    print(
-        f"\n`{' '.join(srv.command)}`: /v1/models after {srv.startup_s:.1f}s, warm after {srv.ready_s:.1f}s"
-    )
-    try:
-        yield srv
-    finally:
-        srv.stop()
+@pytest.fixture
+def server(smollm2_transformers_server):
+    return smollm2_transformers_server
 
 
 @pytest.fixture
