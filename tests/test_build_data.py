@@ -30,7 +30,7 @@ PAIR_KEYS = {"id", "persona", "stage", "source", "prompt", "chosen", "rejected",
 STAGE_TOKENS = {"early": "<TIME-I>", "late": "<TIME-II>"}
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def server(smollm2_transformers_server):
     return smollm2_transformers_server
 

@@ -62,7 +62,7 @@ def answer_records():
     return records
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def server(smollm2_transformers_server):
     return smollm2_transformers_server
 

@@ -42,7 +42,7 @@ REASON_OF_FAULT = {
 }
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def server(smollm2_transformers_server):
     return smollm2_transformers_server
 
