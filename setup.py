@@ -65,7 +65,7 @@ setup(
             # so --dist loadgroup would scatter the tests that share a server
             "pytest>=8,<9.2",
             "pytest-timeout",
-            "pytest-xdist",  # CI runs the suite on two workers
+            "pytest-xdist",  # parallel runs on machines with more cores (tests/README.md)
             "filelock",  # fixtures that xdist workers share are made once, under a lock
             "ruff",
         ],
