@@ -275,6 +275,8 @@ def test_faults_are_retried_and_failures_counted(server, tmp_path):
             "questions.kinds={ordinary: 1, induced: 1}",
             "questions.max_attempts=1",
             "llm.max_retries=8",
+            "llm.backoff_s=0.05",  # the induced requests fail all 9 attempts: no minute-long waits
+            "llm.backoff_cap_s=0.5",
             "general_data.path=",
         )
         assert sum(proxy.faults.values()) > 0
@@ -325,7 +327,10 @@ def test_a_slow_server_is_not_stormed(server, tmp_path):
             out = tmp_path / f"adaptive_{adaptive}"
             build(
                 out, proxy.url, server.model, "personas=[holmes]", "limits.seeds_per_stage=4",
-                "general_data.path=", "llm.concurrency=8", "llm.timeout_s=6", "llm.max_retries=8",
+                "general_data.path=", "llm.concurrency=8", "llm.timeout_s=6",
+                # each copy the fixed pool sends is computed (and waited for): five retries make the
+                # storm without a minutes-long backlog
+                "llm.max_retries=5",
                 f"llm.adaptive={str(adaptive).lower()}",
             )  # fmt: skip
             while proxy.server_in_flight:  # count what the server still computes for gone clients

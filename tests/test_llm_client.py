@@ -4,6 +4,7 @@ fault-injecting proxy in between. Generations are greedy and short: the machine 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -131,6 +132,25 @@ def test_unreachable_server_fails_without_raising(tmp_path):
     assert all(r.error.attempts == 3 for r in results)
     assert stats["failures"] == 3 and stats["retries"] == {CONNECTION: 6} and stats["requests_sent"] == 9
     assert not (tmp_path / "cache.jsonl").exists() or (tmp_path / "cache.jsonl").read_text() == ""
+
+
+def test_backoff_keys_of_the_config_set_the_waits(tmp_path):
+    """`backoff_s` / `backoff_cap_s` of an endpoint's config bound every wait between attempts: retry
+    k waits at most min(cap, backoff_s * 2**(k-1))."""
+    endpoint = EndpointConfig(
+        base_url=f"http://127.0.0.1:{_closed_port()}/v1", max_retries=3, backoff_s=0.05, backoff_cap_s=0.08
+    )
+
+    async def run():
+        async with LLMClient.from_config(endpoint, tmp_path) as client:
+            await client.complete_many([{"messages": question(0), "tag": "0"}])
+            return client.stats()
+
+    stats = asyncio.run(run())
+    assert stats["retries"] == {CONNECTION: 3}
+    assert 0 <= stats["backoff_s"] <= 0.05 + 0.08 + 0.08 + 0.002  # ms rounding of three waits
+    with pytest.raises(ValueError, match="backoff_s and backoff_cap_s must be >= 0"):
+        LLMClient.from_config(dataclasses.replace(endpoint, backoff_cap_s=-1), tmp_path)
 
 
 def _closed_port() -> int:

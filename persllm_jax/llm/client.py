@@ -147,6 +147,8 @@ class LLMClient:
             raise ValueError("concurrency must be >= 1")
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
+        if backoff_base < 0 or backoff_cap < 0:
+            raise ValueError("backoff_s and backoff_cap_s must be >= 0")
         self.base_url = base_url
         self.model = model
         self.concurrency = concurrency
@@ -180,6 +182,8 @@ class LLMClient:
             adaptive=endpoint.adaptive,
             max_retries=endpoint.max_retries,
             timeout=endpoint.timeout_s,
+            backoff_base=endpoint.backoff_s,
+            backoff_cap=endpoint.backoff_cap_s,
         )
         kwargs.update(overrides)
         return cls(cache_dir=cache_dir, **kwargs)
