@@ -317,13 +317,13 @@ def test_unknown_build_key_named(tmp_path):
 
 @pytest.mark.slow
 def test_a_slow_server_is_not_stormed(server, tmp_path):
-    """The real server made slow (one request at a time, 0.5 s each, abandoned requests still computed):
+    """The real server made slow (one request at a time, 0.2 s more each, abandoned requests still computed):
     a fixed pool of 8 with a 6 s timeout resends while the first copies queue; the adaptive client
     cuts its limit when answers are late, keeps waiting for them instead of sending copies, and finishes
     the build with fewer requests and no failures."""
     stats = {}
     for adaptive in (False, True):
-        with FaultProxy(server.base_url, slow_s=0.5) as proxy:
+        with FaultProxy(server.base_url, slow_s=0.2) as proxy:
             out = tmp_path / f"adaptive_{adaptive}"
             build(
                 out, proxy.url, server.model, "personas=[holmes]", "limits.seeds_per_stage=4",
