@@ -27,6 +27,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ and "PYTEST_XDIST_WORKER" not i
 # JAX caches only compilations over 1 s by default; the tiny models' steps compile faster than that.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+# Under xdist each worker, and the servers and subprocesses it starts, gets its share of the cores:
+# torch's threads (one a core by default) spin while they wait, and on a small machine two workers'
+# torch processes then take turns at a crawl.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    os.environ.setdefault("MKL_NUM_THREADS", str(_share))
+
 import filelock  # noqa: E402
 import pytest  # noqa: E402
 
@@ -123,7 +131,7 @@ def _xdist_group(item) -> str | None:
 # under xdist no worker is left running a long one alone at the end. Measured: `--durations=25`.
 LONGEST_FIRST = (
     "tests.test_readme",  # the demo at smoke scale: about 10 minutes
-    "transformers_serve",  # build-data, the LLM client and the judge against one server: about 15
+    "transformers_serve",  # build-data, the LLM client and the judge against one server: about 11
     "tests.test_train_dpo",
     "tests.test_serving",
     "tests.test_lora_training",
