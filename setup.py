@@ -65,7 +65,7 @@ setup(
             # so --dist loadgroup would scatter the tests that share a server
             "pytest>=8,<9.2",
             "pytest-timeout",
-            "pytest-xdist",  # parallel runs on machines with more cores (tests/README.md)
+            "pytest-xdist",  # parallel runs on xdist workers (tests/README.md)
             "filelock",  # fixtures that xdist workers share are made once, under a lock
             "ruff",
         ],
