@@ -28,8 +28,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ and "PYTEST_XDIST_WORKER" not i
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # Under xdist each worker, and the servers and subprocesses it starts, gets its share of the cores:
-# torch's threads (one a core by default) spin while they wait, and on a small machine two workers'
-# torch processes then take turns at a crawl.
+# torch takes a thread a core by default, so two workers' torch processes would oversubscribe them.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ.setdefault("OMP_NUM_THREADS", str(_share))

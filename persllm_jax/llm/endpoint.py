@@ -28,8 +28,7 @@ class EndpointConfig:
     adaptive: bool = True
     max_retries: int = 6  # retries after the first attempt
     timeout_s: float = 120.0  # per attempt
-    # without a Retry-After from the server, retry k waits a random time up to
-    # min(backoff_cap_s, backoff_s * 2**(k-1)) (exponential backoff with full jitter)
+    # the wait before a retry when the server sends no Retry-After: `retry.backoff_delay`
     backoff_s: float = 1.0
     backoff_cap_s: float = 60.0
 
