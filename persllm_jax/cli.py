@@ -148,6 +148,35 @@ def _eval(args) -> None:
     print(f"eval finished: {result['report']['md']} (report.json, PNG plots beside it)")
 
 
+def _probe(args) -> None:
+    from persllm_jax.evaluation.probes.run import accuracy_line, probe_models, write_outputs
+
+    models = [
+        tuple(m.split("=", 1)) if "=" in m and not Path(m).exists() else (Path(m).name or m, m)
+        for m in args.model
+    ]
+    names = [n for n, _ in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique, got {names}: name them as NAME=PATH")
+    result = probe_models(
+        models,
+        args.probes or (),
+        personas_dir=args.personas_dir,
+        dialogues=args.dialogues,
+        split=args.split,
+        dtype=args.dtype,
+        seed=args.seed,
+    )
+    write_outputs(result, args.json, args.markdown)
+    for name, r in result["models"].items():
+        print(accuracy_line(name, r))
+    written = [p for p in (args.json, args.markdown) if p]
+    print(
+        f"probe finished: {result['meta']['probes']} probes"
+        + (f"; wrote {', '.join(written)}" if written else "")
+    )
+
+
 def _talk(args) -> None:
     from persllm_jax import configlib
     from persllm_jax.inference.talk import TalkConfig, talk
@@ -306,6 +335,28 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="dotted key=value overrides, e.g. generation.max_new_tokens=64"
     )
     p.set_defaults(func=_eval)
+
+    p = _command(
+        commands, "probe", "judge-free persona probes: multiple-choice accuracy, twin accuracy, stage effect"
+    )
+    p.add_argument("model", nargs="+", help=f"NAME=PATH or PATH; PATH: {model_help}")
+    p.add_argument(
+        "--probes",
+        action="append",
+        help="probe file (JSONL, repeatable; default: the probes.jsonl of every persona in --personas-dir)",
+    )
+    p.add_argument("--personas-dir", default="examples/personas", help="persona folders the probes name")
+    p.add_argument(
+        "--dialogues",
+        default=None,
+        help="dialogues.jsonl: persona attribution on its held-out split (optional)",
+    )
+    p.add_argument("--split", default="test", help="the split of --dialogues")
+    p.add_argument("--json", default=None, help="write every metric and each probe's scores here")
+    p.add_argument("--markdown", default=None, help="write the tables here")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    p.set_defaults(func=_probe)
 
     p = _command(commands, "talk", "two personified agents converse on a topic")
     p.add_argument("--config", required=True, help="YAML talk config (configs/talk_*.yaml)")

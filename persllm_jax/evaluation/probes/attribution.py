@@ -1,0 +1,72 @@
+"""Persona and stage attribution: whose reply is this, according to the model?
+
+For each held-out reference answer (the persona's reply to a test question), the model scores the
+same reply as the answer of every persona (each at its stage of the same position) and, within the
+answer's own persona, at every stage. The attributed identity is the one whose system message
+makes the reply most likely (mean log-probability of its tokens). A model that learned the
+personas attributes their answers to them; one that did not is near chance (1 / number of
+personas, 1 / number of stages).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from persllm_jax.evaluation.answers import TestItem
+from persllm_jax.evaluation.probes.metrics import interval
+from persllm_jax.evaluation.probes.scoring import EncodedReply, ReplyScorer, encode_reply
+from persllm_jax.personas.materials import Persona
+from persllm_jax.personas.prompts import persona_conversation
+
+
+def _identities(item: TestItem, personas: Mapping[str, Persona]):
+    """(persona candidates, stage candidates) for an item, each a list of (persona, stage) ids."""
+    owner = personas[item.persona]
+    position = [s.id for s in owner.stages].index(item.stage)
+    as_personas = [(q.id, q.stages[min(position, len(q.stages) - 1)].id) for q in personas.values()]
+    as_stages = [(owner.id, s.id) for s in owner.stages]
+    return as_personas, as_stages
+
+
+def _rank(scores: np.ndarray, own: int) -> int:
+    """1 + how many candidates score strictly higher than the own one."""
+    return 1 + int((scores > scores[own]).sum())
+
+
+def attribution(
+    scorer: ReplyScorer, state, items: Sequence[TestItem], personas: Mapping[str, Persona], seed: int = 0
+) -> dict:
+    """Top-1 accuracy (with its bootstrap interval and n), mean rank and chance, for persona and stage."""
+    items = [i for i in items if i.persona in personas]
+    encoded: dict[tuple[str, str, str], EncodedReply] = {}
+    for item in items:
+        as_personas, as_stages = _identities(item, personas)
+        for persona_id, stage_id in {*as_personas, *as_stages}:
+            persona = personas[persona_id]
+            messages = persona_conversation(persona, persona.stage(stage_id), item.question)
+            encoded[(item.item_id, persona_id, stage_id)] = encode_reply(
+                scorer.tokenizer, messages, item.reference, what=f"held-out dialogue {item.item_id}"
+            )
+    result = {}
+    if not items:
+        return {
+            name: {"top1": interval([]), "mean_rank": None, "chance": None} for name in ("persona", "stage")
+        }
+    keys = list(encoded)
+    total, count = scorer.score(state, [encoded[k] for k in keys])
+    mean = dict(zip(keys, total / np.maximum(count, 1)))
+    for name, index in (("persona", 0), ("stage", 1)):
+        ranks, chance = [], []
+        for item in items:
+            candidates = _identities(item, personas)[index]
+            scores = np.asarray([mean[(item.item_id, *c)] for c in candidates])
+            ranks.append(_rank(scores, candidates.index((item.persona, item.stage))))
+            chance.append(1.0 / len(candidates))
+        result[name] = {
+            "top1": interval([float(r == 1) for r in ranks], seed),
+            "mean_rank": float(np.mean(ranks)),
+            "chance": float(np.mean(chance)),
+        }
+    return result

@@ -1,0 +1,249 @@
+"""Probing models: every probe's choices scored with its own stage's token (and, for twin probes,
+with the other stages' tokens), the metrics, persona attribution on held-out dialogues, and the
+tables of the report."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from persllm_jax.evaluation.answers import TestItem, test_items
+from persllm_jax.evaluation.probes.attribution import attribution
+from persllm_jax.evaluation.probes.files import Probe, persona_probe_files, read_probes
+from persllm_jax.evaluation.probes.metrics import probe_metrics, probe_records
+from persllm_jax.evaluation.probes.scoring import EncodedReply, ReplyScorer, encode_reply
+from persllm_jax.personas.materials import Persona, load_personas
+from persllm_jax.personas.prompts import persona_conversation
+
+log = logging.getLogger(__name__)
+
+
+def asked_stages(probes: Sequence[Probe]) -> list[tuple[Probe, str]]:
+    """(probe, stage whose token it is asked with): its own stage, and for a twin probe every other
+    stage of its group (the stage effect)."""
+    twin_stages: dict[str, list[str]] = {}
+    for p in probes:
+        if p.twin is not None:
+            twin_stages.setdefault(p.twin, []).append(p.stage)
+    asked = []
+    for p in probes:
+        asked.append((p, p.stage))
+        asked += [(p, s) for s in twin_stages.get(p.twin, []) if s != p.stage]
+    return asked
+
+
+def encode_probes(tokenizer, probes: Sequence[Probe], personas: Mapping[str, Persona]) -> dict:
+    """{(probe id, stage, choice index): EncodedReply} for every probe asked at every stage it is asked."""
+    encoded = {}
+    for probe, stage in asked_stages(probes):
+        persona = personas[probe.persona]
+        messages = persona_conversation(persona, persona.stage(stage), probe.question)
+        for i, choice in enumerate(probe.choices):
+            encoded[(probe.id, stage, i)] = encode_reply(
+                tokenizer, messages, choice, what=f"probe {probe.id} ({probe.file}:{probe.line}) choice {i}"
+            )
+    return encoded
+
+
+class ProbeScorer:
+    """One model's probe metrics; `run(state)` again after training changes the parameters."""
+
+    def __init__(
+        self,
+        graphdef,
+        tokenizer,
+        probes: Sequence[Probe],
+        personas: Mapping[str, Persona],
+        items: Sequence[TestItem] = (),
+        seed: int = 0,
+    ):
+        if not probes:
+            raise ValueError("no probes to score")
+        self.probes, self.personas, self.items, self.seed = list(probes), dict(personas), list(items), seed
+        self.scorer = ReplyScorer(graphdef, tokenizer)
+        self.encoded: dict[tuple[str, str, int], EncodedReply] = encode_probes(
+            tokenizer, self.probes, self.personas
+        )
+
+    @classmethod
+    def for_model(cls, model, tokenizer, probes, personas, items=(), seed=0):
+        from flax import nnx
+
+        graphdef, state = nnx.split(model)
+        return cls(graphdef, tokenizer, probes, personas, items, seed), state
+
+    def choice_scores(self, state) -> tuple[dict, dict]:
+        """({(probe id, stage): mean log-prob per choice}, the same summed)."""
+        keys = list(self.encoded)
+        total, count = self.scorer.score(state, [self.encoded[k] for k in keys])
+        mean_scores: dict[tuple[str, str], list[float]] = {}
+        summed_scores: dict[tuple[str, str], list[float]] = {}
+        for (probe_id, stage, _), t, c in zip(keys, total, count):
+            mean_scores.setdefault((probe_id, stage), []).append(float(t / c))
+            summed_scores.setdefault((probe_id, stage), []).append(float(t))
+        return mean_scores, summed_scores
+
+    def run(self, state, with_records: bool = True) -> dict:
+        mean_scores, summed_scores = self.choice_scores(state)
+        out = probe_metrics(self.probes, mean_scores, summed_scores, self.seed)
+        out["attribution"] = (
+            attribution(self.scorer, state, self.items, self.personas, self.seed) if self.items else None
+        )
+        if with_records:
+            out["probes"] = probe_records(self.probes, mean_scores, summed_scores)
+        return out
+
+
+def probe_set_summary(probes: Sequence[Probe], files: Sequence[str | Path]) -> dict:
+    twins = {p.twin for p in probes if p.twin is not None}
+    categories: dict[str, int] = {}
+    for p in probes:
+        categories[p.category] = categories.get(p.category, 0) + 1
+    return {
+        "files": [str(f) for f in files],
+        "probes": len(probes),
+        "twin_groups": len(twins),
+        "personas": sorted({p.persona for p in probes}),
+        "categories": dict(sorted(categories.items())),
+    }
+
+
+def held_out_items(
+    dialogues: str | Path | None, split: str, personas: Mapping[str, Persona]
+) -> list[TestItem]:
+    """The persona questions of the dialogues' held-out split (none without a file)."""
+    if not dialogues:
+        return []
+    from persllm_jax.data.readers import read_records
+
+    return test_items(read_records(dialogues, split=split or None), dict(personas))
+
+
+def probe_models(
+    models: Sequence[tuple[str, str]],
+    probe_files: Sequence[str | Path] = (),
+    personas_dir: str | Path = "examples/personas",
+    dialogues: str | Path | None = None,
+    split: str = "test",
+    dtype: str = "float32",
+    seed: int = 0,
+) -> dict:
+    """`persllm probe`: every model on the probes (default: the probe sets of the personas' folders)."""
+    import jax.numpy as jnp
+
+    from persllm_jax.io import pretrained
+
+    started = time.time()
+    personas = {p.id: p for p in load_personas(personas_dir)}
+    files = list(probe_files) or persona_probe_files(personas_dir, personas)
+    if not files:
+        raise ValueError(f"no probe files given, and no persona in {personas_dir} has a probes.jsonl")
+    probes = read_probes(files, personas.values())
+    items = held_out_items(dialogues, split, personas)
+    results = {}
+    for name, path in models:
+        began = time.time()
+        model, tokenizer = pretrained.load_pretrained(path, dtype=jnp.dtype(dtype))
+        scorer, state = ProbeScorer.for_model(model, tokenizer, probes, personas, items, seed)
+        results[name] = {"path": str(path), **scorer.run(state)}
+        log.info(
+            "probe: %s: accuracy %.3f, twin accuracy %.3f, stage effect %+.3f (%.1f s)",
+            name,
+            results[name]["accuracy"]["overall"]["value"],
+            results[name]["twin_accuracy"]["overall"]["value"] or 0.0,
+            results[name]["stage_effect"]["overall"]["value"] or 0.0,
+            time.time() - began,
+        )
+        del model, scorer, state
+        gc.collect()
+    meta = {
+        **probe_set_summary(probes, files),
+        "held_out_dialogues": len(items),
+        "dialogues": str(dialogues) if dialogues else None,
+        "seed": seed,
+        "wall_time_s": round(time.time() - started, 1),
+    }
+    return {"models": results, "meta": meta}
+
+
+# -- tables ------------------------------------------------------------------------------------
+
+
+def _stat(stat: Mapping | None, signed: bool = False) -> str:
+    if not stat or stat.get("value") is None:
+        return "-"
+    spec = "+.2f" if signed else ".2f"
+    low, high = stat["ci"]
+    return f"{stat['value']:{spec}} [{low:{spec}}, {high:{spec}}] n={stat['n']}"
+
+
+def _attribution_cell(result: Mapping, name: str) -> str:
+    att = (result.get("attribution") or {}).get(name)
+    if not att or att["top1"]["value"] is None:
+        return "-"
+    return f"{_stat(att['top1'])} (chance {att['chance']:.2f}, rank {att['mean_rank']:.2f})"
+
+
+def markdown_section(result: Mapping, heading: str = "## Persona probes") -> list[str]:
+    """The probes part of a report: the overall table, then accuracy by category and by persona."""
+    models, meta = result["models"], result["meta"]
+    lines = [
+        heading,
+        "",
+        f"{meta['probes']} probes ({meta['twin_groups']} twin groups) of {', '.join(meta['personas'])}; "
+        "a choice's score is the mean log-probability of its tokens as the persona's reply (end-of-turn "
+        "marker excluded); the pick is the best score. Each figure: value [95% bootstrap interval] and n. "
+        "Twin accuracy is 0 and stage effect 0 for a model that ignores the stage token. Attribution: how "
+        f"often a held-out reply ({meta.get('held_out_dialogues', 0)}) is most likely under its own persona "
+        "(or stage) among all.",
+        "",
+        "| model | accuracy | accuracy (summed log-prob) | twin accuracy | stage effect | persona attribution | stage attribution |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in models.items():
+        lines.append(
+            f"| {name} | {_stat(r['accuracy']['overall'])} | {_stat(r['accuracy_summed']['overall'])} | "
+            f"{_stat(r['twin_accuracy']['overall'])} | {_stat(r['stage_effect']['overall'], signed=True)} | "
+            f"{_attribution_cell(r, 'persona')} | {_attribution_cell(r, 'stage')} |"
+        )
+    for key, title in (("by_category", "category"), ("by_persona", "persona"), ("by_stage", "stage")):
+        groups = sorted({g for r in models.values() for g in r["accuracy"][key]})
+        lines += [
+            "",
+            f"Accuracy by {title}:",
+            "",
+            "| model | " + " | ".join(groups) + " |",
+            "|---" * (len(groups) + 1) + "|",
+        ]
+        for name, r in models.items():
+            cells = [_stat(r["accuracy"][key].get(g)) for g in groups]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def write_outputs(result: Mapping, json_path: str | Path | None, markdown_path: str | Path | None) -> None:
+    import json
+
+    from persllm_jax.evaluation.report import to_jsonable
+
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(to_jsonable(result), indent=1) + "\n")
+    if markdown_path:
+        Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(markdown_path).write_text(
+            "\n".join(["# Persona probes", "", *markdown_section(result, "## Results")])
+        )
+
+
+def accuracy_line(name: str, r: Mapping) -> str:
+    def value(stat):
+        return "-" if stat["value"] is None else f"{stat['value']:.3f}"
+
+    return (
+        f"{name}: accuracy {value(r['accuracy']['overall'])} (n={r['accuracy']['overall']['n']}), "
+        f"twin accuracy {value(r['twin_accuracy']['overall'])}, stage effect {value(r['stage_effect']['overall'])}"
+    )
