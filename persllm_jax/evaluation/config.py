@@ -1,4 +1,5 @@
-"""The config of `persllm eval`: which models, which held-out data, how to sample, which judge."""
+"""The config of `persllm eval`: which models, which held-out data, how to sample, which probes, which
+judge."""
 
 from __future__ import annotations
 
@@ -46,6 +47,13 @@ class EvalLikelihood:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalProbes:
+    enabled: bool = True  # off, or no probe file found: no probes section
+    files: tuple[str, ...] = ()  # probe files; empty = the probes.jsonl of each persona in data.personas_dir
+    seed: int = 0  # the bootstrap intervals' seed
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalJudge(EndpointConfig):
     """The judge's endpoint (`enabled: false` skips the judge), by default with fewer requests at once
     and a longer timeout than an `EndpointConfig`."""
@@ -62,6 +70,7 @@ class EvalConfig:
     data: EvalData = EvalData()
     generation: EvalGeneration = EvalGeneration()
     likelihood: EvalLikelihood = EvalLikelihood()
+    probes: EvalProbes = EvalProbes()
     judge: EvalJudge = EvalJudge()
     dtype: str = "float32"
     title: str = "PersLLM evaluation"

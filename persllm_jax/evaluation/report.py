@@ -8,6 +8,7 @@ The report's input is one JSON-able dict, best built with `collect_metrics`:
                                "n_pairs"} | None,
                        "perplexity": {"perplexity", "nll", "n_tokens"} | None}},
      "judge": the rest of judge_answers(...) (classification, ranking, parse_counts, judgments, ...) | None,
+     "probes": {"models": {name: ProbeScorer.run(...)}, "meta": the probe set's summary} | None,
      "meta": {free-form: checkpoints, data files, dates}}
 
 Models appear in the order of "models" (e.g. base, SFT, DPO). Any metric may be missing; it shows as "-".
@@ -29,6 +30,8 @@ MISSING = "-"
 REFERENCE = "reference"  # the reward cells of the model the DPO rewards are measured against
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 DISTINCTION_PNG, TABLE_PNG = "distinction_bleu.png", "comparison_table.png"
+PROBES_PNG = "probes_during_training.png"
+PROBE_CURVES = ("accuracy", "twin_accuracy", "stage_effect")
 
 
 def collect_metrics(
@@ -38,6 +41,7 @@ def collect_metrics(
     judge: Mapping[str, Any] | None = None,
     dpo: Mapping[str, Any] | None = None,
     perplexity: Mapping[str, Any] | None = None,
+    probes: Mapping[str, Any] | None = None,
     meta: Mapping[str, Any] | None = None,
 ) -> dict:
     """Assemble the report input from per-step results (each keyed by model name; any may be None)."""
@@ -57,6 +61,7 @@ def collect_metrics(
             for m in models
         },
         "judge": None if judge is None else {k: v for k, v in judge.items() if k != "models"},
+        "probes": None if probes is None else dict(probes),
         "meta": dict(meta or {}),
     }
 
@@ -217,6 +222,17 @@ def render_markdown(metrics: Mapping, title: str, images: Mapping[str, str]) -> 
                     markdown_table(header, table_rows(personas, PERSONA_COLUMNS)),
                     "",
                 ]
+    if metrics.get("probes"):
+        from persllm_jax.evaluation.probes.run import markdown_section
+
+        parts += markdown_section(metrics["probes"])
+    if "probes_curve" in images:
+        parts += [
+            "Persona probes at each evaluation of the training runs (eval.every_steps):",
+            "",
+            f"![Persona probes during training]({images['probes_curve']})",
+            "",
+        ]
     parts += judge_section(metrics.get("judge"))
     losses = {k: v for k, v in images.items() if k.startswith("loss:")}
     if losses:
@@ -310,6 +326,38 @@ def plot_distinction(metrics: Mapping, out_png: Path) -> Path | None:
     return out_png
 
 
+def plot_probe_curves(runs: Mapping[str, Path], out_png: Path) -> Path | None:
+    """Probe accuracy, twin accuracy and stage effect against step, a line per training run; None
+    when no run evaluated probes."""
+    from persllm_jax.train.metrics_log import read_metrics
+
+    curves = {}
+    for name, path in runs.items():
+        records = [r for r in (read_metrics(path) if path.exists() else []) if "eval/probes/accuracy" in r]
+        if records:
+            curves[name] = records
+    if not curves:
+        return None
+    fig = _figure(5.0 * len(PROBE_CURVES), 3.6)
+    axes = fig.subplots(1, len(PROBE_CURVES))
+    for ax, key in zip(axes, PROBE_CURVES):
+        for name, records in curves.items():
+            points = [
+                (r["step"], r[f"eval/probes/{key}"])
+                for r in records
+                if r.get(f"eval/probes/{key}") is not None
+            ]
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Persona probes during training")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    return out_png
+
+
 def plot_table(header: Sequence[str], rows: Sequence[Sequence[str]], out_png: Path, title: str) -> Path:
     """A table of formatted cells rendered as a PNG."""
     fig = _figure(max(6.0, 1.25 * len(header)), 0.9 + 0.4 * (len(rows) + 1))
@@ -388,6 +436,12 @@ def write_report(
     distinction_png = plot_distinction(data, out / DISTINCTION_PNG)
     if distinction_png:
         written["distinction"] = distinction_png
+    probes_png = plot_probe_curves(
+        {name: Path(run_dir) / "metrics.jsonl" for name, run_dir in (run_dirs or {}).items()},
+        out / PROBES_PNG,
+    )
+    if probes_png:
+        written["probes_curve"] = probes_png
     for name, run_dir in (run_dirs or {}).items():
         run = Path(run_dir).resolve()
         png = plot_loss(

@@ -25,6 +25,8 @@ from persllm_jax.evaluation import answers as answers_mod
 from persllm_jax.evaluation import likelihood, report
 from persllm_jax.evaluation.config import EvalConfig
 from persllm_jax.evaluation.distinction import distinction_bleu
+from persllm_jax.evaluation.probes.files import persona_probe_files, read_probes
+from persllm_jax.evaluation.probes.run import ProbeScorer, accuracy_line, probe_set_summary
 from persllm_jax.inference.generation import Generator
 from persllm_jax.io import pretrained
 from persllm_jax.personas.materials import load_personas
@@ -84,6 +86,24 @@ def _reference_name(cfg: EvalConfig) -> str:
     return cfg.likelihood.reference or ("sft" if "sft" in names else names[0])
 
 
+def _probe_set(cfg: EvalConfig, personas: dict) -> dict:
+    """The probes of the evaluation (none when disabled or when no file is found), their summary and
+    a fingerprint of the files' contents."""
+    if not cfg.probes.enabled:
+        return {"probes": [], "summary": None, "fingerprint": None}
+    files = list(cfg.probes.files) or persona_probe_files(cfg.data.personas_dir, personas)
+    if not files:
+        log.info("eval: no probe files (no probes.jsonl in the persona folders): no probes section")
+        return {"probes": [], "summary": None, "fingerprint": None}
+    probes = read_probes(files, personas.values())
+    contents = [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files]
+    return {
+        "probes": probes,
+        "summary": {**probe_set_summary(probes, files), "seed": cfg.probes.seed},
+        "fingerprint": [contents, cfg.probes.seed],
+    }
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """Run the whole evaluation; returns {"report": paths written, "metrics": the report input}."""
     _check(cfg)
@@ -105,6 +125,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     pairs = [formats.preference_example(r) for r in pair_records]
     pair_sources = np.asarray([r.get("source") or "unknown" for r in pair_records])
     requests = answers_mod.answer_requests(items, personas)
+    probe_set = _probe_set(cfg, personas)
     log.info(
         "eval: %d held-out questions, %d answers per model, %d pairs, models %s",
         len(items),
@@ -113,7 +134,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         [m.name for m in cfg.models],
     )
 
-    records, scores = [], {}
+    records, scores, probe_results = [], {}, {}
     for spec in cfg.models:
         model_dir = out / "models" / spec.name
         stamp = _model_stamp(spec.path)
@@ -121,12 +142,15 @@ def evaluate(cfg: EvalConfig) -> dict:
         score_fp = _fingerprint(
             stamp, [e.id for e in held_out], [p.id for p in pairs], cfg.likelihood.seq_len
         )
+        probe_fp = _fingerprint(stamp, probe_set["fingerprint"], [dataclasses.asdict(i) for i in items])
         cached_answers = _read_cached(model_dir / "answers.json", answer_fp)
         cached_scores = _read_cached(model_dir / "likelihood.json", score_fp)
-        if cached_answers is not None and cached_scores is not None:
-            log.info("eval: %s: answers and likelihoods from %s", spec.name, model_dir)
+        cached_probes = _read_cached(model_dir / "probes.json", probe_fp) if probe_set["probes"] else {}
+        if cached_answers is not None and cached_scores is not None and cached_probes is not None:
+            log.info("eval: %s: answers, likelihoods and probes from %s", spec.name, model_dir)
             records += cached_answers
             scores[spec.name] = cached_scores
+            probe_results[spec.name] = cached_probes
             continue
         model, tokenizer = pretrained.load_pretrained(spec.path, dtype=jnp.dtype(cfg.dtype))
         if cached_answers is None:
@@ -148,6 +172,15 @@ def evaluate(cfg: EvalConfig) -> dict:
                 cached_scores.update(chosen=chosen.tolist(), rejected=rejected.tolist())
             _write_cached(model_dir / "likelihood.json", score_fp, cached_scores)
             del scorer
+        if cached_probes is None:
+            scorer, state = ProbeScorer.for_model(
+                model, tokenizer, probe_set["probes"], personas, items, cfg.probes.seed
+            )
+            cached_probes = scorer.run(state)
+            _write_cached(model_dir / "probes.json", probe_fp, cached_probes)
+            log.info("eval: %s", accuracy_line(spec.name, cached_probes))
+            del scorer, state
+        probe_results[spec.name] = cached_probes
         records += cached_answers
         scores[spec.name] = cached_scores
         del model
@@ -200,8 +233,13 @@ def evaluate(cfg: EvalConfig) -> dict:
         "generation": dataclasses.asdict(cfg.generation),
         "wall_time_s": round(time.time() - started, 1),
     }
+    probes = (
+        {"models": probe_results, "meta": {**probe_set["summary"], "held_out_dialogues": len(items)}}
+        if probe_set["probes"]
+        else None
+    )
     metrics = report.collect_metrics(
-        names, distinction=distinction, judge=judge, dpo=dpo, perplexity=perplexity, meta=meta
+        names, distinction=distinction, judge=judge, dpo=dpo, perplexity=perplexity, probes=probes, meta=meta
     )
     run_dirs = {m.name: m.run_dir for m in cfg.models if m.run_dir}
     written = report.write_report(out, metrics, run_dirs=run_dirs, title=cfg.title)

@@ -112,6 +112,12 @@ class DPOSection:
 class EvalSection:
     every_steps: int = 0  # held-out evaluation before step 1 and every this many steps (0: never)
     sources: tuple[DataSource, ...] = ()  # empty: the `test` split of the training sources
+    # Persona probes at each evaluation (eval/probes/*), for the personas of the run that have them
+    with_probes: bool = True
+    probes: tuple[
+        str, ...
+    ] = ()  # probe files; empty = <personas_dir>/<persona>/probes.jsonl of the run's personas
+    personas_dir: str = "examples/personas"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,8 @@ from persllm_jax.train.config import RunConfig
 from persllm_jax.train.held_out import HeldOut
 from persllm_jax.train.metrics_log import MetricsLog, plot_loss, run_title
 from persllm_jax.train.preemption import Preemption
+from persllm_jax.train.probe_eval import METRICS as PROBE_METRICS
+from persllm_jax.train.probe_eval import TrainingProbes
 from persllm_jax.train.program import build_program
 
 log = logging.getLogger(__name__)
@@ -199,8 +201,9 @@ def _train(cfg: RunConfig, make_task: Callable, mesh, run_dir: Path, attempt: At
 
         step_fn = program.jit_step(task.loss_fn, task.batch_shardings, task.frozen_shardings)
         held_out = HeldOut(task, program.graphdef, mesh) if task.eval_data is not None else None
+        probes = TrainingProbes.create(cfg, task, program.graphdef)
         try:
-            _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step, held_out, attempt)
+            _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step, held_out, attempt, probes)
         finally:
             task.close()
     checkpointer.close()
@@ -210,7 +213,12 @@ def _train(cfg: RunConfig, make_task: Callable, mesh, run_dir: Path, attempt: At
     return run_dir
 
 
-def _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step, held_out=None, attempt=None) -> None:
+PROBE_KEYS = tuple(f"eval/probes/{m}" for m in PROBE_METRICS)
+
+
+def _loop(
+    cfg, state, step_fn, task, checkpointer, run_dir, resume_step, held_out=None, attempt=None, probes=None
+) -> None:
     is_main = jax.process_index() == 0
     metrics_log = MetricsLog(run_dir, enabled=is_main, resume_step=resume_step)
     start, max_steps = int(jax.device_get(state.step)), cfg.train.max_steps
@@ -262,22 +270,31 @@ def _loop(cfg, state, step_fn, task, checkpointer, run_dir, resume_step, held_ou
     def evaluate(step: int) -> None:
         nonlocal last_time
         began = time.perf_counter()
-        record = {"step": step, **held_out.run(state.params)}
+        record = {"step": step, **(held_out.run(state.params) if held_out is not None else {})}
+        if probes is not None:
+            record.update(probes.run(state.params))
         metrics_log.write(record)
-        log.info("step %d: eval/loss %.4f (%.1f s)", step, record["eval/loss"], time.perf_counter() - began)
+        shown = {k: v for k, v in record.items() if k in ("eval/loss", *PROBE_KEYS) and v is not None}
+        log.info(
+            "step %d: %s (%.1f s)",
+            step,
+            ", ".join(f"{k} {v:.4f}" for k, v in shown.items()),
+            time.perf_counter() - began,
+        )
         last_time += time.perf_counter() - began  # the next step's time is its own
 
     every = cfg.eval.every_steps
     try:
         with Preemption() as preemption:
-            if held_out is not None and start == 0:
+            evaluating = held_out is not None or probes is not None
+            if evaluating and start == 0:
                 evaluate(0)
             for step in range(start, max_steps):
                 batch = task.global_batch(step)
                 state, metrics = step_fn(state, batch, task.frozen)
                 flush()
                 pending = (step + 1, metrics)
-                if held_out is not None and ((step + 1) % every == 0 or step + 1 == max_steps):
+                if evaluating and ((step + 1) % every == 0 or step + 1 == max_steps):
                     flush()
                     evaluate(step + 1)
                 stop = preemption.reached(step + 1) or (step + 1) == cfg.train.stop_after

@@ -31,6 +31,9 @@ HARMLESS = (
     "mesh.",
     "model.remat",
     "model.attention_impl",
+    "eval.with_probes",
+    "eval.probes",
+    "eval.personas_dir",
 )
 
 
