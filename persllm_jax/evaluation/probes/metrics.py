@@ -46,6 +46,16 @@ def _breakdown(units: Sequence, value: Callable, keys: Mapping[str, Callable], s
     return out
 
 
+def twin_groups(probes: Sequence[Probe]) -> dict[str, list[Probe]]:
+    """The twin groups of these probes that hold two or more of them (a probe whose twins are not
+    among them counts as a plain probe)."""
+    groups: dict[str, list[Probe]] = defaultdict(list)
+    for p in probes:
+        if p.twin is not None:
+            groups[p.twin].append(p)
+    return {twin: members for twin, members in groups.items() if len(members) > 1}
+
+
 def pick(scores: Sequence[float]) -> int:
     """The best-scoring choice (the first of equal best)."""
     return int(np.argmax(np.asarray(scores, np.float64)))
@@ -66,10 +76,7 @@ def probe_metrics(
     }
     right = {p.id: pick(mean_scores[(p.id, p.stage)]) == p.answer for p in probes}
     right_summed = {p.id: pick(summed_scores[(p.id, p.stage)]) == p.answer for p in probes}
-    groups: dict[str, list[Probe]] = defaultdict(list)
-    for p in probes:
-        if p.twin is not None:
-            groups[p.twin].append(p)
+    groups = twin_groups(probes)
     twin_probes = [p for members in groups.values() for p in members]
 
     def other_token_right(p: Probe) -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 from persllm_jax.evaluation.answers import TestItem, test_items
 from persllm_jax.evaluation.probes.attribution import attribution
 from persllm_jax.evaluation.probes.files import Probe, persona_probe_files, read_probes
-from persllm_jax.evaluation.probes.metrics import probe_metrics, probe_records
+from persllm_jax.evaluation.probes.metrics import probe_metrics, probe_records, twin_groups
 from persllm_jax.evaluation.probes.scoring import EncodedReply, ReplyScorer, encode_reply
 from persllm_jax.personas.materials import Persona, load_personas
 from persllm_jax.personas.prompts import persona_conversation
@@ -24,10 +24,7 @@ log = logging.getLogger(__name__)
 def asked_stages(probes: Sequence[Probe]) -> list[tuple[Probe, str]]:
     """(probe, stage whose token it is asked with): its own stage, and for a twin probe every other
     stage of its group (the stage effect)."""
-    twin_stages: dict[str, list[str]] = {}
-    for p in probes:
-        if p.twin is not None:
-            twin_stages.setdefault(p.twin, []).append(p.stage)
+    twin_stages = {twin: [p.stage for p in members] for twin, members in twin_groups(probes).items()}
     asked = []
     for p in probes:
         asked.append((p, p.stage))
@@ -98,7 +95,7 @@ class ProbeScorer:
 
 
 def probe_set_summary(probes: Sequence[Probe], files: Sequence[str | Path]) -> dict:
-    twins = {p.twin for p in probes if p.twin is not None}
+    twins = twin_groups(probes)
     categories: dict[str, int] = {}
     for p in probes:
         categories[p.category] = categories.get(p.category, 0) + 1
