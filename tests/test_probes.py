@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from persllm_jax.evaluation.probes.files import ProbeFileError, read_probes
-from persllm_jax.evaluation.probes.run import ProbeScorer
 from persllm_jax.personas.materials import load_personas, split_paragraphs
+from persllm_jax.personas.probes import ProbeFileError, read_probes
 from persllm_jax.personas.prompts import persona_system_message
+from persllm_jax.train.probing.scorer import ProbeScorer
 from tests.cli_helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -320,7 +320,7 @@ def two_persona_run(tmp_path_factory):
 def test_attribution_separates_trained_personas_and_a_random_model_is_near_chance(two_persona_run):
     import jax.numpy as jnp
 
-    from persllm_jax.evaluation.probes.run import held_out_items
+    from persllm_jax.evaluation.probes.run import held_out_items, score_model
     from persllm_jax.io import pretrained
     from persllm_jax.model.decoder import init_model
 
@@ -330,15 +330,15 @@ def test_attribution_separates_trained_personas_and_a_random_model_is_near_chanc
     assert len(items) == 24 and Counter(i.persona for i in items) == {"holmes": 12, "darwin": 12}
     probes = [p for p in _all_probes() if p.persona in personas][:6]  # the attribution is what counts here
     model, tokenizer = pretrained.load_pretrained(run, dtype=jnp.float32)
-    scorer, state = ProbeScorer.for_model(model, tokenizer, probes, personas, items)
-    trained = scorer.run(state, with_records=False)["attribution"]
+    scorer, state = ProbeScorer.for_model(model, tokenizer, probes, personas)
+    trained = score_model(scorer, state, items, with_records=False)["attribution"]
     # Chance is 1/2 for both (two personas; two stages each). Trained: at least 0.3 above it.
     assert trained["persona"]["chance"] == 0.5 and trained["persona"]["top1"]["n"] == 24
     assert trained["persona"]["top1"]["value"] >= 0.8
     assert trained["persona"]["mean_rank"] <= 1.2
     random_model = init_model(model.cfg, seed=1)
-    scorer, state = ProbeScorer.for_model(random_model, tokenizer, probes, personas, items)
-    random = scorer.run(state, with_records=False)["attribution"]
+    scorer, state = ProbeScorer.for_model(random_model, tokenizer, probes, personas)
+    random = score_model(scorer, state, items, with_records=False)["attribution"]
     assert abs(random["persona"]["top1"]["value"] - 0.5) <= 0.2
     assert abs(random["stage"]["top1"]["value"] - 0.5) <= 0.2
 

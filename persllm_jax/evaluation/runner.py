@@ -25,12 +25,13 @@ from persllm_jax.evaluation import answers as answers_mod
 from persllm_jax.evaluation import likelihood, report
 from persllm_jax.evaluation.config import EvalConfig
 from persllm_jax.evaluation.distinction import distinction_bleu
-from persllm_jax.evaluation.probes.files import persona_probe_files, read_probes
-from persllm_jax.evaluation.probes.run import ProbeScorer, accuracy_line, probe_set_summary
+from persllm_jax.evaluation.probes.run import accuracy_line, probe_set_summary, score_model
 from persllm_jax.inference.generation import Generator
 from persllm_jax.io import pretrained
 from persllm_jax.personas.materials import load_personas
+from persllm_jax.personas.probes import persona_probe_files, read_probes
 from persllm_jax.progress import Progress
+from persllm_jax.train.probing.scorer import ProbeScorer
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +175,9 @@ def evaluate(cfg: EvalConfig) -> dict:
             del scorer
         if cached_probes is None:
             scorer, state = ProbeScorer.for_model(
-                model, tokenizer, probe_set["probes"], personas, items, cfg.probes.seed
+                model, tokenizer, probe_set["probes"], personas, cfg.probes.seed
             )
-            cached_probes = scorer.run(state)
+            cached_probes = score_model(scorer, state, items)
             _write_cached(model_dir / "probes.json", probe_fp, cached_probes)
             log.info("eval: %s", accuracy_line(spec.name, cached_probes))
             del scorer, state

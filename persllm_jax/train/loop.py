@@ -35,8 +35,8 @@ from persllm_jax.train.config import RunConfig
 from persllm_jax.train.held_out import HeldOut
 from persllm_jax.train.metrics_log import MetricsLog, plot_loss, run_title
 from persllm_jax.train.preemption import Preemption
-from persllm_jax.train.probe_eval import METRICS as PROBE_METRICS
-from persllm_jax.train.probe_eval import TrainingProbes
+from persllm_jax.train.probing.during_training import METRICS as PROBE_METRICS
+from persllm_jax.train.probing.during_training import TrainingProbes
 from persllm_jax.train.program import build_program
 
 log = logging.getLogger(__name__)

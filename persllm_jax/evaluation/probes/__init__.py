@@ -1,16 +1,7 @@
-"""Judge-free persona probes: multiple-choice questions scored by the model's own likelihoods
-(files, scoring with shared prompts, metrics, attribution, the run and its tables)."""
+"""Judge-free persona probes for `persllm probe` and `persllm eval`: persona attribution on held-out
+dialogues, the run over models and its tables (the probe format is `personas/probes.py`, the
+scoring `train/probing/`)."""
 
-from persllm_jax.evaluation.probes.files import Probe, ProbeFileError, persona_probe_files, read_probes
-from persllm_jax.evaluation.probes.run import ProbeScorer, markdown_section, probe_models, write_outputs
+from persllm_jax.evaluation.probes.run import markdown_section, probe_models, score_model, write_outputs
 
-__all__ = [
-    "Probe",
-    "ProbeFileError",
-    "ProbeScorer",
-    "markdown_section",
-    "persona_probe_files",
-    "probe_models",
-    "read_probes",
-    "write_outputs",
-]
+__all__ = ["markdown_section", "probe_models", "score_model", "write_outputs"]

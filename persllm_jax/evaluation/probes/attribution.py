@@ -15,10 +15,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from persllm_jax.evaluation.answers import TestItem
-from persllm_jax.evaluation.probes.metrics import interval
-from persllm_jax.evaluation.probes.scoring import EncodedReply, ReplyScorer, encode_reply
 from persllm_jax.personas.materials import Persona
 from persllm_jax.personas.prompts import persona_conversation
+from persllm_jax.train.probing.metrics import interval
+from persllm_jax.train.probing.scoring import EncodedReply, ReplyScorer, encode_reply
 
 
 def _identities(item: TestItem, personas: Mapping[str, Persona]):

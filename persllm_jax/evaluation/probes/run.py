@@ -1,6 +1,5 @@
-"""Probing models: every probe's choices scored with its own stage's token (and, for twin probes,
-with the other stages' tokens), the metrics, persona attribution on held-out dialogues, and the
-tables of the report."""
+"""`persllm probe` and the probes section of `persllm eval`: each model's probe metrics (scored as
+in training, `train/probing`), its persona attribution on held-out dialogues, and the tables."""
 
 from __future__ import annotations
 
@@ -12,86 +11,23 @@ from pathlib import Path
 
 from persllm_jax.evaluation.answers import TestItem, test_items
 from persllm_jax.evaluation.probes.attribution import attribution
-from persllm_jax.evaluation.probes.files import Probe, persona_probe_files, read_probes
-from persllm_jax.evaluation.probes.metrics import probe_metrics, probe_records, twin_groups
-from persllm_jax.evaluation.probes.scoring import EncodedReply, ReplyScorer, encode_reply
 from persllm_jax.personas.materials import Persona, load_personas
-from persllm_jax.personas.prompts import persona_conversation
+from persllm_jax.personas.probes import Probe, persona_probe_files, read_probes
+from persllm_jax.train.probing.metrics import twin_groups
+from persllm_jax.train.probing.scorer import ProbeScorer
 
 log = logging.getLogger(__name__)
 
 
-def asked_stages(probes: Sequence[Probe]) -> list[tuple[Probe, str]]:
-    """(probe, stage whose token it is asked with): its own stage, and for a twin probe every other
-    stage of its group (the stage effect)."""
-    twin_stages = {twin: [p.stage for p in members] for twin, members in twin_groups(probes).items()}
-    asked = []
-    for p in probes:
-        asked.append((p, p.stage))
-        asked += [(p, s) for s in twin_stages.get(p.twin, []) if s != p.stage]
-    return asked
-
-
-def encode_probes(tokenizer, probes: Sequence[Probe], personas: Mapping[str, Persona]) -> dict:
-    """{(probe id, stage, choice index): EncodedReply} for every probe asked at every stage it is asked."""
-    encoded = {}
-    for probe, stage in asked_stages(probes):
-        persona = personas[probe.persona]
-        messages = persona_conversation(persona, persona.stage(stage), probe.question)
-        for i, choice in enumerate(probe.choices):
-            encoded[(probe.id, stage, i)] = encode_reply(
-                tokenizer, messages, choice, what=f"probe {probe.id} ({probe.file}:{probe.line}) choice {i}"
-            )
-    return encoded
-
-
-class ProbeScorer:
-    """One model's probe metrics; `run(state)` again after training changes the parameters."""
-
-    def __init__(
-        self,
-        graphdef,
-        tokenizer,
-        probes: Sequence[Probe],
-        personas: Mapping[str, Persona],
-        items: Sequence[TestItem] = (),
-        seed: int = 0,
-    ):
-        if not probes:
-            raise ValueError("no probes to score")
-        self.probes, self.personas, self.items, self.seed = list(probes), dict(personas), list(items), seed
-        self.scorer = ReplyScorer(graphdef, tokenizer)
-        self.encoded: dict[tuple[str, str, int], EncodedReply] = encode_probes(
-            tokenizer, self.probes, self.personas
-        )
-
-    @classmethod
-    def for_model(cls, model, tokenizer, probes, personas, items=(), seed=0):
-        from flax import nnx
-
-        graphdef, state = nnx.split(model)
-        return cls(graphdef, tokenizer, probes, personas, items, seed), state
-
-    def choice_scores(self, state) -> tuple[dict, dict]:
-        """({(probe id, stage): mean log-prob per choice}, the same summed)."""
-        keys = list(self.encoded)
-        total, count = self.scorer.score(state, [self.encoded[k] for k in keys])
-        mean_scores: dict[tuple[str, str], list[float]] = {}
-        summed_scores: dict[tuple[str, str], list[float]] = {}
-        for (probe_id, stage, _), t, c in zip(keys, total, count):
-            mean_scores.setdefault((probe_id, stage), []).append(float(t / c))
-            summed_scores.setdefault((probe_id, stage), []).append(float(t))
-        return mean_scores, summed_scores
-
-    def run(self, state, with_records: bool = True) -> dict:
-        mean_scores, summed_scores = self.choice_scores(state)
-        out = probe_metrics(self.probes, mean_scores, summed_scores, self.seed)
-        out["attribution"] = (
-            attribution(self.scorer, state, self.items, self.personas, self.seed) if self.items else None
-        )
-        if with_records:
-            out["probes"] = probe_records(self.probes, mean_scores, summed_scores)
-        return out
+def score_model(
+    scorer: ProbeScorer, state, items: Sequence[TestItem] = (), with_records: bool = True
+) -> dict:
+    """The probe metrics of one model and, with held-out items, its persona and stage attribution."""
+    out = scorer.run(state, with_records=with_records)
+    out["attribution"] = (
+        attribution(scorer.replies, state, items, scorer.personas, scorer.seed) if items else None
+    )
+    return out
 
 
 def probe_set_summary(probes: Sequence[Probe], files: Sequence[str | Path]) -> dict:
@@ -144,8 +80,8 @@ def probe_models(
     for name, path in models:
         began = time.time()
         model, tokenizer = pretrained.load_pretrained(path, dtype=jnp.dtype(dtype))
-        scorer, state = ProbeScorer.for_model(model, tokenizer, probes, personas, items, seed)
-        results[name] = {"path": str(path), **scorer.run(state)}
+        scorer, state = ProbeScorer.for_model(model, tokenizer, probes, personas, seed)
+        results[name] = {"path": str(path), **score_model(scorer, state, items)}
         log.info(
             "probe: %s: accuracy %.3f, twin accuracy %.3f, stage effect %+.3f (%.1f s)",
             name,

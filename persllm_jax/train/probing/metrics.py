@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from persllm_jax.evaluation.probes.files import Probe
+from persllm_jax.personas.probes import Probe
 
 BOOTSTRAP_RESAMPLES = 1000
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from persllm_jax.evaluation.probes.files import persona_probe_files, read_probes
-from persllm_jax.evaluation.probes.run import ProbeScorer
 from persllm_jax.personas.materials import load_personas
+from persllm_jax.personas.probes import persona_probe_files, read_probes
+from persllm_jax.train.probing.scorer import ProbeScorer
 
 log = logging.getLogger(__name__)
 
