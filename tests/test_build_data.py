@@ -12,6 +12,7 @@ import pytest
 
 from tests.cli_helpers import run_cli
 from tests.fault_proxy import FaultProxy
+from tests.probe_questions import assert_no_probe_question_in
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "data_demo.yaml"
@@ -70,6 +71,7 @@ def test_outputs_written_and_valid(built):
     assert (out / "hf" / "dialogues" / "dataset_dict.json").is_file()
     assert list((out / "tfds" / "persllm_dialogues").glob("*/*.array_record-*"))
     dialogues, pairs = read_jsonl(out / "dialogues.jsonl"), read_jsonl(out / "pairs.jsonl")
+    assert_no_probe_question_in(dialogues + pairs)
     persona_rows = [d for d in dialogues if d["kind"] != "general"]
     assert persona_rows, "no dialogue survived: see stats.json drop_reasons"
     assert any(d["kind"] == "general" for d in dialogues)

@@ -193,3 +193,17 @@ def test_empty_and_partial_inputs(tmp_path):
 def test_fmt():
     assert fmt(None) == "-" and fmt(float("inf")) == "-" and fmt(True) == "-" and fmt("x") == "-"
     assert fmt(3.14159) == "3.14" and fmt(7, "d") == "7" and fmt(0.5, ".3f") == "0.500"
+
+
+def test_probe_curves_of_the_training_runs(tmp_path):
+    """Runs that evaluated persona probes during training get one figure of their curves."""
+    runs = {"sft": write_run(tmp_path / "runs" / "sft", 4), "dpo": write_run(tmp_path / "runs" / "dpo", 4)}
+    with open(runs["sft"] / "metrics.jsonl", "a") as f:
+        for step, accuracy in ((0, 0.4), (2, 0.5), (4, 0.6)):
+            record = {"eval/probes/accuracy": accuracy, "eval/probes/twin_accuracy": accuracy / 4}
+            f.write(json.dumps({"step": step, **record, "eval/probes/stage_effect": 0.1}) + "\n")
+    written = write_report(tmp_path / "report", collect_metrics(["sft", "dpo"]), run_dirs=runs)
+    assert_png(written["probes_curve"])
+    assert "](probes_during_training.png)" in written["md"].read_text()
+    plain = write_report(tmp_path / "plain", collect_metrics(["dpo"]), run_dirs={"dpo": runs["dpo"]})
+    assert "probes_curve" not in plain and not (tmp_path / "plain" / "probes_during_training.png").exists()

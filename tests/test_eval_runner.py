@@ -143,6 +143,20 @@ def test_evaluate_tiny_models_end_to_end(tiny_dir, tmp_path):
     assert len(lines) == 2 * 2 * (2 + 1 + 2)  # models x items x (two samples, other stage, two personas)
     assert (out / "report.md").exists() and (out / "comparison_table.png").exists()
     assert result["metrics"]["models"]["sft"]["distinction"]["average"]["n_items"] == 2
+    # The probes section: the examples' probe sets, the same picks for the same weights.
+    probes = report["probes"]
+    assert probes["meta"]["probes"] == sum(
+        len((ROOT / "examples" / "personas" / p / "probes.jsonl").read_text().splitlines())
+        for p in ("darwin", "elizabeth", "holmes")
+    )
+    assert probes["meta"]["held_out_dialogues"] == 2
+    sft, dpo = probes["models"]["sft"], probes["models"]["dpo"]
+    assert [r["pick"] for r in sft["probes"]] == [r["pick"] for r in dpo["probes"]]
+    assert sft["accuracy"]["overall"] == dpo["accuracy"]["overall"]
+    assert sft["attribution"]["persona"]["top1"]["n"] == 2
+    assert "## Persona probes" in (out / "report.md").read_text()
     stamp = (out / "models" / "sft" / "answers.json").stat().st_mtime_ns
+    probes_stamp = (out / "models" / "sft" / "probes.json").stat().st_mtime_ns
     evaluate(cfg)
     assert (out / "models" / "sft" / "answers.json").stat().st_mtime_ns == stamp  # resumed, not redone
+    assert (out / "models" / "sft" / "probes.json").stat().st_mtime_ns == probes_stamp

@@ -36,6 +36,15 @@ def test_sft_held_out_loss_is_the_same_packed_and_unpacked(tmp_path):
     for name in ("eval/loss/persona=holmes", "eval/loss/stage=late"):
         assert math.isclose(packed[name], unpacked[name], rel_tol=1e-5), name
     assert records["true"][-1]["eval/loss"] < packed["eval/loss"], "training lowers the held-out loss"
+    # The persona probes of the run's personas (the examples' probe sets) at every evaluation; the
+    # same parameters before step 1 give the same picks packed or not.
+    for record in records["true"] + records["false"]:
+        assert (
+            0.0 <= record["eval/probes/accuracy"] <= 1.0 and 0.0 <= record["eval/probes/twin_accuracy"] <= 1.0
+        )
+        assert -1.0 <= record["eval/probes/stage_effect"] <= 1.0
+    for key in ("eval/probes/accuracy", "eval/probes/twin_accuracy", "eval/probes/stage_effect"):
+        assert packed[key] == unpacked[key], key
 
 
 @pytest.mark.slow

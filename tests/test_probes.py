@@ -380,3 +380,21 @@ def test_persllm_probe_writes_every_metric_and_each_probes_scores(sft_reference_
         tiny["accuracy"]["overall"]["value"] * 63
     )
     assert "| tiny |" in (tmp_path / "probes.md").read_text()
+
+
+def test_the_leak_check_finds_a_probe_question_among_user_turns():
+    from tests.probe_questions import assert_no_probe_question_in
+
+    question = _all_probes()[5].question
+    clean = [{"messages": [{"role": "user", "content": "Where were you born?"}]}]
+    assert_no_probe_question_in(clean)
+    leaked = clean + [
+        {
+            "prompt": [
+                {"role": "system", "content": "x"},
+                {"role": "user", "content": f"Say, {question.upper()}"},
+            ]
+        }
+    ]
+    with pytest.raises(AssertionError, match="probe questions in training data"):
+        assert_no_probe_question_in(leaked)

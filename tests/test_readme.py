@@ -26,6 +26,7 @@ import transformers
 import yaml
 
 from tests.cli_helpers import user_environment
+from tests.probe_questions import assert_no_probe_question_in
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -258,6 +259,13 @@ def _the_demo(checkout: Path, block: Block) -> None:
         assert 100 < peak < 8 * 1024, (step, peak)
         assert f"[pipeline] {step}: finished in" in result.stdout
     assert "report:      runs/demo/eval/report.md" in result.stdout  # relative to where it ran
+    assert "## Persona probes" in (out / "eval" / "report.md").read_text()
+    built = [
+        json.loads(line)
+        for name in ("dialogues", "pairs")
+        for line in (out / "data" / f"{name}.jsonl").open()
+    ]
+    assert_no_probe_question_in(built)
 
     report = json.loads((out / "eval" / "report.json").read_text())
     assert list(report["models"]) == ["base", "sft", "dpo"]
