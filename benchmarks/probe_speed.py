@@ -106,13 +106,19 @@ def transformers_whole_rows(path: str, rows) -> tuple[float, list[float]]:
 def main() -> None:
     from persllm_jax.io import offline_models
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="*", help="NAME=PATH (default: the offline SmolLM2 three times)")
     parser.add_argument("--personas-dir", default=str(ROOT / "examples" / "personas"))
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
     gguf = str(offline_models.smollm2_gguf())
-    models = [tuple(m.split("=", 1)) for m in args.models] if args.models else [(f"smollm2_{i}", gguf) for i in (1, 2, 3)]
+    models = (
+        [tuple(m.split("=", 1)) for m in args.models]
+        if args.models
+        else [(f"smollm2_{i}", gguf) for i in (1, 2, 3)]
+    )
 
     from persllm_jax.evaluation.probes.run import probe_models
 
@@ -133,10 +139,16 @@ def main() -> None:
     first_name, first_path = models[0]
     torch_s, torch_scores = transformers_whole_rows(first_path, rows)
     # The three agree on every score (a check that the peers did the same work).
-    flat = [s for r in ours[first_name] for s in [*r["scores"], *(x for o in r.get("other_stage", {}).values() for x in o["scores"])]]
+    flat = [
+        s
+        for r in ours[first_name]
+        for s in [*r["scores"], *(x for o in r.get("other_stage", {}).values() for x in o["scores"])]
+    ]
     agree = {
         "whole rows (ours) vs probe": float(np.max(np.abs(np.sort(peer_scores[first_name]) - np.sort(flat)))),
-        "transformers vs whole rows (ours)": float(np.max(np.abs(np.asarray(torch_scores) - peer_scores[first_name]))),
+        "transformers vs whole rows (ours)": float(
+            np.max(np.abs(np.asarray(torch_scores) - peer_scores[first_name]))
+        ),
     }
     tokens = sum(len(r) for r, _ in rows)
     figures = {

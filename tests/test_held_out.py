@@ -2,11 +2,15 @@
 `test` split, before any update and every N steps, the same with packing on and off."""
 
 import math
+from pathlib import Path
 
 import pytest
 
 from persllm_jax.train.metrics_log import read_metrics
 from tests.train_runs import EIGHT_DEVICES, train
+
+# One persona's probe set (63 probes) keeps the runs short on 8 CPU devices; the others are alike.
+HOLMES_PROBES = Path(__file__).resolve().parents[1] / "examples" / "personas" / "holmes" / "probes.jsonl"
 
 
 def _held_out(run_dir):
@@ -23,6 +27,7 @@ def test_sft_held_out_loss_is_the_same_packed_and_unpacked(tmp_path):
             run_dir,
             f"train.packing={packing}",
             "eval.every_steps=2",
+            f"eval.probes=[{HOLMES_PROBES}]",
             "train.max_steps=4",
             env=EIGHT_DEVICES,
         )
@@ -36,8 +41,8 @@ def test_sft_held_out_loss_is_the_same_packed_and_unpacked(tmp_path):
     for name in ("eval/loss/persona=holmes", "eval/loss/stage=late"):
         assert math.isclose(packed[name], unpacked[name], rel_tol=1e-5), name
     assert records["true"][-1]["eval/loss"] < packed["eval/loss"], "training lowers the held-out loss"
-    # The persona probes of the run's personas (the examples' probe sets) at every evaluation; the
-    # same parameters before step 1 give the same picks packed or not.
+    # The persona probes at every evaluation; the same parameters before step 1 give the same picks
+    # packed or not.
     for record in records["true"] + records["false"]:
         assert (
             0.0 <= record["eval/probes/accuracy"] <= 1.0 and 0.0 <= record["eval/probes/twin_accuracy"] <= 1.0
@@ -45,6 +50,29 @@ def test_sft_held_out_loss_is_the_same_packed_and_unpacked(tmp_path):
         assert -1.0 <= record["eval/probes/stage_effect"] <= 1.0
     for key in ("eval/probes/accuracy", "eval/probes/twin_accuracy", "eval/probes/stage_effect"):
         assert packed[key] == unpacked[key], key
+    scalars = _tensorboard_scalars(tmp_path / "true" / "tensorboard")
+    assert [step for step, _ in scalars["eval/probes/accuracy"]] == [0, 2, 4]
+    assert [v for _, v in scalars["eval/probes/accuracy"]] == pytest.approx(
+        [r["eval/probes/accuracy"] for r in records["true"]]
+    )
+
+
+def _tensorboard_scalars(folder):
+    """{tag: [(step, value)]} read from the event files (TFRecord framing around Event protos)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = Event.FromString(data[at + 12 : at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
 
 
 @pytest.mark.slow
@@ -59,6 +87,7 @@ def test_dpo_held_out_metrics_at_step_0(tmp_path):
             run_dir,
             f"train.packing={packing}",
             "eval.every_steps=4",
+            f"eval.probes=[{HOLMES_PROBES}]",
             "train.max_steps=4",
             env=EIGHT_DEVICES,
         )
@@ -70,5 +99,10 @@ def test_dpo_held_out_metrics_at_step_0(tmp_path):
             assert abs(held[0][key]) < 1e-6, key
         assert held[0]["eval/pairs"] == 6  # the held-out pairs of tests/data, all mined across stages
         assert {"eval/rewards/accuracies/persona=holmes", "eval/loss/source=cross_stage"} <= held[0].keys()
-    for key in ("eval/logps/chosen", "eval/logps/rejected"):
+    for key in (
+        "eval/logps/chosen",
+        "eval/logps/rejected",
+        "eval/probes/accuracy",
+        "eval/probes/stage_effect",
+    ):
         assert math.isclose(first["true"][key], first["false"][key], rel_tol=1e-5), key
