@@ -260,6 +260,10 @@ def _the_demo(checkout: Path, block: Block) -> None:
         assert f"[pipeline] {step}: finished in" in result.stdout
     assert "report:      runs/demo/eval/report.md" in result.stdout  # relative to where it ran
     assert "## Persona probes" in (out / "eval" / "report.md").read_text()
+    for model in ("base", "sft", "dpo"):
+        assert re.search(
+            rf"  probes:      {model}: accuracy 0\.\d{{3}} \(n=63\), twin accuracy", result.stdout
+        )
     built = [
         json.loads(line)
         for name in ("dialogues", "pairs")

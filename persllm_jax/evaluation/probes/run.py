@@ -173,10 +173,13 @@ def write_outputs(result: Mapping, json_path: str | Path | None, markdown_path: 
 
 
 def accuracy_line(name: str, r: Mapping) -> str:
-    def value(stat):
-        return "-" if stat["value"] is None else f"{stat['value']:.3f}"
+    """One model's headline probe figures on one line."""
+
+    def value(stat, spec=".3f"):
+        return "-" if stat["value"] is None else f"{stat['value']:{spec}}"
 
     return (
         f"{name}: accuracy {value(r['accuracy']['overall'])} (n={r['accuracy']['overall']['n']}), "
-        f"twin accuracy {value(r['twin_accuracy']['overall'])}, stage effect {value(r['stage_effect']['overall'])}"
+        f"twin accuracy {value(r['twin_accuracy']['overall'])}, "
+        f"stage effect {value(r['stage_effect']['overall'], '+.3f')}"
     )
