@@ -450,22 +450,14 @@ class Pipeline:
                 f"  {step:<11} {record['seconds'] / 60:5.1f} min, peak memory {_gib(record['peak_rss_mb'])}"
             )
         print(f"  report:      {_shown(results['report'])}")
-        for line in _probe_lines(self.path("eval", "report.json")):
+        from persllm_jax.evaluation.probes.run import report_probe_lines  # loads JAX: only now
+
+        for line in report_probe_lines(self.path("eval", "report.json")):
             print(f"  probes:      {line}")
         print(f"  model (HF):  {_shown(results['model'])}")
         print(f"  transcripts: {_shown(results['transcripts'])}")
         print(f"  HF answers:  {_shown(results['answers'])}")
         return results
-
-
-def _probe_lines(report_json: Path) -> list[str]:
-    """Each model's persona-probe figures from the eval report, where it has them."""
-    from persllm_jax.evaluation.probes.run import accuracy_line
-
-    if not report_json.exists():
-        return []
-    probes = json.loads(report_json.read_text()).get("probes") or {}
-    return [accuracy_line(name, r) for name, r in (probes.get("models") or {}).items()]
 
 
 def _gib(mib: float) -> str:

@@ -183,3 +183,12 @@ def accuracy_line(name: str, r: Mapping) -> str:
         f"twin accuracy {value(r['twin_accuracy']['overall'])}, "
         f"stage effect {value(r['stage_effect']['overall'], '+.3f')}"
     )
+
+
+def report_probe_lines(report_json: str | Path) -> list[str]:
+    """`accuracy_line` of each model in an eval report's probes section (none without one)."""
+    import json
+
+    path = Path(report_json)
+    probes = (json.loads(path.read_text()).get("probes") or {}) if path.exists() else {}
+    return [accuracy_line(name, r) for name, r in (probes.get("models") or {}).items()]
