@@ -336,6 +336,13 @@ def test_attribution_separates_trained_personas_and_a_random_model_is_near_chanc
     assert trained["persona"]["chance"] == 0.5 and trained["persona"]["top1"]["n"] == 24
     assert trained["persona"]["top1"]["value"] >= 0.8
     assert trained["persona"]["mean_rank"] <= 1.2
+    # Stage rows made equal: every stage of a persona scores a reply alike, and ties count as a
+    # random order, so stage attribution is exactly at chance.
+    first, second = _stage_token_ids(tokenizer)
+    model.embed[...] = model.embed[...].at[second].set(model.embed[...][first])
+    scorer, state = ProbeScorer.for_model(model, tokenizer, probes, personas)
+    tied = score_model(scorer, state, items, with_records=False)["attribution"]["stage"]
+    assert tied["top1"]["value"] == 0.5 and tied["mean_rank"] == 1.5
     random_model = init_model(model.cfg, seed=1)
     scorer, state = ProbeScorer.for_model(random_model, tokenizer, probes, personas)
     random = score_model(scorer, state, items, with_records=False)["attribution"]

@@ -350,6 +350,7 @@ def plot_probe_curves(runs: Mapping[str, Path], out_png: Path) -> Path | None:
             ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=name)
         ax.set_xlabel("step")
         ax.set_ylabel(key.replace("_", " "))
+        ax.set_ylim(*((-1.05, 1.05) if key == "stage_effect" else (-0.05, 1.05)))  # the metric's whole range
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("Persona probes during training")

@@ -30,9 +30,12 @@ def _identities(item: TestItem, personas: Mapping[str, Persona]):
     return as_personas, as_stages
 
 
-def _rank(scores: np.ndarray, own: int) -> int:
-    """1 + how many candidates score strictly higher than the own one."""
-    return 1 + int((scores > scores[own]).sum())
+def _rank(scores: np.ndarray, own: int) -> tuple[float, float]:
+    """(rank, top-1) of the own candidate, expected over a random order of equal scores: a model
+    that scores every candidate alike (stage-token rows left equal) is at chance, not always right."""
+    higher = int((scores > scores[own]).sum())
+    tied = int((scores == scores[own]).sum()) - 1
+    return 1 + higher + tied / 2, (1.0 / (1 + tied) if higher == 0 else 0.0)
 
 
 def attribution(
@@ -58,14 +61,16 @@ def attribution(
     total, count = scorer.score(state, [encoded[k] for k in keys])
     mean = dict(zip(keys, total / np.maximum(count, 1)))
     for name, index in (("persona", 0), ("stage", 1)):
-        ranks, chance = [], []
+        ranks, top1, chance = [], [], []
         for item in items:
             candidates = _identities(item, personas)[index]
             scores = np.asarray([mean[(item.item_id, *c)] for c in candidates])
-            ranks.append(_rank(scores, candidates.index((item.persona, item.stage))))
+            rank, first = _rank(scores, candidates.index((item.persona, item.stage)))
+            ranks.append(rank)
+            top1.append(first)
             chance.append(1.0 / len(candidates))
         result[name] = {
-            "top1": interval([float(r == 1) for r in ranks], seed),
+            "top1": interval(top1, seed),
             "mean_rank": float(np.mean(ranks)),
             "chance": float(np.mean(chance)),
         }
