@@ -30,11 +30,18 @@ def _identities(item: TestItem, personas: Mapping[str, Persona]):
     return as_personas, as_stages
 
 
+# Scores closer than this (mean log-prob per token) are equal: the same reply under two prompts
+# that differ only in a stage token whose rows are equal moved by up to 3e-6 in float32 when the two
+# prompts ran in batches of different shapes (SmolLM2-135M, the example probe sets).
+TIE_TOLERANCE = 1e-5
+
+
 def _rank(scores: np.ndarray, own: int) -> tuple[float, float]:
     """(rank, top-1) of the own candidate, expected over a random order of equal scores: a model
     that scores every candidate alike (stage-token rows left equal) is at chance, not always right."""
-    higher = int((scores > scores[own]).sum())
-    tied = int((scores == scores[own]).sum()) - 1
+    gap = scores - scores[own]
+    higher = int((gap > TIE_TOLERANCE).sum())
+    tied = int((np.abs(gap) <= TIE_TOLERANCE).sum()) - 1
     return 1 + higher + tied / 2, (1.0 / (1 + tied) if higher == 0 else 0.0)
 
 
