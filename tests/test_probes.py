@@ -369,6 +369,9 @@ def test_persllm_probe_writes_every_metric_and_each_probes_scores(sft_reference_
         assert (
             set(overall) == {"value", "ci", "n"} and overall["ci"][0] <= overall["value"] <= overall["ci"][1]
         )
+    assert tiny["chance"] == pytest.approx(
+        np.mean([1 / len(p.choices) for p in read_probes([holmes], PERSONAS.values())])
+    )
     assert set(tiny["accuracy"]["by_category"]) == {
         "temporal",
         "knowledge",

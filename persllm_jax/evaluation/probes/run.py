@@ -133,7 +133,8 @@ def markdown_section(result: Mapping, heading: str = "## Persona probes") -> lis
         f"often a held-out reply ({meta.get('held_out_dialogues', 0)}) is most likely under its own persona "
         "(or stage) among all.",
         "",
-        "| model | accuracy | accuracy (summed log-prob) | twin accuracy | stage effect | persona attribution | stage attribution |",
+        f"| model | accuracy (chance {next(iter(models.values()))['chance']:.2f}) | accuracy (summed log-prob) | "
+        "twin accuracy | stage effect | persona attribution | stage attribution |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in models.items():

@@ -92,6 +92,7 @@ def probe_metrics(
         "stage_effect": _breakdown(
             twin_probes, lambda p: float(right[p.id]) - other_token_right(p), by, seed
         ),
+        "chance": float(np.mean([1.0 / len(p.choices) for p in probes])),  # a random pick's accuracy
         "twin_right_token_accuracy": interval([float(right[p.id]) for p in twin_probes], seed),
         "twin_other_token_accuracy": interval([other_token_right(p) for p in twin_probes], seed),
     }
