@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from persllm_jax.personas.json_lines import json_lines
 from persllm_jax.personas.materials import Persona
 
 CATEGORIES = ("temporal", "knowledge", "identity", "false_premise", "attitude")
@@ -161,15 +161,7 @@ def read_probes(paths: Iterable[str | Path], personas: Iterable[Persona]) -> lis
     for path in map(Path, paths):
         if not path.is_file():
             raise ProbeFileError("no such probe file", path)
-        for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise ProbeFileError(
-                    f"not valid JSON ({err.msg} at column {err.colno})", path, line
-                ) from None
+        for line, record in json_lines(path, ProbeFileError):
             probe = parse_probe(record, personas, path, line)
             if probe.id in where:
                 first = where[probe.id]

@@ -12,10 +12,10 @@ raises `MaterialsError` naming the file and line.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
+from persllm_jax.personas.json_lines import json_lines
 from persllm_jax.personas.materials import MaterialsError, Persona
 from persllm_jax.personas.prompts import system_prompt
 
@@ -66,13 +66,7 @@ def read_reference_dialogues(path: str | Path, persona: Persona) -> list[dict]:
     path = Path(path)
     paragraph_ids = {p.id for p in persona.paragraphs}
     records, seen, lines = [], {}, {}
-    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise MaterialsError(f"not valid JSON ({err.msg} at column {err.colno})", path, line) from None
+    for line, record in json_lines(path, MaterialsError):
         record = _check(record, persona, paragraph_ids, path, line)
         if record["id"] in seen:
             raise MaterialsError(
