@@ -73,7 +73,8 @@ def test_outputs_written_and_valid(built):
     dialogues, pairs = read_jsonl(out / "dialogues.jsonl"), read_jsonl(out / "pairs.jsonl")
     assert_no_probe_question_in(dialogues + pairs)
     persona_rows = [d for d in dialogues if d["kind"] != "general"]
-    assert persona_rows, "no dialogue survived: see stats.json drop_reasons"
+    annotated = [d for d in persona_rows if "/ref/" not in d["id"]]
+    assert annotated, "no annotated dialogue survived: see stats.json drop_reasons"
     assert any(d["kind"] == "general" for d in dialogues)
     for row in dialogues:
         assert set(row) == DIALOGUE_KEYS and row["split"] in ("train", "test")
@@ -88,6 +89,8 @@ def test_outputs_written_and_valid(built):
         assert row["chosen"][0]["content"].strip() != row["rejected"][0]["content"].strip()
     stats = json.loads((out / "stats.json").read_text())
     assert stats["dialogues"] == len(persona_rows)
+    # every shipped reference dialogue joins (reference.include defaults to true)
+    assert stats["reference_dialogues"] == len(persona_rows) - len(annotated) == 414
     assert stats["general_dialogues"] == len(dialogues) - len(persona_rows)
     assert stats["pairs"] == len(pairs)
     assert stats["llm"]["requests_sent"] > 0 and stats["seeds"] == 12
@@ -104,23 +107,36 @@ def test_outputs_written_and_valid(built):
 def test_splits_and_pairs_are_clean(built):
     out, _ = built
     dialogues = [d for d in read_jsonl(out / "dialogues.jsonl") if d["kind"] != "general"]
-    splits_by_seed = {}
+    splits_by_seed, splits_by_question = {}, {}
     for d in dialogues:
-        splits_by_seed.setdefault(d["seed_id"], set()).add(d["split"])
-    assert splits_by_seed.values(), "nothing to check"
+        if "/ref/" in d["id"]:  # reference dialogues split by question (asked at one or two stages)
+            splits_by_question.setdefault((d["persona"], d["messages"][1]["content"]), set()).add(d["split"])
+        else:  # annotated ones by seed paragraph
+            splits_by_seed.setdefault(d["seed_id"], set()).add(d["split"])
+    assert splits_by_seed.values() and splits_by_question.values(), "nothing to check"
     assert all(len(s) == 1 for s in splits_by_seed.values())
+    assert all(len(s) == 1 for s in splits_by_question.values())
     annotations = read_jsonl(out / "annotations.jsonl")
     author = {}
     for a in annotations:
         for answer in a["answers"].values():
             if answer.get("response"):
                 author.setdefault(answer["response"], set()).add(a["persona"])
-    split_of = {a["id"]: a["split"] for a in annotations}
+    for d in dialogues:
+        author.setdefault(d["messages"][2]["content"], set()).add(d["persona"])
+    split_of = {a["id"]: a["split"] for a in annotations} | {d["id"]: d["split"] for d in dialogues}
+    mined = {}
     for pair in read_jsonl(out / "pairs.jsonl"):
         item_id = pair["id"].split("/cross_")[0]
         assert pair["split"] == split_of[item_id]  # a pair inherits its question's split
         if pair["source"] == "cross_persona":
             assert author[pair["rejected"][0]["content"]] - {pair["persona"]}
+        origin = "reference" if "/ref/" in item_id else "annotated"
+        mined[(origin, pair["source"])] = mined.get((origin, pair["source"]), 0) + 1
+    # both kinds are mined from the reference dialogues: every question asked at both stages
+    # gives two cross-stage pairs, every reference dialogue one cross-persona pair
+    assert mined[("reference", "cross_stage")] == 2 * 54
+    assert mined[("reference", "cross_persona")] == 414
 
 
 @pytest.mark.slow

@@ -1,13 +1,17 @@
 """Parsing, cleaning, splitting, retrieval budgets and pair mining on known inputs."""
 
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from persllm_jax.builder import cleaning, pairs, parsing
 from persllm_jax.builder.build import Item, _check_kinds
+from persllm_jax.builder.references import reference_items
 from persllm_jax.builder.retrieval import fill_budget, nearest
+from persllm_jax.personas.materials import load_personas
+from persllm_jax.personas.reference_dialogues import read_reference_dialogues, reference_file
 
 
 @pytest.mark.parametrize(
@@ -85,6 +89,9 @@ def test_nearest_orders_by_cosine():
     assert list(nearest(query, store)) == [1, 2, 0]
 
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "personas"
+
+
 class FakeEmbedder:
     """Deterministic embeddings for unit tests: a hash of the words, normalized."""
 
@@ -146,12 +153,12 @@ def test_split_by_seed_paragraph_is_seeded_and_leak_free():
 
 class _P:
     def __init__(self, name):
-        self.name, self.description = name, f"{name} of the tests."
+        self.name, self.description, self.stage_prompt = name, f"{name} of the tests.", "token"
 
 
 class _S:
     def __init__(self, token):
-        self.token = token
+        self.token, self.when = token, ""
 
 
 PERSONAS = {"a": _P("A"), "b": _P("B"), "c": _P("C")}
@@ -171,6 +178,63 @@ def test_cross_stage_pairs_both_directions():
     same = _item("a", "early", 2, "q", "Same.", other=("late", "same."))
     same.split = "train"
     assert pairs.cross_stage_pairs([same], PERSONAS, STAGES) == []
+
+
+def test_cross_stage_pairs_one_direction():
+    item = _item("a", "early", 1, "where do you live", "In London.", other=("late", "On the Downs."))
+    item.split = "train"
+    rows = pairs.cross_stage_pairs([item], PERSONAS, STAGES, mirrored=False)
+    assert [(r["stage"], r["chosen"][0]["content"]) for r in rows] == [("early", "In London.")]
+
+
+def _references(seed=0):
+    personas = load_personas(EXAMPLES)
+    return personas, reference_items(personas, EXAMPLES, 0.2, seed, Item)
+
+
+def test_reference_dialogues_split_by_question_group():
+    personas, items = _references()
+    records = {
+        r["id"]: r for p in personas for r in read_reference_dialogues(reference_file(EXAMPLES, p.id), p)
+    }
+    assert len(items) == len(records) == 414
+    groups = {}
+    for item in items:
+        groups.setdefault(records[item.id]["group"] or item.id, set()).add(item.split)
+    assert all(len(splits) == 1 for splits in groups.values()), "a question group straddles the splits"
+    for persona in personas:
+        keys = {records[i.id]["group"] or i.id for i in items if i.persona == persona.id}
+        test = {
+            records[i.id]["group"] or i.id for i in items if i.persona == persona.id and i.split == "test"
+        }
+        assert len(test) == int(0.2 * len(keys) + 0.5), persona.id
+    assert [i.split for i in _references()[1]] == [i.split for i in items], "the split is seeded"
+    assert [i.split for i in _references(seed=1)[1]] != [i.split for i in items]
+
+
+def test_reference_dialogues_give_both_pair_kinds():
+    personas, items = _references()
+    by_id = {p.id: p for p in personas}
+    stages = {(p.id, s.id): s for p in personas for s in p.stages}
+    answer = {(i.id, i.stage): i.answers[i.stage]["response"] for i in items}
+    asked_twice = [i for i in items if len(i.answers) == 2]
+    # 54 questions asked at both stages; the first dialogue of each carries both answers
+    assert len(asked_twice) == 54
+    cross_stage = pairs.cross_stage_pairs(items, by_id, stages)
+    assert len(cross_stage) == 2 * 54
+    own_answers = set(answer.values())
+    for row in cross_stage:
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert chosen in own_answers and rejected in own_answers and chosen != rejected
+        assert row["prompt"][0]["content"].startswith(stages[(row["persona"], row["stage"])].token + " ")
+        # the chosen answer is the one written for the prompt's stage
+        assert any(answer.get((i.id, row["stage"])) == chosen for i in items if i.persona == row["persona"])
+    split_of = {i.answers[i.stage]["response"]: (i.persona, i.split) for i in items}
+    cross_persona = pairs.cross_persona_pairs(items, FakeEmbedder(), by_id, stages, skip_top=5)
+    assert len(cross_persona) == len(items)
+    for row in cross_persona:
+        rejected_persona, rejected_split = split_of[row["rejected"][0]["content"]]
+        assert rejected_persona != row["persona"] and rejected_split == row["split"]
 
 
 def test_cross_persona_skips_top_and_never_identical(monkeypatch):

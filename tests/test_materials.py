@@ -202,7 +202,7 @@ def test_missing_required_field(tmp_path, field, old, new, line):
 def test_unknown_key(tmp_path):
     folder = make_persona(tmp_path, yaml_text=YAML.replace("language: en\n", "language: en\nage: 40\n"))
     err = expect_error(tmp_path, folder / "persona.yaml", 4, match="unknown key 'age'")
-    assert "valid keys: name, description, language, stages" in str(err)
+    assert "valid keys: name, description, language, stage_prompt, stages" in str(err)
 
 
 def test_unknown_stage_key(tmp_path):

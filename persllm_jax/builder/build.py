@@ -4,8 +4,9 @@ Steps: load and validate the materials; embed every paragraph; pick seed paragra
 ask the annotator for one input per seed (ordinary question, opinion or induced question);
 answer each input with retrieved materials and Chain-of-Thought, in its own stage and, for
 cross-stage pairs, in the persona's other stages; drop what cannot be parsed or fails the
-quality filters; drop near-duplicate questions; split train/test by seed paragraph; mine
-cross-persona and cross-stage preference pairs; mix in general chat data; write the outputs.
+quality filters; drop near-duplicate questions; split train/test by seed paragraph; add each
+persona's reference dialogues (hand-written, split by question group); mine cross-persona and
+cross-stage preference pairs; mix in general chat data; write the outputs.
 
 Every LLM call goes through a content-addressed cache written as each answer arrives, so a
 re-run (after a crash or a kill at any moment) repeats no call and yields the same records.
@@ -24,6 +25,7 @@ import numpy as np
 
 from persllm_jax.builder import cleaning, outputs, pairs, parsing, prompts
 from persllm_jax.builder.config import BuildConfig
+from persllm_jax.builder.references import reference_items
 from persllm_jax.builder.retrieval import Embedder, fill_budget, nearest
 from persllm_jax.llm.client import LLMClient
 from persllm_jax.personas.materials import load_personas
@@ -265,16 +267,31 @@ class Builder:
         for item in duplicates:
             item.drop_reason = "near-duplicate question"
         cleaning.assign_splits(kept, self.cfg.split.test_fraction, self.cfg.split.seed)
+        references = []
+        if self.cfg.reference.include:
+            references = reference_items(
+                self.personas.values(),
+                self.cfg.personas_dir,
+                self.cfg.split.test_fraction,
+                self.cfg.split.seed,
+                Item,
+            )
+            log.info("%d reference dialogues", len(references))
+        kept += references
         dialogue_rows = [outputs.dialogue_row(i, self.personas, self.stages) for i in kept]
         pair_rows = []
         if self.cfg.pairs.cross_stage:
-            pair_rows += pairs.cross_stage_pairs(kept, self.personas, self.stages)
+            pair_rows += pairs.cross_stage_pairs(
+                kept, self.personas, self.stages, self.cfg.pairs.cross_stage_mirrored
+            )
         if self.cfg.pairs.cross_persona.enabled:
             pair_rows += pairs.cross_persona_pairs(
                 kept, self.embedder, self.personas, self.stages, self.cfg.pairs.cross_persona.skip_top
             )
         general_rows = outputs.general_rows(self.cfg.general_data, len(dialogue_rows), self.cfg.split.seed)
-        stats = outputs.stats(items, dialogue_rows, pair_rows, general_rows, self.client.stats())
+        stats = outputs.stats(
+            items, dialogue_rows, pair_rows, general_rows, self.client.stats(), len(references)
+        )
         outputs.write_all(self.out_dir, items, dialogue_rows + general_rows, pair_rows, stats)
         return stats
 

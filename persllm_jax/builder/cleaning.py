@@ -29,7 +29,7 @@ def drop_near_duplicates(items, embedder, threshold: float):
     return kept, dropped
 
 
-def _order_key(seed: int, text: str) -> str:
+def order_key(seed: int, text: str) -> str:
     return hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()
 
 
@@ -43,7 +43,7 @@ def assign_splits(items, test_fraction: float, seed: int) -> None:
         seeds_by_stage[(item.persona, item.stage)].add(item.seed_id)
     test_seeds = set()
     for seeds in seeds_by_stage.values():
-        ordered = sorted(seeds, key=lambda s: _order_key(seed, s))
+        ordered = sorted(seeds, key=lambda s: order_key(seed, s))
         test_seeds.update(ordered[: math.floor(test_fraction * len(ordered) + 0.5)])
     for item in items:
         item.split = "test" if item.seed_id in test_seeds else "train"

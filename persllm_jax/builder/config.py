@@ -62,6 +62,9 @@ class CrossPersonaSection:
 class PairsSection:
     cross_persona: CrossPersonaSection = CrossPersonaSection()
     cross_stage: bool = True
+    # each cross-stage pair is mirrored: the same question under the other stage's prompt, with
+    # chosen and rejected swapped; false keeps the question's own stage only
+    cross_stage_mirrored: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +72,13 @@ class GeneralDataSection:
     path: str = ""  # JSONL or `datasets` directory of general chats in messages format
     repeats: float = 0.2  # copies per persona dialogue copy; 0.2 = the paper's 5 : 1 mixture
     max_items: int = 0  # 0 = all
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceSection:
+    # each persona's reference.jsonl (hand-written dialogues), where it ships one, joins the
+    # annotated dialogues and the pair mining
+    include: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,3 +94,4 @@ class BuildConfig:
     split: SplitSection = SplitSection()
     pairs: PairsSection = PairsSection()
     general_data: GeneralDataSection = GeneralDataSection()
+    reference: ReferenceSection = ReferenceSection()

@@ -121,7 +121,7 @@ def _usage_total(usages) -> dict:
     return dict(total)
 
 
-def stats(items, dialogues, pair_rows, general, client_stats) -> dict:
+def stats(items, dialogues, pair_rows, general, client_stats, references: int = 0) -> dict:
     kept = [d for d in dialogues]
     counts: dict = {}
     for d in kept:
@@ -130,6 +130,7 @@ def stats(items, dialogues, pair_rows, general, client_stats) -> dict:
     return {
         "seeds": len(items),
         "dialogues": len(kept),
+        "reference_dialogues": references,
         "dialogues_by_split": dict(Counter(d["split"] for d in kept)),
         "dialogues_by_persona_stage_kind": {p: {s: dict(c) for s, c in v.items()} for p, v in counts.items()},
         "general_dialogues": len(general),

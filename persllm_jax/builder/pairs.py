@@ -36,7 +36,7 @@ def _pair(item, stage_id, source, chosen, rejected, personas, stages, suffix):
     }
 
 
-def cross_stage_pairs(items, personas, stages) -> list[dict]:
+def cross_stage_pairs(items, personas, stages, mirrored: bool = True) -> list[dict]:
     rows = []
     for item in items:
         own = item.answers[item.stage]["response"]
@@ -45,9 +45,10 @@ def cross_stage_pairs(items, personas, stages) -> list[dict]:
             if stage_id == item.stage or other is None or _same(own, other):
                 continue
             rows.append(_pair(item, item.stage, "cross_stage", own, other, personas, stages, stage_id))
-            rows.append(
-                _pair(item, stage_id, "cross_stage", other, own, personas, stages, f"{stage_id}-chosen")
-            )
+            if mirrored:
+                rows.append(
+                    _pair(item, stage_id, "cross_stage", other, own, personas, stages, f"{stage_id}-chosen")
+                )
     return rows
 
 

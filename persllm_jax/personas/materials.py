@@ -5,8 +5,9 @@ Layout::
     <personas_dir>/<persona_id>/persona.yaml
     <personas_dir>/<persona_id>/<stage_id>/{knowledge,experiences,speech}.txt
 
-`persona.yaml` holds `name`, `description`, `language` and `stages`, a list of
-`{id, token, when}` entries. Each materials file holds paragraphs separated by blank lines.
+`persona.yaml` holds `name`, `description`, `language`, `stage_prompt` and `stages`, a list of
+`{id, token, when}` entries. `stage_prompt` says how the system prompt names the stage: `token`
+(the stage token alone, the default) or `token_and_when` (the token, then the stage's `when` line). Each materials file holds paragraphs separated by blank lines.
 Knowledge and experiences are the *objective* store (what the persona knows and lived);
 speech records are the *subjective* store (how the persona speaks). Every problem raises `MaterialsError`, whose message starts with the
 file (and line, where there is one) at fault.
@@ -25,11 +26,12 @@ import yaml
 PERSONA_FILE = "persona.yaml"
 KINDS = ("knowledge", "experiences", "speech")
 CATEGORY = {"knowledge": "objective", "experiences": "objective", "speech": "subjective"}
-PERSONA_KEYS = ("name", "description", "language", "stages")
+PERSONA_KEYS = ("name", "description", "language", "stage_prompt", "stages")
 PERSONA_REQUIRED = ("name", "stages")
 STAGE_KEYS = ("id", "token", "when")
 STAGE_REQUIRED = ("id", "token")
 DEFAULT_LANGUAGE = "en"
+STAGE_PROMPTS = ("token", "token_and_when")
 
 _TOKEN = re.compile(r"<[^<>\s]+>")
 _STAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
@@ -82,6 +84,7 @@ class Persona:
     description: str
     language: str
     stages: tuple[Stage, ...]
+    stage_prompt: str = "token"  # one of STAGE_PROMPTS
 
     def stage(self, stage_id: str) -> Stage:
         for stage in self.stages:
@@ -167,6 +170,7 @@ def load_persona(persona_dir: str | Path) -> Persona:
         description=meta["description"],
         language=meta["language"],
         stages=tuple(stages),
+        stage_prompt=meta["stage_prompt"],
     )
 
 
@@ -255,6 +259,16 @@ def _read_persona_yaml(path: Path) -> dict[str, Any]:
     if "language" in top:
         language = _text(top["language"][1], path, "'language'")
 
+    stage_prompt = STAGE_PROMPTS[0]
+    if "stage_prompt" in top:
+        stage_prompt = _text(top["stage_prompt"][1], path, "'stage_prompt'")
+        if stage_prompt not in STAGE_PROMPTS:
+            raise MaterialsError(
+                f"'stage_prompt' is {stage_prompt!r}; valid values: {', '.join(STAGE_PROMPTS)}",
+                path,
+                _line(top["stage_prompt"][1]),
+            )
+
     stages_node = top["stages"][1]
     if not isinstance(stages_node, yaml.SequenceNode) or not stages_node.value:
         raise MaterialsError(
@@ -294,8 +308,20 @@ def _read_persona_yaml(path: Path) -> dict[str, Any]:
             )
         tokens[token] = token_line
         when = _text(entry["when"][1], path, f"{what}.when", True) if "when" in entry else ""
+        if stage_prompt == "token_and_when" and not when:
+            raise MaterialsError(
+                f"{what} has no 'when' line, which stage_prompt: token_and_when writes after the token",
+                path,
+                _line(node),
+            )
         stages.append({"id": stage_id, "token": token, "when": when, "line": _line(node)})
-    return {"name": name, "description": description, "language": language, "stages": stages}
+    return {
+        "name": name,
+        "description": description,
+        "language": language,
+        "stage_prompt": stage_prompt,
+        "stages": stages,
+    }
 
 
 # --------------------------------------------------------------------------------------------

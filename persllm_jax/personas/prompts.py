@@ -5,21 +5,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from persllm_jax.personas.materials import Persona, Stage, load_personas
+from persllm_jax.personas.materials import STAGE_PROMPTS, Persona, Stage, load_personas
 
 # Where `persllm chat` and `talk` look for personas by default when ./examples/personas is absent:
 # the examples beside this source tree (a development checkout).
 REPO_PERSONAS = Path(__file__).resolve().parents[2] / "examples" / "personas"
 
 
-def persona_system_prompt(*, token: str, name: str, description: str) -> str:
+def persona_system_prompt(
+    *, token: str, name: str, description: str, when: str = "", stage_prompt: str = "token"
+) -> str:
     """The system message of a persona dialogue. The stage token comes first, so that the model
-    reads which stage of the life it speaks from before anything else."""
-    return f"{token} You are {name}. {description}".strip()
+    reads which stage of the life it speaks from before anything else; with `token_and_when` the
+    stage's `when` line follows it, which names the stage in words the model already reads."""
+    if stage_prompt not in STAGE_PROMPTS:
+        raise ValueError(f"unknown stage_prompt {stage_prompt!r}; valid values: {', '.join(STAGE_PROMPTS)}")
+    stage = token if stage_prompt == "token" else f"{token} {when.rstrip('.')}."
+    return f"{stage} You are {name}. {description}".strip()
 
 
-def system_prompt(persona: Persona, stage: Stage) -> str:
-    return persona_system_prompt(token=stage.token, name=persona.name, description=persona.description)
+def system_prompt(persona: Persona, stage: Stage, stage_prompt: str | None = None) -> str:
+    """`persona`'s system prompt at `stage`, in the persona's own `stage_prompt` unless one is given."""
+    return persona_system_prompt(
+        token=stage.token,
+        name=persona.name,
+        description=persona.description,
+        when=stage.when,
+        stage_prompt=stage_prompt or persona.stage_prompt,
+    )
 
 
 def persona_conversation(persona: Persona, stage: Stage, question: str) -> list[dict]:

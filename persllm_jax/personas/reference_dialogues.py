@@ -3,8 +3,9 @@
 `"origin": "reference"`.
 
 A record holds `id`, `persona`, `stage`, `kind` (`ordinary`, `opinion` or `induced`: a false
-premise corrected in character), `messages` (the persona's system message for the stage, one user
-question, one assistant answer), `analysis` (the reasoning step before the answer), `seed_id` (the
+premise corrected in character), `messages` (the persona's system message for the stage, in any
+`stage_prompt` style and read as the persona's own; one user question; one assistant answer),
+`analysis` (the reasoning step before the answer), `seed_id` (the
 materials paragraph the answer rests on, `<persona>/<stage>/<kind>/<nnn>`), `group` (a shared id on
 the dialogues that ask one question at different stages, else null) and `origin`. Every problem
 raises `MaterialsError` naming the file and line.
@@ -16,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from persllm_jax.personas.json_lines import json_lines
-from persllm_jax.personas.materials import MaterialsError, Persona
+from persllm_jax.personas.materials import STAGE_PROMPTS, MaterialsError, Persona
 from persllm_jax.personas.prompts import system_prompt
 
 REFERENCE_FILE = "reference.jsonl"
@@ -47,10 +48,16 @@ def _check(record, persona: Persona, paragraph_ids: set[str], path: Path, line: 
         isinstance(m.get("content"), str) and m["content"].strip() for m in messages
     ):
         fail("messages must be a system message, a user question and an assistant answer, none empty")
-    if messages[0]["content"] != system_prompt(persona, stage):
+    # Written in any stage_prompt style; read in the persona's own, so that a persona switched to
+    # another style keeps its reference files.
+    styles = {
+        system_prompt(persona, stage, style) for style in STAGE_PROMPTS if style == "token" or stage.when
+    }
+    if messages[0]["content"] not in styles:
         fail(
             f"the system message is not the persona's for stage {stage.id!r}: {system_prompt(persona, stage)!r}"
         )
+    messages[0]["content"] = system_prompt(persona, stage)
     if not isinstance(record["analysis"], str) or not record["analysis"].strip():
         fail("analysis must be a non-empty string")
     seed = record["seed_id"]

@@ -79,6 +79,11 @@ class OptimSection:
     b2: float = 0.95
     eps: float = 1e-5
     grad_clip: float = 1.0
+    # The embedding (and untied output) rows of `token_lr_tokens` learn at lr x this: the stage
+    # tokens start as one shared row and must move apart within a short run. Tokens: empty means
+    # model.add_tokens.
+    token_lr_multiplier: float = 1.0
+    token_lr_tokens: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,6 +52,24 @@ def lora_token_rows(cfg: RunConfig, tokenizer) -> tuple[int, ...]:
     return tuple(token_ids(tokenizer, cfg.model.add_tokens))
 
 
+def lr_token_rows(cfg: RunConfig, tokenizer) -> tuple[int, ...]:
+    """The vocabulary rows `optim.token_lr_multiplier` applies to; each token must be one token of
+    the run's vocabulary."""
+    if cfg.optim.token_lr_multiplier == 1.0:
+        return ()
+    tokens = [t.strip() for t in (cfg.optim.token_lr_tokens or cfg.model.add_tokens) if t.strip()]
+    if not tokens:
+        raise ValueError(
+            f"optim.token_lr_multiplier={cfg.optim.token_lr_multiplier} names no rows: set "
+            "optim.token_lr_tokens (e.g. the stage tokens) or model.add_tokens"
+        )
+    vocab = tokenizer.get_vocab()
+    unknown = [t for t in tokens if t not in vocab]
+    if unknown:
+        raise ValueError(f"optim.token_lr_tokens: {unknown} are not tokens of the model's tokenizer")
+    return tuple(token_ids(tokenizer, tokens))
+
+
 class TrainingStopped(RuntimeError):
     """Training cannot go on (a NaN loss, for example); the message says why and where."""
 
@@ -62,6 +80,14 @@ def check_training_settings(cfg: RunConfig) -> None:
         raise ValueError(f"train.grad_accum_steps must be >= 1, got {cfg.train.grad_accum_steps}")
     if cfg.lora.rank < 0:
         raise ValueError(f"lora.rank must be >= 0 (0: no adapters), got {cfg.lora.rank}")
+    if cfg.optim.token_lr_multiplier <= 0:
+        raise ValueError(f"optim.token_lr_multiplier must be > 0, got {cfg.optim.token_lr_multiplier}")
+    if cfg.optim.token_lr_multiplier != 1.0 and cfg.lora.rank:
+        raise ValueError(
+            "optim.token_lr_multiplier scales embedding rows of a full fine-tune; a LoRA run trains "
+            "the added tokens' rows with its adapters (lora.train_embeddings_rows): use lora.alpha "
+            "or optim.lr instead"
+        )
     if cfg.lora.train_embeddings_rows not in LORA_ROW_CHOICES:
         raise ValueError(
             f"lora.train_embeddings_rows={cfg.lora.train_embeddings_rows!r}; valid: {', '.join(LORA_ROW_CHOICES)}"
@@ -173,7 +199,7 @@ def _train(cfg: RunConfig, make_task: Callable, mesh, run_dir: Path, attempt: At
     if is_main:
         configlib.dump(cfg, run_dir / "config.yaml")
 
-    program = build_program(cfg, model_cfg, mesh)
+    program = build_program(cfg, model_cfg, mesh, lr_token_rows(cfg, tokenizer))
     checkpointer.trainable = program.trainable
 
     with jax.set_mesh(mesh):

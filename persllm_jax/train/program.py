@@ -64,10 +64,13 @@ class TrainProgram:
         )
 
 
-def build_program(cfg: RunConfig, model_cfg: ModelConfig, mesh: Mesh) -> TrainProgram:
+def build_program(
+    cfg: RunConfig, model_cfg: ModelConfig, mesh: Mesh, token_rows: tuple[int, ...] = ()
+) -> TrainProgram:
+    """`token_rows`: the vocabulary rows that learn at `optim.token_lr_multiplier` x lr."""
     graphdef, abstract_params = nnx.split(abstract_model(model_cfg))
     params_shardings = state_shardings_for(abstract_params, mesh)
-    optimizer = make_optimizer(cfg.optim, cfg.train.max_steps)
+    optimizer = make_optimizer(cfg.optim, cfg.train.max_steps, token_rows)
     trainable = trainable_filter(model_cfg)
     shardings, abstract_sharded_params = state_shardings(
         optimizer, abstract_params, params_shardings, mesh, trainable

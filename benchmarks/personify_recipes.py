@@ -1,0 +1,265 @@
+"""Which training recipe personifies a small model: SFT and DPO variants from one base model and one
+build's data, each measured with the persona probes.
+
+For every variant: the build is redone from the given build's LLM cache (no annotator request; only
+the persona prompt style and the pair options change), SFT then DPO run as the demo runs them
+(`persllm sft` / `persllm dpo` with the demo's configs and the variant's overrides), and
+`persllm probe` scores base, SFT and DPO on
+
+- the shipped probe files (never trained on): accuracy, false-premise accuracy, knowledge and
+  identity accuracy, twin accuracy, stage effect; and persona attribution of the build's held-out
+  dialogues;
+- the variant's own training twins: each question of the reference dialogues asked at both stages
+  whose group is in the train split, as a two-choice twin probe (its two stages' answers). The
+  cheapest signal: a recipe that cannot separate the twins it trained on will not separate new ones.
+
+    python benchmarks/personify_recipes.py --run runs/demo --out runs/recipes
+    python benchmarks/personify_recipes.py --run runs/demo --out runs/recipes --variants when_lr3e-4
+
+`--run` is a finished demo run (its base_model, data with the LLM cache, and configs). Results:
+`<out>/results.json` (every metric of every model of every variant, and wall times) and
+`<out>/results.md` (the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name -> the persona prompt style, build-data overrides, SFT overrides, DPO overrides
+DEMO_SFT = ["train.max_steps=10", "optim.lr=1.0e-4", "optim.warmup_steps=2"]
+DEMO_DPO = ["train.max_steps=14", "optim.lr=5.0e-6", "optim.warmup_steps=2"]
+LONG_SFT = ["train.max_steps=40", "optim.lr=3.0e-4", "optim.warmup_steps=4"]
+VARIANTS = {
+    "demo": {"stage_prompt": "token", "build": [], "sft": DEMO_SFT, "dpo": DEMO_DPO},
+    "lr3e-4": {"stage_prompt": "token", "build": [], "sft": LONG_SFT, "dpo": DEMO_DPO},
+    "when_lr3e-4": {"stage_prompt": "token_and_when", "build": [], "sft": LONG_SFT, "dpo": DEMO_DPO},
+    "when_lr3e-4_dpo5e-5": {
+        "stage_prompt": "token_and_when",
+        "build": [],
+        "sft": LONG_SFT,
+        "dpo": ["train.max_steps=14", "optim.lr=5.0e-5", "optim.warmup_steps=2"],
+        "sft_from": "when_lr3e-4",
+    },
+    "when_lr3e-4_dpo5e-5_one_way": {
+        "stage_prompt": "token_and_when",
+        "build": ["pairs.cross_stage_mirrored=false"],
+        "sft": LONG_SFT,
+        "dpo": ["train.max_steps=14", "optim.lr=5.0e-5", "optim.warmup_steps=2"],
+        "sft_from": "when_lr3e-4",
+    },
+    "rows30_lr3e-4": {
+        "stage_prompt": "token",
+        "build": [],
+        "sft": [*LONG_SFT, "optim.added_tokens_lr_multiplier=30"],
+        "dpo": DEMO_DPO,
+    },
+}
+
+
+def persllm(*args: str, log: Path) -> float:
+    started = time.time()
+    with open(log, "w") as f:
+        done = subprocess.run(
+            [sys.executable, "-m", "persllm_jax.cli", *args], stdout=f, stderr=subprocess.STDOUT
+        )
+    if done.returncode:
+        raise SystemExit(f"persllm {args[0]} failed ({done.returncode}); see {log}")
+    return round(time.time() - started, 1)
+
+
+def personas_in(style: str, out: Path) -> Path:
+    """The example personas with `stage_prompt: style` (a copy unless it is the default)."""
+    source = ROOT / "examples" / "personas"
+    if style == "token":
+        return source
+    target = out / f"personas_{style}"
+    if not target.is_dir():
+        shutil.copytree(source, target)
+        for path in target.glob("*/persona.yaml"):
+            text = path.read_text()
+            path.write_text(text.replace("\nstages:", f"\nstage_prompt: {style}\nstages:", 1))
+    return target
+
+
+def build(run: Path, out: Path, personas: Path, overrides: list[str]) -> Path:
+    data = out / "data"
+    if not (data / "dialogues.jsonl").is_file():
+        shutil.rmtree(data, ignore_errors=True)
+        data.mkdir(parents=True)
+        shutil.copytree(run / "data" / "cache", data / "cache")
+        config = yaml.safe_load((run / "configs" / "build-data.yaml").read_text())
+        config.update(personas_dir=str(personas), out_dir=str(data))
+        (out / "build-data.yaml").write_text(yaml.safe_dump(config))
+        persllm(
+            "build-data", "--config", str(out / "build-data.yaml"), *overrides, log=out / "build-data.log"
+        )
+    return data
+
+
+def train(run: Path, step: str, out: Path, model: Path, source: Path, overrides: list[str]) -> float:
+    run_dir = out / step
+    if (run_dir / "done.json").is_file():
+        return json.loads((run_dir / "done.json").read_text())["seconds"]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    config = yaml.safe_load((run / "configs" / f"{step}.yaml").read_text())
+    config["run_dir"] = str(run_dir)
+    config["model"]["path"] = str(model)
+    config["data"]["sources"][0]["path"] = str(source)
+    config["eval"] = {"every_steps": 0}
+    (out / f"{step}.yaml").write_text(yaml.safe_dump(config))
+    seconds = persllm(step, "--config", str(out / f"{step}.yaml"), *overrides, log=out / f"{step}.log")
+    (run_dir / "done.json").write_text(json.dumps({"seconds": seconds}))
+    return seconds
+
+
+def training_twins(data: Path, out: Path) -> Path:
+    """A probe file of the train split's questions asked at both stages (two choices each)."""
+    groups: dict[str, list[dict]] = {}
+    for line in (data / "dialogues.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["split"] == "train" and "/ref/" in row["id"]:
+            groups.setdefault(row["messages"][1]["content"] + "\0" + row["persona"], []).append(row)
+    probes = []
+    for number, rows in enumerate(v for v in groups.values() if len({r["stage"] for r in v}) == 2):
+        rows = sorted(rows, key=lambda r: r["stage"])[:2]
+        answers = [r["messages"][2]["content"] for r in rows]
+        for index, row in enumerate(rows):
+            _, stage, kind, paragraph = row["seed_id"].split("/")
+            probes.append(
+                {
+                    "id": f"train-twin-{number:03d}-{row['stage']}",
+                    "persona": row["persona"],
+                    "stage": row["stage"],
+                    "category": "temporal",
+                    "question": row["messages"][1]["content"],
+                    "choices": answers,
+                    "answer": index,
+                    "twin": f"train-twin-{number:03d}",
+                    "source": f"{stage}/{kind}.txt#{int(paragraph)}",
+                }
+            )
+    path = out / "training_twins.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in probes))
+    return path
+
+
+def summary(metrics: dict) -> dict:
+    def value(*keys):
+        node = metrics
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        return None if node is None else round(node["value"], 3)
+
+    knowledge = [metrics["accuracy"]["by_category"].get(c) for c in ("knowledge", "identity")]
+    n = sum(k["n"] for k in knowledge if k)
+    return {
+        "accuracy": value("accuracy", "overall"),
+        "false_premise": value("accuracy", "by_category", "false_premise"),
+        "knowledge_identity": round(sum(k["value"] * k["n"] for k in knowledge if k) / n, 3) if n else None,
+        "twin_accuracy": value("twin_accuracy", "overall"),
+        "stage_effect": value("stage_effect", "overall"),
+        "persona_attribution": value("attribution", "persona", "top1"),
+        "stage_attribution": value("attribution", "stage", "top1"),
+    }
+
+
+def probe(models: dict[str, Path], personas: Path, out: Path, name: str, extra: list[str]) -> dict:
+    path = out / f"probes_{name}.json"
+    if not path.is_file():
+        args = [f"{k}={v}" for k, v in models.items()]
+        persllm(
+            "probe",
+            *args,
+            "--personas-dir",
+            str(personas),
+            "--json",
+            str(path),
+            *extra,
+            log=out / f"probe_{name}.log",
+        )
+    return json.loads(path.read_text())
+
+
+def run_variant(run: Path, root: Path, name: str, spec: dict) -> dict:
+    out = root / name
+    out.mkdir(parents=True, exist_ok=True)
+    personas = personas_in(spec["stage_prompt"], root)
+    data = build(run, out, personas, spec["build"])
+    if spec.get("sft_from"):
+        sft_seconds = run_variant(run, root, spec["sft_from"], VARIANTS[spec["sft_from"]])["seconds"]["sft"]
+        sft_dir = root / spec["sft_from"] / "sft"
+    else:
+        sft_dir = out / "sft"
+        sft_seconds = train(run, "sft", out, run / "base_model", data / "dialogues.jsonl", spec["sft"])
+    dpo_seconds = train(run, "dpo", out, sft_dir, data / "pairs.jsonl", spec["dpo"])
+    models = {"base": run / "base_model", "sft": sft_dir, "dpo": out / "dpo"}
+    held_out = probe(models, personas, out, "held_out", ["--dialogues", str(data / "dialogues.jsonl")])
+    twins = probe(models, personas, out, "training_twins", ["--probes", str(training_twins(data, out))])
+    result = {
+        "spec": spec,
+        "seconds": {"sft": sft_seconds, "dpo": dpo_seconds},
+        "held_out": {m: summary(held_out["models"][m]) for m in models},
+        "training_twins": {m: summary(twins["models"][m])["twin_accuracy"] for m in models},
+        "training_stage_effect": {m: summary(twins["models"][m])["stage_effect"] for m in models},
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def table(results: dict) -> str:
+    columns = [
+        ("training twins", lambda r, m: r["training_twins"][m]),
+        ("twin acc.", lambda r, m: r["held_out"][m]["twin_accuracy"]),
+        ("stage effect", lambda r, m: r["held_out"][m]["stage_effect"]),
+        ("false premise", lambda r, m: r["held_out"][m]["false_premise"]),
+        ("knowledge+identity", lambda r, m: r["held_out"][m]["knowledge_identity"]),
+        ("persona attribution", lambda r, m: r["held_out"][m]["persona_attribution"]),
+        ("accuracy", lambda r, m: r["held_out"][m]["accuracy"]),
+    ]
+    lines = [
+        "| variant | SFT / DPO steps | SFT + DPO min | " + " | ".join(c for c, _ in columns) + " |",
+        "|---|---|---:|" + "---|" * len(columns),
+    ]
+    for name, r in results.items():
+        steps = [
+            o.split("=")[1] for o in r["spec"]["sft"] + r["spec"]["dpo"] if o.startswith("train.max_steps")
+        ]
+        minutes = (r["seconds"]["sft"] + r["seconds"]["dpo"]) / 60
+        cells = [
+            " / ".join(f"{f(r, m):.2f}" if f(r, m) is not None else "-" for m in ("base", "sft", "dpo"))
+            for _, f in columns
+        ]
+        lines.append(f"| {name} | {' / '.join(steps)} | {minutes:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n(each cell: base / SFT / DPO)\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="a finished demo run directory")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    for name in args.variants:
+        print(f"[recipes] {name}", flush=True)
+        results[name] = run_variant(args.run.resolve(), args.out.resolve(), name, VARIANTS[name])
+        results_path.write_text(json.dumps(results, indent=2))
+        (args.out / "results.md").write_text(table(results))
+        print(table({name: results[name]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

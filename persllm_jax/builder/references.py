@@ -1,0 +1,62 @@
+"""Reference dialogues in a build: each persona's hand-written `reference.jsonl` joins the
+annotated items as items of its own, split train/test by question group (the dialogues that ask
+one question at several stages stay together, so a question asked at both stages never has one
+stage in train and the other in test), and the first dialogue of a group carries the group's other
+answers, so the cross-stage miner pairs them as it pairs an annotated item's answers."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+from persllm_jax.builder.cleaning import order_key
+from persllm_jax.personas.reference_dialogues import read_reference_dialogues, reference_file
+
+
+def _answer(record: dict) -> dict:
+    return {"response": record["messages"][2]["content"], "analysis": record["analysis"]}
+
+
+def group_splits(records: list[dict], test_fraction: float, seed: int) -> dict[str, str]:
+    """Record id -> "train" | "test": per persona, a seeded `test_fraction` of its question groups
+    (a dialogue without a group is a group of its own) goes to test."""
+    keys_by_persona = defaultdict(set)
+    key = {r["id"]: r["group"] or r["id"] for r in records}
+    for record in records:
+        keys_by_persona[record["persona"]].add(key[record["id"]])
+    test_keys = set()
+    for keys in keys_by_persona.values():
+        ordered = sorted(keys, key=lambda k: order_key(seed, k))
+        test_keys.update(ordered[: math.floor(test_fraction * len(ordered) + 0.5)])
+    return {rid: "test" if k in test_keys else "train" for rid, k in key.items()}
+
+
+def reference_items(personas, personas_dir, test_fraction: float, seed: int, make_item) -> list:
+    """The reference dialogues of `personas` as build items, split by group; `make_item(**fields)`
+    builds one."""
+    records = []
+    for persona in personas:
+        path = reference_file(personas_dir, persona.id)
+        if path is not None:
+            records += read_reference_dialogues(path, persona)
+    splits = group_splits(records, test_fraction, seed)
+    first_of_group: dict[str, object] = {}
+    items = []
+    for record in records:
+        item = make_item(
+            id=record["id"],
+            persona=record["persona"],
+            stage=record["stage"],
+            kind=record["kind"],
+            seed_id=record["seed_id"],
+            question=record["messages"][1]["content"],
+            answers={record["stage"]: _answer(record)},
+            split=splits[record["id"]],
+        )
+        group = record["group"]
+        if group is not None and group in first_of_group:
+            first_of_group[group].answers[record["stage"]] = _answer(record)
+        elif group is not None:
+            first_of_group[group] = item
+        items.append(item)
+    return items
