@@ -24,6 +24,7 @@ the persona prompt style and the pair options change), SFT then DPO run as the d
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import subprocess
@@ -38,7 +39,10 @@ sys.path.insert(0, str(ROOT))
 
 # name -> the persona prompt style, build-data overrides, SFT overrides, DPO overrides
 DEMO_SFT = ["train.max_steps=10", "optim.lr=1.0e-4", "optim.warmup_steps=2"]
-DEMO_DPO = ["train.max_steps=14", "optim.lr=5.0e-6", "optim.warmup_steps=2"]
+# The reference model runs beside the policy (`frozen`): a cached reference would first score every
+# training pair (470 with the reference dialogues, about 9 minutes here) for the 112 a run uses.
+DEMO_DPO = ["train.max_steps=14", "optim.lr=5.0e-6", "optim.warmup_steps=2", "dpo.reference=frozen"]
+DPO_5E5 = ["train.max_steps=14", "optim.lr=5.0e-5", "optim.warmup_steps=2", "dpo.reference=frozen"]
 LONG_SFT = ["train.max_steps=40", "optim.lr=3.0e-4", "optim.warmup_steps=4"]
 VARIANTS = {
     "demo": {"stage_prompt": "token", "build": [], "sft": DEMO_SFT, "dpo": DEMO_DPO},
@@ -48,14 +52,21 @@ VARIANTS = {
         "stage_prompt": "token_and_when",
         "build": [],
         "sft": LONG_SFT,
-        "dpo": ["train.max_steps=14", "optim.lr=5.0e-5", "optim.warmup_steps=2"],
+        "dpo": DPO_5E5,
         "sft_from": "when_lr3e-4",
     },
     "when_lr3e-4_dpo5e-5_one_way": {
         "stage_prompt": "token_and_when",
         "build": ["pairs.cross_stage_mirrored=false"],
         "sft": LONG_SFT,
-        "dpo": ["train.max_steps=14", "optim.lr=5.0e-5", "optim.warmup_steps=2"],
+        "dpo": DPO_5E5,
+        "sft_from": "when_lr3e-4",
+    },
+    "when_lr3e-4_dpo5e-5_stage_pairs": {
+        "stage_prompt": "token_and_when",
+        "build": ["pairs.cross_persona.enabled=false"],
+        "sft": LONG_SFT,
+        "dpo": DPO_5E5,
         "sft_from": "when_lr3e-4",
     },
     "rows30_lr3e-4": {
@@ -191,6 +202,21 @@ def probe(models: dict[str, Path], personas: Path, out: Path, name: str, extra: 
     return json.loads(path.read_text())
 
 
+def probe_with_base(
+    models: dict[str, Path], personas: Path, out: Path, root: Path, name: str, extra: list[str]
+) -> dict:
+    """`probe` of the tuned models; the base model's figures are shared by the variants that ask it
+    with the same persona prompt and the same probes and held-out data (scored once)."""
+    found = out / f"probes_{name}.json"
+    if found.is_file() and "base" in json.loads(found.read_text())["models"]:
+        return json.loads(found.read_text())
+    tuned = probe({k: v for k, v in models.items() if k != "base"}, personas, out, name, extra)
+    inputs = [str(personas), *(Path(e).read_text() if Path(e).is_file() else e for e in extra)]
+    key = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:12]
+    base = probe({"base": models["base"]}, personas, root, f"base_{name}_{key}", extra)
+    return {"models": {"base": base["models"]["base"], **tuned["models"]}}
+
+
 def run_variant(run: Path, root: Path, name: str, spec: dict) -> dict:
     out = root / name
     out.mkdir(parents=True, exist_ok=True)
@@ -204,8 +230,12 @@ def run_variant(run: Path, root: Path, name: str, spec: dict) -> dict:
         sft_seconds = train(run, "sft", out, run / "base_model", data / "dialogues.jsonl", spec["sft"])
     dpo_seconds = train(run, "dpo", out, sft_dir, data / "pairs.jsonl", spec["dpo"])
     models = {"base": run / "base_model", "sft": sft_dir, "dpo": out / "dpo"}
-    held_out = probe(models, personas, out, "held_out", ["--dialogues", str(data / "dialogues.jsonl")])
-    twins = probe(models, personas, out, "training_twins", ["--probes", str(training_twins(data, out))])
+    held_out = probe_with_base(
+        models, personas, out, root, "held_out", ["--dialogues", str(data / "dialogues.jsonl")]
+    )
+    twins = probe_with_base(
+        models, personas, out, root, "training_twins", ["--probes", str(training_twins(data, out))]
+    )
     result = {
         "spec": spec,
         "seconds": {"sft": sft_seconds, "dpo": dpo_seconds},

@@ -154,7 +154,9 @@ def test_evaluate_tiny_models_end_to_end(tiny_dir, tmp_path):
     assert [r["pick"] for r in sft["probes"]] == [r["pick"] for r in dpo["probes"]]
     assert sft["accuracy"]["overall"] == dpo["accuracy"]["overall"]
     assert sft["attribution"]["persona"]["top1"]["n"] == 2
-    assert "## Persona probes" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    # the probe table (base, SFT and DPO side by side) comes first, then BLEU and the judge
+    assert report.index("## Persona probes") < report.index("## Model comparison")
     stamp = (out / "models" / "sft" / "answers.json").stat().st_mtime_ns
     probes_stamp = (out / "models" / "sft" / "probes.json").stat().st_mtime_ns
     evaluate(cfg)

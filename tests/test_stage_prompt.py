@@ -142,3 +142,31 @@ def test_chat_talk_eval_and_probes_ask_with_the_persona_prompt(when_personas, sm
     ]
     prompt = tokenizer.decode(encoded.prompt)
     assert f"<TIME-I> {HOLMES_EARLY_WHEN}. You are Sherlock Holmes." in prompt
+
+
+def test_the_pipeline_gives_every_step_its_stage_prompt(tmp_path):
+    """`stage_prompt` in the pipeline config: every step reads one copy of the persona folders that
+    asks for it (build-data, the probes during SFT and DPO, eval, talk and reload are given it)."""
+    import yaml
+
+    from persllm_jax.configlib import ConfigError
+    from persllm_jax.pipeline.runner import Pipeline, PipelineConfig
+
+    cfg = PipelineConfig(
+        out_dir=str(tmp_path / "run"), personas_dir=str(EXAMPLES), stage_prompt="token_and_when"
+    )
+    pipeline = Pipeline(cfg, config_path=ROOT / "configs" / "demo.yaml")
+    folder = pipeline.personas_dir()
+    assert folder == str(tmp_path / "run" / "personas") and pipeline.personas_dir() == folder
+    personas = {p.id: p for p in load_personas(folder)}
+    assert {p.stage_prompt for p in personas.values()} == {"token_and_when"}
+    assert sorted(personas) == sorted(p.id for p in load_personas(EXAMPLES))
+    config = pipeline._train_config("sft", cfg.sft, tmp_path / "base", [{"path": "d.jsonl"}])
+    assert yaml.safe_load(Path(config).read_text())["eval"]["personas_dir"] == folder
+    plain = Pipeline(PipelineConfig(out_dir=str(tmp_path / "plain"), personas_dir=str(EXAMPLES)))
+    assert plain.personas_dir() == str(EXAMPLES)
+    bad = Pipeline(
+        PipelineConfig(out_dir=str(tmp_path / "bad"), personas_dir=str(EXAMPLES), stage_prompt="when")
+    )
+    with pytest.raises(ConfigError, match="stage_prompt: 'when' is not one of token, token_and_when"):
+        bad.personas_dir()

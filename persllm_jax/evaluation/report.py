@@ -185,7 +185,21 @@ def comparison_table(metrics: Mapping) -> tuple[list[str], list[list[str]]]:
 
 def render_markdown(metrics: Mapping, title: str, images: Mapping[str, str]) -> str:
     models = metrics.get("models", {})
-    parts = [f"# {title}", "", "## Model comparison", ""]
+    parts = [f"# {title}", ""]
+    # The probes come first: they say whether the models became the personas (base, SFT and DPO
+    # side by side, with intervals), without a judge; BLEU and the judge follow.
+    if metrics.get("probes"):
+        from persllm_jax.evaluation.probes.run import markdown_section
+
+        parts += markdown_section(metrics["probes"])
+    if "probes_curve" in images:
+        parts += [
+            "Persona probes at each evaluation of the training runs (eval.every_steps):",
+            "",
+            f"![Persona probes during training]({images['probes_curve']})",
+            "",
+        ]
+    parts += ["## Model comparison", ""]
     parts += [markdown_table(*comparison_table(metrics)), ""]
     parts += [
         "BLEU is sacrebleu corpus BLEU (0-100): Intra between two samples of one persona and stage (higher = "
@@ -222,17 +236,6 @@ def render_markdown(metrics: Mapping, title: str, images: Mapping[str, str]) -> 
                     markdown_table(header, table_rows(personas, PERSONA_COLUMNS)),
                     "",
                 ]
-    if metrics.get("probes"):
-        from persllm_jax.evaluation.probes.run import markdown_section
-
-        parts += markdown_section(metrics["probes"])
-    if "probes_curve" in images:
-        parts += [
-            "Persona probes at each evaluation of the training runs (eval.every_steps):",
-            "",
-            f"![Persona probes during training]({images['probes_curve']})",
-            "",
-        ]
     parts += judge_section(metrics.get("judge"))
     losses = {k: v for k, v in images.items() if k.startswith("loss:")}
     if losses:

