@@ -72,7 +72,7 @@ VARIANTS = {
     "rows30_lr3e-4": {
         "stage_prompt": "token",
         "build": [],
-        "sft": [*LONG_SFT, "optim.added_tokens_lr_multiplier=30"],
+        "sft": [*LONG_SFT, "optim.token_lr_multiplier=30", "optim.token_lr_tokens=[<TIME-I>,<TIME-II>]"],
         "dpo": DEMO_DPO,
     },
 }
@@ -255,6 +255,7 @@ def table(results: dict) -> str:
         ("false premise", lambda r, m: r["held_out"][m]["false_premise"]),
         ("knowledge+identity", lambda r, m: r["held_out"][m]["knowledge_identity"]),
         ("persona attribution", lambda r, m: r["held_out"][m]["persona_attribution"]),
+        ("stage attribution", lambda r, m: r["held_out"][m]["stage_attribution"]),
         ("accuracy", lambda r, m: r["held_out"][m]["accuracy"]),
     ]
     lines = [

@@ -183,7 +183,7 @@ def test_the_readme_commands_run_in_order(checkout):
         if block.mark == "illustrative":
             named |= set(re.findall(r"runs/demo/[\w./-]+", block.code))
     talk = yaml.safe_load((checkout / "configs" / "talk_demo.yaml").read_text())
-    named |= {agent["model"] for agent in talk["agents"]}
+    named |= {agent["model"] for agent in talk["agents"]} | {talk["personas_dir"]}
     assert {"runs/demo/dpo", "runs/demo/hf_model", "runs/demo/sft"} <= named
     missing = sorted(path for path in named if not (checkout / path).exists())
     assert not missing, f"README examples name paths the demo did not make: {missing}"

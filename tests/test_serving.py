@@ -341,6 +341,7 @@ def test_build_data_against_persllm_serve(smollm2_server, tmp_path):
         "retrieval.subjective_words=60",
         f"general_data.path={ROOT}/tests/data/general.jsonl",
         f"personas_dir={ROOT}/examples/personas",
+        "reference.include=false",  # only what the served annotator wrote
         cwd=ROOT,
     )
     assert "build-data finished" in result.stdout

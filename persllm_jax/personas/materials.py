@@ -7,7 +7,8 @@ Layout::
 
 `persona.yaml` holds `name`, `description`, `language`, `stage_prompt` and `stages`, a list of
 `{id, token, when}` entries. `stage_prompt` says how the system prompt names the stage: `token`
-(the stage token alone, the default) or `token_and_when` (the token, then the stage's `when` line). Each materials file holds paragraphs separated by blank lines.
+(the stage token alone, the default) or `token_and_when` (the token, then the stage's `when`
+line). Each materials file holds paragraphs separated by blank lines.
 Knowledge and experiences are the *objective* store (what the persona knows and lived);
 speech records are the *subjective* store (how the persona speaks). Every problem raises `MaterialsError`, whose message starts with the
 file (and line, where there is one) at fault.
