@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Set up, then run the whole PersLLM method on the example personas. Measured on a 2-core CPU:
-# 31.4 minutes (set-up 1.8 on a fresh clone, base 0.4, build-data 9.9, sft 3.3, dpo 9.9, eval 5.2,
-# export, talk and reload 0.9; another run took 32.7 for the pipeline); peak memory per step at
-# most 7.77 GiB (dpo); 6.5 GiB of disk in runs/demo.
+# 34.2 minutes for the pipeline (base 0.3, build-data 5.3, sft 12.7, dpo 7.7, eval 7.6, export, talk
+# and reload 0.6), set-up 1.8 more on a fresh clone; peak memory per step at most 7.11 GiB (sft).
 # Rerunning resumes. Run from anywhere: bash scripts/demo.sh [key=value ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
