@@ -29,21 +29,27 @@ def drop_near_duplicates(items, embedder, threshold: float):
     return kept, dropped
 
 
-def order_key(seed: int, text: str) -> str:
+def _order_key(seed: int, text: str) -> str:
     return hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()
+
+
+def held_out_keys(keys_by_pool: dict, test_fraction: float, seed: int) -> set:
+    """Per pool, a seeded `test_fraction` of its keys (rounded half up): the keys that go to test."""
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"split.test_fraction must be in [0, 1), got {test_fraction}")
+    test = set()
+    for keys in keys_by_pool.values():
+        ordered = sorted(keys, key=lambda k: _order_key(seed, k))
+        test.update(ordered[: math.floor(test_fraction * len(ordered) + 0.5)])
+    return test
 
 
 def assign_splits(items, test_fraction: float, seed: int) -> None:
     """Per persona and stage, a seeded `test_fraction` of the seed paragraphs goes to test; every
     item of a seed paragraph follows it, so no paragraph has items in both splits."""
-    if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"split.test_fraction must be in [0, 1), got {test_fraction}")
     seeds_by_stage = defaultdict(set)
     for item in items:
         seeds_by_stage[(item.persona, item.stage)].add(item.seed_id)
-    test_seeds = set()
-    for seeds in seeds_by_stage.values():
-        ordered = sorted(seeds, key=lambda s: order_key(seed, s))
-        test_seeds.update(ordered[: math.floor(test_fraction * len(ordered) + 0.5)])
+    test_seeds = held_out_keys(seeds_by_stage, test_fraction, seed)
     for item in items:
         item.split = "test" if item.seed_id in test_seeds else "train"

@@ -6,10 +6,9 @@ answers, so the cross-stage miner pairs them as it pairs an annotated item's ans
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
-from persllm_jax.builder.cleaning import order_key
+from persllm_jax.builder.cleaning import held_out_keys
 from persllm_jax.personas.reference_dialogues import read_reference_dialogues, reference_file
 
 
@@ -20,14 +19,11 @@ def _answer(record: dict) -> dict:
 def group_splits(records: list[dict], test_fraction: float, seed: int) -> dict[str, str]:
     """Record id -> "train" | "test": per persona, a seeded `test_fraction` of its question groups
     (a dialogue without a group is a group of its own) goes to test."""
-    keys_by_persona = defaultdict(set)
     key = {r["id"]: r["group"] or r["id"] for r in records}
+    keys_by_persona = defaultdict(set)
     for record in records:
         keys_by_persona[record["persona"]].add(key[record["id"]])
-    test_keys = set()
-    for keys in keys_by_persona.values():
-        ordered = sorted(keys, key=lambda k: order_key(seed, k))
-        test_keys.update(ordered[: math.floor(test_fraction * len(ordered) + 0.5)])
+    test_keys = held_out_keys(keys_by_persona, test_fraction, seed)
     return {rid: "test" if k in test_keys else "train" for rid, k in key.items()}
 
 
