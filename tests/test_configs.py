@@ -18,7 +18,7 @@ def config_class_for(path: Path):
         from persllm_jax.builder.config import BuildConfig
 
         return BuildConfig
-    if path.name.startswith("demo"):
+    if path.name.startswith(("demo", "personify")):
         from persllm_jax.pipeline import PipelineConfig
 
         return PipelineConfig
@@ -33,7 +33,7 @@ def config_class_for(path: Path):
     return RunConfig
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "demo_smoke.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "demo_smoke.yaml", "personify_cpu.yaml"])
 def test_pipeline_step_overrides_fit_their_configs(name):
     """Each step's base file plus the pipeline's overrides is a valid config of that step."""
     from persllm_jax.builder.config import BuildConfig

@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -83,7 +84,7 @@ def _with_keys() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def checkout(tmp_path_factory) -> Path:
+def checkout(tmp_path_factory) -> Iterator[Path]:
     """This tree's tracked files, as they are now, in a directory of their own, with .venv."""
     out = tmp_path_factory.mktemp("clean") / "persllm-jax"
     listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
@@ -93,7 +94,8 @@ def checkout(tmp_path_factory) -> Path:
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, out / name)
     (out / ".venv").symlink_to(ROOT / ".venv")
-    return out
+    yield out
+    shutil.rmtree(out.parent, ignore_errors=True)  # the demo's runs: several GB of checkpoints
 
 
 def _environment(checkout: Path) -> dict:
