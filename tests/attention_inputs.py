@@ -28,11 +28,14 @@ def packed_segments(b, t, seed=0, most=4):
     return segments
 
 
-def reference_mask(segments):
-    """Token t sees token s when s <= t and both are in the same non-padding segment."""
+def reference_mask(segments, window=None):
+    """Token t sees token s when s <= t and both are in the same non-padding segment (and, with a
+    window, t - s < window)."""
     t = segments.shape[1]
     same = segments[:, :, None] == segments[:, None, :]
-    return same & np.tril(np.ones((t, t), bool))[None] & (segments[:, None, :] > 0)
+    behind = np.arange(t)[:, None] - np.arange(t)[None, :]
+    near = (behind >= 0) & (behind < (window or t + 1))
+    return same & near[None] & (segments[:, None, :] > 0)
 
 
 def placed_like_activations(x, mesh):

@@ -46,6 +46,41 @@ TINY_VARIANTS = {
     ),
     "qwen2": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
     "mistral": ("mistral", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=None)),
+    # Mistral's sliding window on every layer, shorter than the test rows
+    "mistral_sliding": ("mistral", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=20)),
+    # Qwen3: query/key norms; head_dim 24 is not hidden / heads (16)
+    "qwen3_tied_head_dim": (
+        "qwen3",
+        dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=True),
+    ),
+    "qwen3_untied_bias": (
+        "qwen3",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            tie_word_embeddings=False,
+            attention_bias=True,
+        ),
+    ),
+    # Gemma 3: a window (24) shorter than the test rows, both layer kinds, two rotary bases, a
+    # linear-scaled global rope, query_pre_attn_scalar != head_dim
+    "gemma3_sliding": (
+        "gemma3_text",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=24,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 50000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+            },
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 
 
@@ -62,10 +97,12 @@ def tiny_hf_model(variant: str, seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(hf_config(variant, **overrides))
-    with torch.no_grad():  # biases start at zero in transformers; make them matter
+    with torch.no_grad():  # biases start at zero and norm weights at one in transformers; make them matter
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.normal_(0.0, 0.25)
+            elif "norm" in name:
+                param.normal_(1.0, 0.25)
     return model.eval()
 
 

@@ -1,7 +1,7 @@
 """Block-wise XLA attention against dense attention over a mask built here in numpy: outputs and
 gradients for packed segments, right padding, MHA / GQA / MQA, lengths that are not a whole number of
-blocks, bf16 inputs and a device mesh; which key blocks each query block reads; and that no token
-reads another segment."""
+blocks, bf16 inputs, a device mesh and sliding windows (traced, as the layer scan gives them); which
+key blocks each query block reads; and that no token reads another segment."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from persllm_jax.model.attention import Segments, attend
-from persllm_jax.model.block_attention import _first_key_blocks, block_attention
+from persllm_jax.model.block_attention import NO_WINDOW, _first_in_window, _first_key_blocks, block_attention
 from persllm_jax.model.sharding import make_mesh
 from tests.attention_inputs import inputs, packed_segments, placed_like_activations, reference_mask
 
@@ -19,26 +19,28 @@ FWD_TOL = 1e-5  # fp32 outputs
 GRAD_TOL = 1e-5  # fp32 gradients, relative to the largest gradient entry
 
 
-def _dense(q, k, v, segments):
-    return attend(q, k, v, jnp.asarray(reference_mask(segments)), "xla")
+def _dense(q, k, v, segments, window=None, scale=None):
+    return attend(q, k, v, jnp.asarray(reference_mask(segments, window)), "xla", scale=scale)
 
 
-def _compare(q, k, v, segments, block, fwd_tol=FWD_TOL, grad_tol=GRAD_TOL):
+def _compare(q, k, v, segments, block, fwd_tol=FWD_TOL, grad_tol=GRAD_TOL, window=None, scale=None):
     real = segments > 0
     weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape) * real[:, :, None, None], q.dtype)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
 
-    def blocked(q, k, v):
-        return attend(q, k, v, Segments(jnp.asarray(segments), block), "xla")
+    def blocked(q, k, v, window):  # the window traced, as a layer scan hands it over
+        return attend(q, k, v, Segments(jnp.asarray(segments), block), "xla", scale=scale, window=window)
 
     def loss(fn):
-        return lambda q, k, v: (fn(q, k, v).astype(jnp.float32) * weights).sum()
+        return lambda q, k, v, *w: (fn(q, k, v, *w).astype(jnp.float32) * weights).sum()
 
-    ref, out = _dense(*f32, segments), jax.jit(blocked)(q, k, v)
+    traced = jnp.int32(NO_WINDOW if window is None else window)
+    ref, out = _dense(*f32, segments, window, scale), jax.jit(blocked)(q, k, v, traced)
     np.testing.assert_allclose(np.asarray(out, np.float32)[real], np.asarray(ref)[real], atol=fwd_tol, rtol=0)
     assert not np.asarray(out, np.float32)[~real].any(), "a padding query must give zeros"
-    ref_grads = jax.grad(loss(lambda q, k, v: _dense(q, k, v, segments)), argnums=(0, 1, 2))(*f32)
-    grads = jax.jit(jax.grad(loss(blocked), argnums=(0, 1, 2)))(q, k, v)
+    dense = loss(lambda q, k, v: _dense(q, k, v, segments, window, scale))
+    ref_grads = jax.grad(dense, argnums=(0, 1, 2))(*f32)
+    grads = jax.jit(jax.grad(loss(blocked), argnums=(0, 1, 2)))(q, k, v, traced)
     for name, g, r in zip("qkv", grads, ref_grads):
         scale = float(np.abs(np.asarray(r)).max())
         g = np.asarray(g, np.float32)
@@ -121,3 +123,21 @@ def test_sharded_over_a_mesh_equals_dense(mesh_shape, kv_heads):
     with jax.set_mesh(mesh):
         q, key, v = (jax.device_put(x, placed_like_activations(x, mesh)) for x in (q, key, v))
         _compare(q, key, v, segments, 32)
+
+
+@pytest.mark.parametrize("window, block", [(2, 32), (40, 32), (64, 64), (100, 16), (300, 64)])
+def test_a_sliding_window_equals_dense_with_the_window_mask(window, block):
+    """Packed rows and a window of 2 tokens, shorter than a block, a whole block, across several blocks
+    and longer than the rows; a score scale other than head_dim ** -0.5 (Gemma's)."""
+    q, key, v = inputs(2, 256, 4, 2, 16, seed=7)
+    segments = packed_segments(2, 256, seed=7, most=3)
+    _compare(q, key, v, segments, block, window=window, scale=0.2)
+
+
+def test_key_blocks_before_the_window_are_skipped():
+    """Query block i starts its key loop at the block holding key i * block - window + 1."""
+    starts = [int(_first_in_window(i, 40, 32)) for i in range(6)]
+    # block 2 (queries 64..95): the first query reads keys 25..64, so key block 0 is still read;
+    # block 3 (96..127): keys from 57 (block 1); block 5 (160..191): keys from 121 (block 3)
+    assert starts == [0, 0, 0, 1, 2, 3]
+    assert int(_first_in_window(7, NO_WINDOW, 32)) == 0

@@ -34,7 +34,18 @@ def _load_hf_quietly(directory, caplog):
 
 
 @pytest.mark.parametrize(
-    "variant", ["llama_tied_gqa", "llama_untied_mqa", "qwen2", "mistral", "llama_attention_bias"]
+    "variant",
+    [
+        "llama_tied_gqa",
+        "llama_untied_mqa",
+        "qwen2",
+        "mistral",
+        "llama_attention_bias",
+        "qwen3_tied_head_dim",
+        "qwen3_untied_bias",
+        "gemma3_sliding",
+        "mistral_sliding",
+    ],
 )
 def test_round_trip_identical(variant, tmp_path, caplog):
     src, out = tmp_path / "src", tmp_path / "out"

@@ -53,15 +53,33 @@ def test_unsupported_architecture(tiny_dir):
     (tiny_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(
         UnsupportedModelError,
-        match="GPT2LMHeadModel.*supported: LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM",
+        match="GPT2LMHeadModel.*supported: LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, "
+        "Qwen3ForCausalLM, Gemma3ForCausalLM",
     ):
         load_pretrained(tiny_dir)
 
 
-def test_mistral_sliding_window_refused(tmp_path):
-    hf_fixtures.save_tiny("mistral", tmp_path, sliding_window=32)
-    with pytest.raises(UnsupportedModelError, match="sliding-window attention .*sliding_window=32"):
+def test_multimodal_gemma3_refused(tmp_path):
+    hf_fixtures.save_tiny("gemma3_sliding", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["architectures"] = ["Gemma3ForConditionalGeneration"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        UnsupportedModelError, match=r"Gemma3ForConditionalGeneration.*\(Gemma 3's text model only\)"
+    ):
         load_pretrained(tmp_path)
+
+
+def test_soft_capped_logits_refused(tmp_path):
+    hf_fixtures.save_tiny("gemma3_sliding", tmp_path, final_logit_softcapping=30.0)
+    with pytest.raises(UnsupportedModelError, match="final_logit_softcapping=30.0 is not supported"):
+        load_pretrained(tmp_path)
+
+
+def test_sliding_window_layers_need_xla_attention(tmp_path):
+    hf_fixtures.save_tiny("mistral_sliding", tmp_path)
+    with pytest.raises(ValueError, match="attention_impl='cudnn' does not run sliding-window layers yet"):
+        load_pretrained(tmp_path, attention_impl="cudnn")
 
 
 def test_shape_mismatch_names_tensor_and_shapes(tiny_dir):

@@ -60,14 +60,28 @@ def key_map(cfg: ModelConfig) -> list[KeyMapEntry]:
         has_bias = cfg.o_bias if proj == "o_proj" else cfg.qkv_bias
         if has_bias:
             entries.append(KeyMapEntry(("layers", "attn", proj, "bias"), f"{layer}self_attn.{proj}.bias"))
+    if cfg.qk_norm:
+        for norm in ("q_norm", "k_norm"):
+            entries.append(KeyMapEntry(("layers", "attn", norm, "weight"), f"{layer}self_attn.{norm}.weight"))
     for proj in ("gate_proj", "up_proj", "down_proj"):
         entries.append(KeyMapEntry(("layers", "mlp", proj, "kernel"), f"{layer}mlp.{proj}.weight", True))
         if cfg.mlp_bias:
             entries.append(KeyMapEntry(("layers", "mlp", proj, "bias"), f"{layer}mlp.{proj}.bias"))
     entries.append(KeyMapEntry(("layers", "input_norm", "weight"), f"{layer}input_layernorm.weight"))
-    entries.append(
-        KeyMapEntry(("layers", "post_attn_norm", "weight"), f"{layer}post_attention_layernorm.weight")
-    )
+    if cfg.is_gemma:  # Gemma's post_attention_layernorm normalizes the attention output
+        entries.append(
+            KeyMapEntry(("layers", "attn_out_norm", "weight"), f"{layer}post_attention_layernorm.weight")
+        )
+        entries.append(
+            KeyMapEntry(("layers", "post_attn_norm", "weight"), f"{layer}pre_feedforward_layernorm.weight")
+        )
+        entries.append(
+            KeyMapEntry(("layers", "mlp_out_norm", "weight"), f"{layer}post_feedforward_layernorm.weight")
+        )
+    else:  # the Llama family's post_attention_layernorm is the MLP's input norm
+        entries.append(
+            KeyMapEntry(("layers", "post_attn_norm", "weight"), f"{layer}post_attention_layernorm.weight")
+        )
     entries.append(KeyMapEntry(("final_norm", "weight"), "model.norm.weight"))
     if not cfg.tie_word_embeddings:
         entries.append(KeyMapEntry(("lm_head",), "lm_head.weight", True))

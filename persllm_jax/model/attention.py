@@ -13,7 +13,7 @@ from flax import nnx
 from persllm_jax.model import rope
 from persllm_jax.model.block_attention import BLOCK, block_attention
 from persllm_jax.model.config import ModelConfig
-from persllm_jax.model.layers import Linear, subkeys
+from persllm_jax.model.layers import Linear, RMSNorm, subkeys
 from persllm_jax.model.sharding import constrain
 from persllm_jax.model.splash import splash_attention
 
@@ -36,30 +36,49 @@ class DenseMask(NamedTuple):
     mask_BTS: jax.Array
 
 
-def attend(q_BTNH, k_BSKH, v_BSKH, mask, impl: str = "xla"):
+def attend(q_BTNH, k_BSKH, v_BSKH, mask, impl: str = "xla", *, scale: float | None = None, window=None):
     """Grouped-query attention; N query heads share K key/value heads. Returns [B, T, N, H].
+
+    Scores are scaled by `scale` (default head_dim ** -0.5). `window` (xla with `Segments` only; may
+    be traced) keeps, for each query, only the keys fewer than `window` tokens before it; a dense
+    mask already holds any window.
 
     `mask` is `Segments` (xla, causal within segments) or a boolean [B, T, S] (xla); for cudnn the number of real keys per row [B] (causal,
     right padding: cuDNN's fused kernel takes lengths), or a `DenseMask` for packed rows;
     for splash the segment id of every token [B, T] (causal within a segment, 0 = padding)."""
+    scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
     if impl == "splash":
-        return splash_attention(q_BTNH, k_BSKH, v_BSKH, mask)
+        return splash_attention(q_BTNH, k_BSKH, v_BSKH, mask, scale=scale)
     if impl == "cudnn":
         if isinstance(mask, DenseMask):  # packed rows: the block-diagonal mask
             return jax.nn.dot_product_attention(
-                q_BTNH, k_BSKH, v_BSKH, mask=mask.mask_BTS[:, None], is_causal=True, implementation="cudnn"
+                q_BTNH,
+                k_BSKH,
+                v_BSKH,
+                mask=mask.mask_BTS[:, None],
+                scale=scale,
+                is_causal=True,
+                implementation="cudnn",
             )
         return jax.nn.dot_product_attention(
-            q_BTNH, k_BSKH, v_BSKH, is_causal=True, key_value_seq_lengths=mask, implementation="cudnn"
+            q_BTNH,
+            k_BSKH,
+            v_BSKH,
+            scale=scale,
+            is_causal=True,
+            key_value_seq_lengths=mask,
+            implementation="cudnn",
         )
     if isinstance(mask, Segments):
-        return block_attention(q_BTNH, k_BSKH, v_BSKH, mask.segment_ids_BT, mask.block)
+        return block_attention(
+            q_BTNH, k_BSKH, v_BSKH, mask.segment_ids_BT, mask.block, scale=scale, window=window
+        )
     mask_BTS = mask
     b, t, n, h = q_BTNH.shape
     k = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
     scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-    scores = scores * (h**-0.5)
+    scores = scores * scale
     scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
@@ -79,9 +98,13 @@ class Attention(nnx.Module):
         self.k_proj = projection("k_proj", d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg.qkv_bias)
         self.v_proj = projection("v_proj", d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg.qkv_bias)
         self.o_proj = projection("o_proj", cfg.num_heads * hd, d, ("heads", "embed"), cfg.o_bias)
+        # Qwen3 normalizes each head's queries and keys (over head_dim) before rotary.
+        self.q_norm = RMSNorm(hd, cfg) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg) if cfg.qk_norm else None
 
-    def __call__(self, x_BTD, cos, sin, mask, cache=None, dropout_key=None):
-        """`dropout_key`: the adapters' dropout in a training step (layers.Linear).
+    def __call__(self, x_BTD, cos, sin, mask, cache=None, dropout_key=None, window=None):
+        """`dropout_key`: the adapters' dropout in a training step (layers.Linear). `window`: this
+        layer's sliding window (None: full attention), for the training path's block attention.
 
         With `cache` = (k [L, B, S, K, H], v, layer, write_index), this step's keys and values
         are written into `layer` at `write_index` and attention runs over that layer's whole cache
@@ -92,10 +115,12 @@ class Attention(nnx.Module):
         q = self.q_proj(x_BTD, q_key).reshape(b, t, cfg.num_heads, cfg.head_dim)
         k = self.k_proj(x_BTD, k_key).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(x_BTD, v_key).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = constrain(rope.apply_rotary(q, cos, sin), ("batch", "length", "act_heads", None))
         k = constrain(rope.apply_rotary(k, cos, sin), ("batch", "length", "act_heads", None))
         if cache is None:
-            out = attend(q, k, v, mask, cfg.attention_impl)
+            out = attend(q, k, v, mask, cfg.attention_impl, scale=cfg.attention_scale, window=window)
             return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim), o_key)
         # The cache holds every layer ([L, B, S, K, H]) and stays in the scan carry, so each step
         # writes only its new slots in place instead of copying the layer's whole cache.
@@ -105,5 +130,5 @@ class Attention(nnx.Module):
         v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
         k_layer = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
         v_layer = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
-        out = attend(q, k_layer, v_layer, mask, "xla")
+        out = attend(q, k_layer, v_layer, mask, "xla", scale=cfg.attention_scale)
         return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim)), (k_all, v_all)

@@ -1,11 +1,16 @@
-"""A Flax NNX decoder for the Llama family (Llama, Qwen2, Mistral) as transformers defines it.
+"""A Flax NNX decoder for the Llama family (Llama, Qwen2, Qwen3, Mistral) and Gemma 3 as
+transformers defines them.
 
 Layers are stacked (every layer parameter has a leading `layers` axis) and run with
 `jax.lax.scan`, so compile time does not grow with depth and rematerialization applies per layer.
+Sliding-window (local) and global layers share the scan body: a local layer differs only in its
+window and its rotary tables, which the scan hands each layer with its parameters.
 Parameters live in `param_dtype`; matmuls run in `compute_dtype`; norms, softmax and logits in fp32.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +19,7 @@ from flax import nnx
 
 from persllm_jax.model import rope
 from persllm_jax.model.attention import Attention, DenseMask, Segments
+from persllm_jax.model.block_attention import NO_WINDOW
 from persllm_jax.model.config import ModelConfig
 from persllm_jax.model.layers import MLP, RMSNorm, param, subkeys
 from persllm_jax.model.sharding import constrain
@@ -25,23 +31,33 @@ _REMAT_POLICIES = {
 
 
 class DecoderLayer(nnx.Module):
+    """Pre-norm attention and MLP blocks; Gemma also normalizes each block's output (`attn_out_norm`,
+    `mlp_out_norm`) before adding it to the residual."""
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg)
         self.attn = Attention(cfg, rngs=rngs)
-        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg)  # the MLP's input norm
         self.mlp = MLP(cfg, rngs=rngs)
+        self.attn_out_norm = RMSNorm(cfg.hidden_size, cfg) if cfg.is_gemma else None
+        self.mlp_out_norm = RMSNorm(cfg.hidden_size, cfg) if cfg.is_gemma else None
 
-    def __call__(self, x_BTD, cos, sin, mask, cache=None, dropout_key=None):
+    def __call__(self, x_BTD, cos, sin, mask, cache=None, dropout_key=None, window=None):
         attn_key, mlp_key = subkeys(dropout_key, 2)
         if cache is None:
             attn_out, new_cache = (
-                self.attn(self.input_norm(x_BTD), cos, sin, mask, dropout_key=attn_key),
+                self.attn(self.input_norm(x_BTD), cos, sin, mask, dropout_key=attn_key, window=window),
                 None,
             )
         else:
             attn_out, new_cache = self.attn(self.input_norm(x_BTD), cos, sin, mask, cache)
+        if self.attn_out_norm is not None:
+            attn_out = self.attn_out_norm(attn_out)
         x_BTD = x_BTD + attn_out
-        x_BTD = x_BTD + self.mlp(self.post_attn_norm(x_BTD), mlp_key)
+        mlp_out = self.mlp(self.post_attn_norm(x_BTD), mlp_key)
+        if self.mlp_out_norm is not None:
+            mlp_out = self.mlp_out_norm(mlp_out)
+        x_BTD = x_BTD + mlp_out
         x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
         return x_BTD if cache is None else (x_BTD, new_cache)
 
@@ -95,25 +111,28 @@ class CausalLM(nnx.Module):
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         mask = attention_mask(cfg.attention_impl, b, t, attention_mask_BT, segment_ids_BT)
-        cos, sin = rope.cos_sin(cfg, positions_BT)
+        rotary = _rotary_tables(cfg, positions_BT)
         x_BTD = self._embed(input_ids_BT)
         graphdef, stacked_state = nnx.split(self.layers)
 
         dropping = dropout_key is not None and cfg.lora_rank > 0 and cfg.lora_dropout > 0
 
         def one_layer(x, inputs):
-            layer_state, layer_key = inputs if dropping else (inputs, None)
+            layer_state, local, layer_key = inputs
             layer = nnx.merge(graphdef, layer_state)
-            return layer(x, cos, sin, mask, dropout_key=layer_key), None
+            cos, sin, window = _layer_rotary_and_window(cfg, rotary, local)
+            return layer(x, cos, sin, mask, dropout_key=layer_key, window=window), None
 
         if cfg.remat != "none":  # a dropout mask is recomputed from its key, not saved
             one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        xs = (stacked_state, jax.random.split(dropout_key, cfg.num_layers)) if dropping else stacked_state
-        x_BTD, _ = jax.lax.scan(one_layer, x_BTD, xs)
+        keys = jax.random.split(dropout_key, cfg.num_layers) if dropping else None
+        x_BTD, _ = jax.lax.scan(one_layer, x_BTD, (stacked_state, _local_layers(cfg), keys))
         return self.final_norm(x_BTD)
 
     def _embed(self, input_ids_BT):
         x_BTD = jnp.take(self.embed[...], input_ids_BT, axis=0)
+        if self.cfg.is_gemma:  # scaled by sqrt(hidden) in the table's dtype, as transformers does
+            x_BTD = x_BTD * jnp.asarray(math.sqrt(self.cfg.hidden_size), x_BTD.dtype)
         if self.token_rows is not None:
             rows = jnp.asarray(self.cfg.lora_token_rows, jnp.int32)
             hits_BTR = (input_ids_BT[..., None] == rows).astype(jnp.float32)
@@ -140,19 +159,23 @@ class CausalLM(nnx.Module):
         query_slot_T = write_index + jnp.arange(t, dtype=jnp.int32)
         causal_TS = jnp.arange(s, dtype=jnp.int32)[None, :] <= query_slot_T[:, None]
         mask_BTS = causal_TS[None, :, :] & key_valid_BS[:, None, :]
-        cos, sin = rope.cos_sin(cfg, positions_BT)
+        behind_TS = query_slot_T[:, None] - jnp.arange(s, dtype=jnp.int32)[None, :]
+        rotary = _rotary_tables(cfg, positions_BT)
         x_BTD = self._embed(input_ids_BT)
         graphdef, stacked_state = nnx.split(self.layers)
 
         def one_layer(carry, layer_inputs):
             x, k_all, v_all = carry
-            layer_state, index = layer_inputs
+            layer_state, local, index = layer_inputs
             layer = nnx.merge(graphdef, layer_state)
-            x, (k_all, v_all) = layer(x, cos, sin, mask_BTS, (k_all, v_all, index, write_index))
+            cos, sin, window = _layer_rotary_and_window(cfg, rotary, local)
+            layer_mask = mask_BTS if window is None else mask_BTS & (behind_TS < window)[None]
+            x, (k_all, v_all) = layer(x, cos, sin, layer_mask, (k_all, v_all, index, write_index))
             return (x, k_all, v_all), None
 
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x_BTD, k_all, v_all), _ = jax.lax.scan(one_layer, (x_BTD, *cache), (stacked_state, layer_ids))
+        xs = (stacked_state, _local_layers(cfg), layer_ids)
+        (x_BTD, k_all, v_all), _ = jax.lax.scan(one_layer, (x_BTD, *cache), xs)
         return self.final_norm(x_BTD), (k_all, v_all)
 
     def output_kernel(self):
@@ -174,6 +197,28 @@ class CausalLM(nnx.Module):
     def __call__(self, input_ids_BT, attention_mask_BT=None, positions_BT=None):
         """Logits [B, T, V] in float32."""
         return self.logits_from_hidden(self.hidden_states(input_ids_BT, attention_mask_BT, positions_BT))
+
+
+def _local_layers(cfg: ModelConfig):
+    """Whether each layer is a sliding-window one ([L] bool, scanned with the layers), or None
+    when no layer is (the scan then carries nothing for it)."""
+    return jnp.asarray(cfg.sliding_layers) if cfg.has_sliding_layers else None
+
+
+def _rotary_tables(cfg: ModelConfig, positions_BT):
+    """(cos, sin) of the global layers, and of the local layers when there are any."""
+    tables = rope.cos_sin(cfg, positions_BT)
+    return (tables, rope.cos_sin(cfg, positions_BT, local=True)) if cfg.has_sliding_layers else (tables,)
+
+
+def _layer_rotary_and_window(cfg: ModelConfig, rotary, local):
+    """One layer's (cos, sin, window): the local tables and the sliding window where `local` (a
+    traced bool), else the global tables and no window (None when the model has no local layers)."""
+    if local is None:
+        return (*rotary[0], None)
+    (cos_g, sin_g), (cos_l, sin_l) = rotary
+    window = jnp.where(local, jnp.int32(cfg.sliding_window), jnp.int32(NO_WINDOW))
+    return jnp.where(local, cos_l, cos_g), jnp.where(local, sin_l, sin_g), window
 
 
 def attention_mask(impl: str, b: int, t: int, attention_mask_BT=None, segment_ids_BT=None):

@@ -91,21 +91,29 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
+    """x / rms(x) * w. Gemma stores w as the offset from one (weights start at zero) and applies it in
+    fp32 before the cast, as transformers does for each family."""
+
     def __init__(self, dim: int, cfg: ModelConfig):
-        self.weight = nnx.Param(jnp.ones((dim,), jnp.dtype(cfg.param_dtype)), logical_axes=("norm",))
+        self.offset = 1.0 if cfg.is_gemma else 0.0
+        start = jnp.zeros if cfg.is_gemma else jnp.ones
+        self.weight = nnx.Param(start((dim,), jnp.dtype(cfg.param_dtype)), logical_axes=("norm",))
         self.eps = cfg.rms_norm_eps
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (normed * (self.offset + self.weight[...].astype(jnp.float32))).astype(self.compute_dtype)
         return self.weight[...].astype(self.compute_dtype) * normed.astype(self.compute_dtype)
 
 
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); Gemma's GeGLU puts the tanh-approximated GELU in silu's place."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.gelu = cfg.is_gemma
         d, f = cfg.hidden_size, cfg.intermediate_size
         options = dict(bias=cfg.mlp_bias, cfg=cfg, rngs=rngs)
         self.gate_proj = Linear(d, f, ("embed", "mlp"), path="layers/mlp/gate_proj", **options)
@@ -114,7 +122,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD, dropout_key=None):
         gate_key, up_key, down_key = subkeys(dropout_key, 3)
-        hidden = jax.nn.silu(self.gate_proj(x_BTD, gate_key)) * self.up_proj(x_BTD, up_key)
+        gate = self.gate_proj(x_BTD, gate_key)
+        gate = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
+        hidden = gate * self.up_proj(x_BTD, up_key)
         return self.down_proj(constrain(hidden, ("batch", "length", "act_mlp")), down_key)
 
 

@@ -10,12 +10,16 @@ import numpy as np
 from persllm_jax.model.config import ModelConfig
 
 
-def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
-    """Per-pair rotation frequencies [head_dim // 2], float32, in transformers' arithmetic order."""
+def inverse_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+    """Per-pair rotation frequencies [head_dim // 2], float32, in transformers' arithmetic order;
+    `local`: those of the sliding-window layers (their own base and scaling)."""
     dim = cfg.head_dim
+    theta, scaling = (
+        (cfg.local_rope_theta, cfg.local_rope_scaling) if local else (cfg.rope_theta, cfg.rope_scaling)
+    )
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
-    params = cfg.rope_scaling or {}
+    inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    params = scaling or {}
     rope_type = params.get("rope_type", "default")
     if rope_type == "linear":
         inv_freq = inv_freq / np.float32(params["factor"])
@@ -39,9 +43,11 @@ def _llama3_scaled(inv_freq: np.ndarray, params: dict) -> np.ndarray:
     return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
-def cos_sin(cfg: ModelConfig, positions_BT: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+def cos_sin(
+    cfg: ModelConfig, positions_BT: jnp.ndarray, local: bool = False
+) -> tuple[jnp.ndarray, jnp.ndarray]:
     """cos and sin tables [B, T, head_dim] for integer positions, float32."""
-    inv_freq = jnp.asarray(inverse_frequencies(cfg))
+    inv_freq = jnp.asarray(inverse_frequencies(cfg, local))
     angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)

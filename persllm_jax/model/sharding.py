@@ -170,16 +170,16 @@ def constrain(x, logical_axes: Sequence[str | None]):
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def over_batch_and_heads(per_device: Callable, q_BTNH, k_BTKH, v_BTKH, segment_BT):
-    """`per_device(q, k, v, segment)` on each device's shards under the active mesh (`shard_map`:
+def over_batch_and_heads(per_device: Callable, q_BTNH, k_BTKH, v_BTKH, segment_BT, *replicated):
+    """`per_device(q, k, v, segment, *replicated)` on each device's shards under the active mesh (`shard_map`:
     batch over data x fsdp, heads over tensor), or on the whole arrays without one. Attention
     kernels that loop over blocks or call Pallas run per shard, so they never see the mesh. When
     the tensor axis has more shards than there are key/value heads, each shard gets copies of the
-    key/value heads its query heads use."""
+    key/value heads its query heads use. `replicated` arrays (a layer's window) reach every shard whole."""
     n, kv = q_BTNH.shape[2], k_BTKH.shape[2]
     mesh = active_mesh()
     if mesh is None:
-        return per_device(q_BTNH, k_BTKH, v_BTKH, segment_BT)
+        return per_device(q_BTNH, k_BTKH, v_BTKH, segment_BT, *replicated)
     batch = logical_to_spec(("batch",), q_BTNH.shape[:1], mesh)[0]
     heads = logical_to_spec(("act_heads",), (n,), mesh)[0]
     kv_heads = logical_to_spec(("act_heads",), (kv,), mesh)[0]
@@ -189,8 +189,14 @@ def over_batch_and_heads(per_device: Callable, q_BTNH, k_BTKH, v_BTKH, segment_B
     sharded = jax.shard_map(
         per_device,
         mesh=mesh,
-        in_specs=(qkv_spec, qkv_spec, qkv_spec, PartitionSpec(batch, None)),
+        in_specs=(
+            qkv_spec,
+            qkv_spec,
+            qkv_spec,
+            PartitionSpec(batch, None),
+            *(PartitionSpec() for _ in replicated),
+        ),
         out_specs=qkv_spec,
         check_vma=False,
     )
-    return sharded(q_BTNH, k_BTKH, v_BTKH, segment_BT)
+    return sharded(q_BTNH, k_BTKH, v_BTKH, segment_BT, *replicated)

@@ -46,13 +46,13 @@ def _kernel(t: int, num_heads: int, interpret: bool):
     return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def _per_device(q_BTNH, k_BTKH, v_BTKH, segment_BT, *, interpret: bool):
+def _per_device(q_BTNH, k_BTKH, v_BTKH, segment_BT, *, interpret: bool, scale: float):
     """Attention over the shards one device holds: [b, T, n, H] -> [b, T, n, H]."""
     b, t, n, h = q_BTNH.shape
     t_pad = padded_length(t)
     pad = ((0, 0), (0, t_pad - t), (0, 0), (0, 0))
     # Scaling queries before the kernel (it does not scale) in fp32, then back to compute dtype.
-    q_BNTH = jnp.pad((q_BTNH.astype(jnp.float32) * h**-0.5).astype(q_BTNH.dtype), pad).transpose(0, 2, 1, 3)
+    q_BNTH = jnp.pad((q_BTNH.astype(jnp.float32) * scale).astype(q_BTNH.dtype), pad).transpose(0, 2, 1, 3)
     k_BKTH = jnp.pad(k_BTKH, pad).transpose(0, 2, 1, 3)
     v_BKTH = jnp.pad(v_BTKH, pad).transpose(0, 2, 1, 3)
     segment_BT = jnp.pad(segment_BT.astype(jnp.int32), ((0, 0), (0, t_pad - t)))
@@ -65,17 +65,21 @@ def _per_device(q_BTNH, k_BTKH, v_BTKH, segment_BT, *, interpret: bool):
     return out_BNTH.transpose(0, 2, 1, 3)[:, :t]
 
 
-def _on_platform(q, k, v, segment):
+def _on_platform(q, k, v, segment, *, scale: float):
     return jax.lax.platform_dependent(
         q,
         k,
         v,
         segment,
-        tpu=functools.partial(_per_device, interpret=False),
-        default=functools.partial(_per_device, interpret=True),
+        tpu=functools.partial(_per_device, interpret=False, scale=scale),
+        default=functools.partial(_per_device, interpret=True, scale=scale),
     )
 
 
-def splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_BT):
-    """Causal attention within segments; `segment_BT` int, 0 = padding. Returns [B, T, N, H]."""
-    return over_batch_and_heads(_on_platform, q_BTNH, k_BTKH, v_BTKH, segment_BT)
+def splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_BT, *, scale: float | None = None):
+    """Causal attention within segments; `segment_BT` int, 0 = padding. Returns [B, T, N, H].
+    Scores are scaled by `scale` (default head_dim ** -0.5)."""
+    scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
+    return over_batch_and_heads(
+        functools.partial(_on_platform, scale=scale), q_BTNH, k_BTKH, v_BTKH, segment_BT
+    )
