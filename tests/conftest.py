@@ -134,6 +134,7 @@ LONGEST_FIRST = (
     "tests.test_train_dpo",
     "tests.test_serving",
     "tests.test_lora_training",
+    "tests.test_model_families",  # SFT, resume, DPO and LoRA of a tiny Qwen3 and Gemma 3: about 5 minutes
     "tests.test_probes",  # the reference run scored, and a two-persona run trained: about 2 minutes
     "tests/test_llm_adaptive.py::test_the_adaptive_limit_sends_fewer_requests_and_settles",
     "tests/test_train.py::test_tensor_axis_across_two_processes_equals_one",

@@ -131,14 +131,16 @@ class CausalLM(nnx.Module):
 
     def _embed(self, input_ids_BT):
         x_BTD = jnp.take(self.embed[...], input_ids_BT, axis=0)
-        if self.cfg.is_gemma:  # scaled by sqrt(hidden) in the table's dtype, as transformers does
-            x_BTD = x_BTD * jnp.asarray(math.sqrt(self.cfg.hidden_size), x_BTD.dtype)
         if self.token_rows is not None:
             rows = jnp.asarray(self.cfg.lora_token_rows, jnp.int32)
             hits_BTR = (input_ids_BT[..., None] == rows).astype(jnp.float32)
             change_BTD = jnp.einsum("btr,rd->btd", hits_BTR, self.token_rows[...].astype(jnp.float32))
             # a changed row is stored as the table stores rows (as the merged export holds it)
             x_BTD = (x_BTD.astype(jnp.float32) + change_BTD).astype(x_BTD.dtype)
+        if (
+            self.cfg.is_gemma
+        ):  # the (changed) rows scaled by sqrt(hidden) in the table's dtype, as transformers does
+            x_BTD = x_BTD * jnp.asarray(math.sqrt(self.cfg.hidden_size), x_BTD.dtype)
         return constrain(x_BTD.astype(self.cfg.compute_dtype), ("batch", "length", "act_embed"))
 
     def init_cache(self, batch: int, length: int):

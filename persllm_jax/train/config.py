@@ -10,7 +10,9 @@ from persllm_jax.model.config import DEFAULT_LORA_TARGETS
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     path: str = ""  # HF dir, .gguf file, persllm model dir or run dir; or empty with `preset`
-    preset: str = ""  # random initialization: tiny | smollm2_135m | llama3_1b | llama3_8b | llama3_70b
+    # random initialization: tiny | tiny_qwen3 | tiny_gemma3 | smollm2_135m | llama3_1b | llama3_8b |
+    # llama3_70b | qwen3_8b | qwen3_32b | gemma3_12b | gemma3_27b
+    preset: str = ""
     tokenizer: str = ""  # tokenizer (HF dir or .gguf) when `preset` is used
     dtype: str = "float32"  # parameter and optimizer-state dtype
     compute_dtype: str = "float32"  # matmul dtype: float32 | bfloat16
