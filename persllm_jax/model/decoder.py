@@ -149,19 +149,27 @@ class CausalLM(nnx.Module):
         shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
         return jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype)
 
-    def cached_hidden_states(self, input_ids_BT, positions_BT, key_valid_BS, cache, write_index):
+    def cached_hidden_states(
+        self, input_ids_BT, positions_BT, key_valid_BS, cache, write_index, key_positions_BS=None
+    ):
         """Hidden states of T new tokens written into the cache at slots write_index..+T-1.
 
         `key_valid_BS` marks the cache slots holding real tokens (False for left padding); a
-        query sees a slot when it is valid and not after the query's own slot. Returns
-        (final-normed hidden [B, T, D], updated cache)."""
+        query sees a slot when it is valid and not after the query's own slot. A sliding-window
+        layer also needs the slot's token within the window before the query, by position:
+        `key_positions_BS` gives each slot's position; by default a row's slots hold consecutive
+        positions (generation's left-padded rows). Returns (final-normed hidden [B, T, D], updated
+        cache)."""
         cfg = self.cfg
         t = input_ids_BT.shape[1]
         s = key_valid_BS.shape[1]
+        slots_S = jnp.arange(s, dtype=jnp.int32)
         query_slot_T = write_index + jnp.arange(t, dtype=jnp.int32)
-        causal_TS = jnp.arange(s, dtype=jnp.int32)[None, :] <= query_slot_T[:, None]
+        causal_TS = slots_S[None, :] <= query_slot_T[:, None]
         mask_BTS = causal_TS[None, :, :] & key_valid_BS[:, None, :]
-        behind_TS = query_slot_T[:, None] - jnp.arange(s, dtype=jnp.int32)[None, :]
+        if key_positions_BS is None:
+            key_positions_BS = slots_S[None, :] - (query_slot_T[0] - positions_BT[:, :1])
+        behind_BTS = positions_BT[:, :, None] - key_positions_BS[:, None, :]
         rotary = _rotary_tables(cfg, positions_BT)
         x_BTD = self._embed(input_ids_BT)
         graphdef, stacked_state = nnx.split(self.layers)
@@ -171,7 +179,7 @@ class CausalLM(nnx.Module):
             layer_state, local, index = layer_inputs
             layer = nnx.merge(graphdef, layer_state)
             cos, sin, window = _layer_rotary_and_window(cfg, rotary, local)
-            layer_mask = mask_BTS if window is None else mask_BTS & (behind_TS < window)[None]
+            layer_mask = mask_BTS if window is None else mask_BTS & (behind_BTS < window)
             x, (k_all, v_all) = layer(x, cos, sin, layer_mask, (k_all, v_all, index, write_index))
             return (x, k_all, v_all), None
 

@@ -111,21 +111,42 @@ def _reply_logps(graphdef, state, batch, *, chunk_size):
         (slots_S[None, :] < a) | (slots_S[None, :] >= a + q)
     )
     positions_GA = jnp.maximum(jnp.arange(a, dtype=jnp.int32)[None, :] - prefix_pad_G[:, None], 0)
-    _, (k, v) = model.cached_hidden_states(prefix_GA, positions_GA, key_valid_GS, model.init_cache(g, s), 0)
+
+    def key_positions(prefix_len, prompt_len):  # [N, S]: each part's slots continue the part before
+        return jnp.where(
+            slots_S < a,
+            slots_S - (a - prefix_len)[:, None],
+            jnp.where(
+                slots_S < a + q, prefix_len[:, None] + slots_S - a, prompt_len[:, None] + slots_S - a - q
+            ),
+        )
+
+    _, (k, v) = model.cached_hidden_states(
+        prefix_GA,
+        positions_GA,
+        key_valid_GS,
+        model.init_cache(g, s),
+        0,
+        key_positions(prefix_len_G, prefix_len_G),
+    )
     # the prompts' own tokens, each on its prefix's cache rows
     key_valid_US = key_valid_GS[prefix_of_U] | (
         (slots_S[None, :] >= a) & (slots_S[None, :] < a + suffix_len_U[:, None])
     )
     positions_UQ = prefix_len_G[prefix_of_U][:, None] + jnp.arange(q, dtype=jnp.int32)[None, :]
     cache = (k[:, prefix_of_U], v[:, prefix_of_U])
-    hidden_UQD, (k, v) = model.cached_hidden_states(suffix_UQ, positions_UQ, key_valid_US, cache, a)
+    prefix_len_U = prefix_len_G[prefix_of_U]
+    key_positions_US = key_positions(prefix_len_U, prefix_len_U + suffix_len_U)
+    hidden_UQD, (k, v) = model.cached_hidden_states(
+        suffix_UQ, positions_UQ, key_valid_US, cache, a, key_positions_US
+    )
     last_UD = jnp.take_along_axis(hidden_UQD, (suffix_len_U - 1)[:, None, None], axis=1)[:, 0]
     # the replies, each on its prompt's cache rows
     cache = (k[:, prompt_of_R], v[:, prompt_of_R])
     prompt_len_R = (prefix_len_G[prefix_of_U] + suffix_len_U)[prompt_of_R]
     positions_RC = prompt_len_R[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]
     hidden_RCD, _ = model.cached_hidden_states(
-        reply_RC, positions_RC, key_valid_US[prompt_of_R], cache, a + q
+        reply_RC, positions_RC, key_valid_US[prompt_of_R], cache, a + q, key_positions_US[prompt_of_R]
     )
     # Reply token j is predicted at the position before it: the prompt's last for j = 0.
     before_RCD = jnp.concatenate([last_UD[prompt_of_R][:, None], hidden_RCD[:, :-1]], axis=1)
