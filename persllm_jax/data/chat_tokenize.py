@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from persllm_jax.data.chat_templates import template_options
 from persllm_jax.data.formats import Messages, PreferenceExample, SFTExample
 from persllm_jax.data.readers import DataError
 
@@ -90,14 +91,10 @@ def tokenize_conversation(
             tokenizer, messages[:i], sample_id, add_generation_prompt=True, **template_kwargs
         )
         end_text = _render(tokenizer, messages[: i + 1], sample_id, **template_kwargs)
-        for name, text in (("with the generation prompt", start_text), ("up to this turn", end_text)):
-            if not full.startswith(text):
-                raise DataError(
-                    f"sample {sample_id}: the chat template's render of messages[:{i}] {name} is not a prefix "
-                    "of the whole conversation's render (the template rewrites earlier turns), so the "
-                    "assistant tokens cannot be found by prefix diff"
-                )
-        spans.append((i, len(start_text), len(end_text.rstrip())))
+        if full.startswith(start_text) and full.startswith(end_text):
+            spans.append((i, len(start_text), len(end_text.rstrip())))
+        else:  # a template that renders a turn one way last and another way in the history
+            spans.append(_span_in_history(tokenizer, messages, i, full, sample_id, **template_kwargs))
     if not spans:
         raise DataError(
             f"sample {sample_id}: no assistant message to train on (roles: {[m.get('role') for m in messages]})"
@@ -112,6 +109,26 @@ def tokenize_conversation(
             )
         mask |= inside
     return TokenizedExample(np.asarray(ids, dtype=np.int32), mask, sample_id)
+
+
+def _span_in_history(tokenizer, messages: list[dict], i: int, full: str, sample_id: str, **template_kwargs):
+    """(i, start, end) of assistant message i in `full` for templates whose render of a turn depends
+    on what follows it (Qwen3 writes an empty think block before the last reply only): the message's
+    content where it first appears after the render of the turns before it, and the end-of-turn
+    token right after it. The template text between the turn's header and its content (such as that
+    think block) is not trained, as it is not where the prefix diff works."""
+    before = _render(tokenizer, messages[:i], sample_id, **template_kwargs)
+    content = messages[i].get("content")
+    start = full.find(content, len(before)) if full.startswith(before) and isinstance(content, str) else -1
+    if not content or start < 0:
+        raise DataError(
+            f"sample {sample_id}: the chat template rewrites earlier turns (its render of messages[:{i}] is not "
+            f"a prefix of the whole conversation's) and assistant message {i}'s content is not found verbatim "
+            "after it, so its tokens cannot be located"
+        )
+    end = start + len(content)
+    closing = [t for t in tokenizer.all_special_tokens if full.startswith(t, end)]
+    return i, start, end + max(map(len, closing), default=0)
 
 
 def tokenize_text(tokenizer, text: str, sample_id: str) -> TokenizedExample:
@@ -241,7 +258,9 @@ def _render(tokenizer, messages: list[dict], sample_id: str, **kwargs: Any) -> s
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(f"sample {sample_id}: is a conversation, but the tokenizer has no chat template")
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, **{**template_options(tokenizer), **kwargs}
+        )
     except Exception as e:  # jinja raises TemplateError and also plain exceptions from raise_exception()
         raise DataError(
             f"sample {sample_id}: the chat template failed on messages {len(messages)}: {e}"

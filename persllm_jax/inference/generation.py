@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from persllm_jax.data.chat_templates import template_options
 from persllm_jax.inference.sampling import GREEDY, SamplingParams, sample
 from persllm_jax.inference.text_stream import TextStream
 from persllm_jax.io.pretrained import eos_token_ids, generation_config
@@ -110,7 +111,9 @@ class Generator:
         return self.model.cfg.max_position_embeddings
 
     def encode_chat(self, messages: Sequence[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        ids = self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True, **template_options(self.tokenizer)
+        )
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from persllm_jax.data.chat_templates import template_options
 from persllm_jax.personas.materials import load_personas
 from persllm_jax.personas.prompts import persona_conversation
 
@@ -24,7 +25,11 @@ def answer_with_transformers(
         for stage in persona.stages:
             messages = persona_conversation(persona, stage, question)
             enc = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+                messages,
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+                **template_options(tokenizer),
             )
             with torch.no_grad():
                 ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)

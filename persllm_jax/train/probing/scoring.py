@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from persllm_jax import losses
+from persllm_jax.data.chat_templates import template_options
 from persllm_jax.data.readers import DataError
 
 
@@ -36,7 +37,9 @@ class EncodedReply:
 
 def _render(tokenizer, messages: list[dict], what: str, **kwargs) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, **{**template_options(tokenizer), **kwargs}
+        )
     except Exception as err:  # jinja raises TemplateError and plain exceptions from raise_exception()
         raise DataError(f"{what}: the chat template failed: {err}") from err
 
@@ -47,7 +50,7 @@ def _system_chars(tokenizer, messages: list[dict], full: str) -> int:
     if not messages or messages[0].get("role") != "system":
         return 0
     try:
-        alone = tokenizer.apply_chat_template(messages[:1], tokenize=False)
+        alone = tokenizer.apply_chat_template(messages[:1], tokenize=False, **template_options(tokenizer))
     except Exception:  # templates that require a user turn
         return 0
     return len(alone) if alone and full.startswith(alone) else 0
