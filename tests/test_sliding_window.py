@@ -1,6 +1,7 @@
 """Sliding-window layers through the KV cache: greedy continuations past the window equal
 transformers' (Gemma 3 with local and global layers, Mistral with a window on every layer), with
-left-padded batch rows, and the cached decode equals one full forward pass."""
+left-padded batch rows, over a whole-length cache and over generation's windowed one, whose local
+layers keep a ring of the window's slots however long the continuation."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ from flax import nnx
 from persllm_jax import load_pretrained
 from tests import hf_fixtures
 
-PROMPT_LENGTHS = (9, 14)
-NEW_TOKENS = 40  # prompt and continuation reach 54 tokens: past the windows (24 and 20)
+PROMPT_LENGTHS = (9, 30)  # the longer prompt alone is past both windows at prefill
+NEW_TOKENS = 40  # continuations past the windows (24 and 20)
 
 
-def _greedy(model, prompts, new_tokens):
+def _greedy(model, prompts, new_tokens, windowed=True):
     """Greedy continuations through the cache: one left-padded prefill, then a token a step."""
     graphdef, state = nnx.split(model)
 
@@ -55,6 +56,7 @@ def test_greedy_past_the_window_equals_transformers(variant, tmp_path):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(5, 320, n).tolist() for n in PROMPT_LENGTHS]
     ours = _greedy(model, prompts, NEW_TOKENS)
+    assert _greedy(model, prompts, NEW_TOKENS, windowed=False).tolist() == ours.tolist()
     for row, prompt in enumerate(prompts):
         with torch.no_grad():
             reference = hf_model.generate(

@@ -128,7 +128,7 @@ class Generator:
         slots_S = jnp.arange(cache_len, dtype=jnp.int32)
         key_valid_BS = slots_S[None, :] >= pad_B[:, None]
         positions_BT = jnp.maximum(jnp.arange(t, dtype=jnp.int32)[None, :] - pad_B[:, None], 0)
-        cache = model.init_cache(b, cache_len)
+        cache = model.init_cache(b, cache_len, windowed=True)  # sliding-window layers keep a ring
         hidden, cache = model.cached_hidden_states(ids_BT, positions_BT, key_valid_BS, cache, 0)
         logits_BV = model.logits_from_hidden(hidden[:, -1:])[:, 0]
         seen = _mark_seen(jnp.zeros(logits_BV.shape, bool), ids_BT, key_valid_BS[:, :t])

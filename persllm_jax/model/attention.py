@@ -106,9 +106,10 @@ class Attention(nnx.Module):
         """`dropout_key`: the adapters' dropout in a training step (layers.Linear). `window`: this
         layer's sliding window (None: full attention), for the training path's block attention.
 
-        With `cache` = (k [L, B, S, K, H], v, layer, write_index), this step's keys and values
-        are written into `layer` at `write_index` and attention runs over that layer's whole cache
-        (`mask` is then [B, T, S]); the updated (k, v) is returned alongside the output."""
+        With `cache` (cached decoding), a function of this step's rotated queries, keys and values
+        that writes the keys and values into the KV cache and attends over it (decoder.py); it
+        returns the attention output [B, T, N, H] and the updated cache, returned here beside the
+        projected output."""
         cfg = self.cfg
         b, t, _ = x_BTD.shape
         q_key, k_key, v_key, o_key = subkeys(dropout_key, 4)
@@ -122,13 +123,5 @@ class Attention(nnx.Module):
         if cache is None:
             out = attend(q, k, v, mask, cfg.attention_impl, scale=cfg.attention_scale, window=window)
             return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim), o_key)
-        # The cache holds every layer ([L, B, S, K, H]) and stays in the scan carry, so each step
-        # writes only its new slots in place instead of copying the layer's whole cache.
-        k_all, v_all, layer, write_index = cache
-        at = (layer, 0, write_index, 0, 0)
-        k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
-        v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
-        k_layer = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
-        v_layer = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
-        out = attend(q, k_layer, v_layer, mask, "xla", scale=cfg.attention_scale)
-        return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim)), (k_all, v_all)
+        out, new_cache = cache(q, k, v)
+        return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim)), new_cache
