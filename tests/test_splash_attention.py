@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from persllm_jax.model.attention import attend
+from persllm_jax.model.block_attention import NO_WINDOW
 from persllm_jax.model.sharding import make_mesh
 from persllm_jax.model.splash import padded_length, splash_attention
 from tests.attention_inputs import inputs as _inputs
@@ -24,10 +25,13 @@ FWD_TOL = 1e-5  # fp32 outputs
 GRAD_TOL = 1e-5  # fp32 gradients, relative to the largest gradient entry
 
 
-def _compare(q, k, v, segments):
+def _compare(q, k, v, segments, window=None, window_size=0):
+    """`window`: the layer's window (None: a global layer), handed to the kernel traced, as the
+    layer scan hands it; `window_size`: the model's."""
     real = segments > 0
-    mask = jnp.asarray(_reference_mask(segments))
+    mask = jnp.asarray(_reference_mask(segments, window))
     weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape) * real[:, :, None, None], jnp.float32)
+    traced = jnp.int32(NO_WINDOW if window is None else window)
 
     def loss(fn):
         return lambda q, k, v: (fn(q, k, v) * weights).sum()
@@ -36,7 +40,7 @@ def _compare(q, k, v, segments):
         return attend(q, k, v, mask, "xla")
 
     def splash(q, k, v):
-        return splash_attention(q, k, v, jnp.asarray(segments))
+        return splash_attention(q, k, v, jnp.asarray(segments), window=traced, window_size=window_size)
 
     ref, out = xla(q, k, v), jax.jit(splash)(q, k, v)
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=FWD_TOL, rtol=0)
@@ -45,6 +49,15 @@ def _compare(q, k, v, segments):
     for name, g, r in zip("qkv", grads, ref_grads):
         scale = float(np.abs(np.asarray(r)).max())
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=GRAD_TOL * scale, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("local", [True, False], ids=["local-layer", "global-layer"])
+def test_a_model_with_a_sliding_window_runs_each_layer_with_its_mask(local):
+    """A window of 40 over packed rows of 256: the local kernel where the layer is local, the
+    causal one where it is global, chosen from the traced window."""
+    q, key, v = _inputs(2, 256, 4, 2, 16, seed=9)
+    segments = _segments(2, 256, seed=9, most=3)
+    _compare(q, key, v, segments, window=40 if local else None, window_size=40)
 
 
 @pytest.mark.parametrize(

@@ -36,19 +36,23 @@ class DenseMask(NamedTuple):
     mask_BTS: jax.Array
 
 
-def attend(q_BTNH, k_BSKH, v_BSKH, mask, impl: str = "xla", *, scale: float | None = None, window=None):
+def attend(
+    q_BTNH, k_BSKH, v_BSKH, mask, impl: str = "xla", *, scale: float | None = None, window=None, window_size=0
+):
     """Grouped-query attention; N query heads share K key/value heads. Returns [B, T, N, H].
 
-    Scores are scaled by `scale` (default head_dim ** -0.5). `window` (xla with `Segments` only; may
-    be traced) keeps, for each query, only the keys fewer than `window` tokens before it; a dense
-    mask already holds any window.
+    Scores are scaled by `scale` (default head_dim ** -0.5). `window` (xla with `Segments`, splash;
+    may be traced) keeps, for each query, only the keys fewer than `window` tokens before it; splash
+    also needs the model's static `window_size`; a dense mask already holds any window.
 
     `mask` is `Segments` (xla, causal within segments) or a boolean [B, T, S] (xla); for cudnn the number of real keys per row [B] (causal,
     right padding: cuDNN's fused kernel takes lengths), or a `DenseMask` for packed rows;
     for splash the segment id of every token [B, T] (causal within a segment, 0 = padding)."""
     scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
     if impl == "splash":
-        return splash_attention(q_BTNH, k_BSKH, v_BSKH, mask, scale=scale)
+        return splash_attention(
+            q_BTNH, k_BSKH, v_BSKH, mask, scale=scale, window=window, window_size=window_size
+        )
     if impl == "cudnn":
         if isinstance(mask, DenseMask):  # packed rows: the block-diagonal mask
             return jax.nn.dot_product_attention(
@@ -121,7 +125,16 @@ class Attention(nnx.Module):
         q = constrain(rope.apply_rotary(q, cos, sin), ("batch", "length", "act_heads", None))
         k = constrain(rope.apply_rotary(k, cos, sin), ("batch", "length", "act_heads", None))
         if cache is None:
-            out = attend(q, k, v, mask, cfg.attention_impl, scale=cfg.attention_scale, window=window)
+            out = attend(
+                q,
+                k,
+                v,
+                mask,
+                cfg.attention_impl,
+                scale=cfg.attention_scale,
+                window=window,
+                window_size=cfg.sliding_window,
+            )
             return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim), o_key)
         out, new_cache = cache(q, k, v)
         return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim)), new_cache

@@ -136,10 +136,10 @@ class ModelConfig:
             )
         if self.has_sliding_layers and self.sliding_window <= 0:
             raise ValueError(f"{SLIDING} layers need sliding_window > 0, got {self.sliding_window}")
-        if self.has_sliding_layers and self.attention_impl != "xla":
+        if self.has_sliding_layers and self.attention_impl == "cudnn":
             raise ValueError(
                 f"attention_impl={self.attention_impl!r} does not run sliding-window layers yet; "
-                "set model.attention_impl=xla for this model"
+                "set model.attention_impl=xla (or splash on a TPU) for this model"
             )
 
     @property

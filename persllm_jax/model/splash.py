@@ -31,7 +31,7 @@ def padded_length(t: int) -> int:
     return lanes if lanes <= _MAX_BLOCK else -(-t // _MAX_BLOCK) * _MAX_BLOCK
 
 
-def _kernel(t: int, num_heads: int, interpret: bool):
+def _kernel(t: int, num_heads: int, interpret: bool, window: int = 0):
     block = min(_MAX_BLOCK, t)
     sizes = splash.BlockSizes(
         block_q=block,
@@ -42,11 +42,17 @@ def _kernel(t: int, num_heads: int, interpret: bool):
         block_kv_dkv_compute=block,
         use_fused_bwd_kernel=True,
     )
-    mask = splash.MultiHeadMask([splash.CausalMask((t, t))] * num_heads)
+    # a sliding window of w tokens: each query reads itself and the w - 1 keys before it
+    one = (
+        splash.LocalMask((t, t), window_size=(window - 1, 0), offset=0)
+        if window
+        else splash.CausalMask((t, t))
+    )
+    mask = splash.MultiHeadMask([one] * num_heads)
     return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def _per_device(q_BTNH, k_BTKH, v_BTKH, segment_BT, *, interpret: bool, scale: float):
+def _per_device(q_BTNH, k_BTKH, v_BTKH, segment_BT, *, interpret: bool, scale: float, window: int = 0):
     """Attention over the shards one device holds: [b, T, n, H] -> [b, T, n, H]."""
     b, t, n, h = q_BTNH.shape
     t_pad = padded_length(t)
@@ -56,7 +62,7 @@ def _per_device(q_BTNH, k_BTKH, v_BTKH, segment_BT, *, interpret: bool, scale: f
     k_BKTH = jnp.pad(k_BTKH, pad).transpose(0, 2, 1, 3)
     v_BKTH = jnp.pad(v_BTKH, pad).transpose(0, 2, 1, 3)
     segment_BT = jnp.pad(segment_BT.astype(jnp.int32), ((0, 0), (0, t_pad - t)))
-    kernel = _kernel(t_pad, n, interpret)
+    kernel = _kernel(t_pad, n, interpret, window)
 
     def one_sequence(q, k, v, segment):
         return kernel(q, k, v, splash.SegmentIds(q=segment, kv=segment))
@@ -65,21 +71,35 @@ def _per_device(q_BTNH, k_BTKH, v_BTKH, segment_BT, *, interpret: bool, scale: f
     return out_BNTH.transpose(0, 2, 1, 3)[:, :t]
 
 
-def _on_platform(q, k, v, segment, *, scale: float):
+def _on_platform(q, k, v, segment, *, scale: float, window: int = 0):
     return jax.lax.platform_dependent(
         q,
         k,
         v,
         segment,
-        tpu=functools.partial(_per_device, interpret=False, scale=scale),
-        default=functools.partial(_per_device, interpret=True, scale=scale),
+        tpu=functools.partial(_per_device, interpret=False, scale=scale, window=window),
+        default=functools.partial(_per_device, interpret=True, scale=scale, window=window),
     )
 
 
-def splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_BT, *, scale: float | None = None):
+def splash_attention(
+    q_BTNH, k_BTKH, v_BTKH, segment_BT, *, scale: float | None = None, window=None, window_size=0
+):
     """Causal attention within segments; `segment_BT` int, 0 = padding. Returns [B, T, N, H].
-    Scores are scaled by `scale` (default head_dim ** -0.5)."""
+    Scores are scaled by `scale` (default head_dim ** -0.5).
+
+    A kernel's mask is static, so a layer scan that mixes local and global layers gives the
+    model's `window_size` and this layer's traced `window` (a local layer's equals window_size):
+    both kernels are compiled and `lax.cond` runs the layer's."""
     scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
-    return over_batch_and_heads(
-        functools.partial(_on_platform, scale=scale), q_BTNH, k_BTKH, v_BTKH, segment_BT
+    args = (q_BTNH, k_BTKH, v_BTKH, segment_BT)
+    kernel = functools.partial(_on_platform, scale=scale)
+    if window is None or not window_size:
+        return over_batch_and_heads(kernel, *args)
+    local = functools.partial(_on_platform, scale=scale, window=window_size)
+    return jax.lax.cond(
+        window <= window_size,
+        lambda *a: over_batch_and_heads(local, *a),
+        lambda *a: over_batch_and_heads(kernel, *a),
+        *args,
     )
