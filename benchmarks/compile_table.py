@@ -10,6 +10,10 @@ per-case JSON files of an earlier run instead of compiling again.
 
     python benchmarks/compile_table.py --reuse --json benchmarks/results/compile_table.json
     python benchmarks/compile_table.py --adapters --json benchmarks/results/compile_adapters.json
+    python benchmarks/compile_table.py --families --json benchmarks/results/compile_families.json
+
+`--families`: Qwen3-8B / 32B and Gemma-3-12B / 27B (text), SFT and DPO on v5p-64 and v6e-64, and
+their LoRA and QLoRA SFT steps on one 16 GiB v5e chip.
 """
 
 from __future__ import annotations
@@ -57,6 +61,19 @@ TRAINING = {
     "qlora": ["lora.rank=16", "lora.alpha=32", "model.dtype=bfloat16", "dpo.reference=base",
               "lora.base_quantization=nf4"],
 }  # fmt: skip
+
+FAMILY_PRESETS = ("qwen3_8b", "qwen3_32b", "gemma3_12b", "gemma3_27b")
+FAMILY_CASES = [
+    (task, preset, topology, 64, 64, 4096, "full")
+    for preset in FAMILY_PRESETS
+    for topology in ("v5p:4x4x4", "v6e:8x8")
+    for task in ("sft", "dpo")
+]
+FAMILY_ADAPTER_CASES = [
+    ("sft", preset, "v5e:1x1", 1, 1, 2048, "full", training)
+    for preset in FAMILY_PRESETS
+    for training in ("lora", "qlora")
+]
 
 # (task, preset, topology, fsdp, seq_len, remat): the largest batch that fits
 LARGEST = [
@@ -155,12 +172,12 @@ def table(rows: list[dict]) -> str:
 
 def adapter_table(rows: list[dict]) -> str:
     lines = [
-        "| step | training | slice | batch x seq | GiB per chip (args / temp / total) | of | fits |",
-        "|---|---|---|---|---|---|---|",
+        "| step | model | training | slice | batch x seq | GiB per chip (args / temp / total) | of | fits |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['task']} | {r['training']} | {r['topology']} ({r['devices']} chips) | {r['batch']} x {r['seq_len']} "
+            f"| {r['task']} | {r['model']} | {r['training']} | {r['topology']} ({r['devices']} chips) | {r['batch']} x {r['seq_len']} "
             f"| {r['argument_bytes'] / GiB:.2f} / {r['temp_bytes'] / GiB:.2f} / {r['total_bytes'] / GiB:.2f} "
             f"| {r['device_memory_bytes'] / GiB:.0f} | {'yes' if r['fits'] else 'no'} |"
         )
@@ -197,6 +214,7 @@ def main() -> int:
     parser.add_argument("--only-largest", default="", help="comma-separated largest-batch case indices")
     parser.add_argument("--reuse", action="store_true", help="read cases compiled by an earlier run")
     parser.add_argument("--adapters", action="store_true", help="only the LoRA / QLoRA table")
+    parser.add_argument("--families", action="store_true", help="only the Qwen3 and Gemma 3 tables")
     parser.add_argument("--json", default="", help="write every case's figures here")
     parser.add_argument("--out-dir", default="/tmp/persllm_compile_table", help="per-case JSON files")
     args = parser.parse_args()
@@ -204,6 +222,15 @@ def main() -> int:
     largest = [LARGEST[int(i)] for i in args.only_largest.split(",")] if args.only_largest else LARGEST
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.families:
+        rows = [run_case(case, out_dir, args.reuse) for case in FAMILY_CASES]
+        adapters = [run_case(case, out_dir, args.reuse) for case in FAMILY_ADAPTER_CASES]
+        print(table(rows))
+        print()
+        print(adapter_table(adapters))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"cases": rows, "adapters": adapters}, indent=2) + "\n")
+        return 0
     adapters = [run_case(case, out_dir, args.reuse) for case in ADAPTER_CASES]
     if args.adapters:
         print(adapter_table(adapters))

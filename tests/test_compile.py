@@ -110,6 +110,22 @@ def test_splash_attention_compiles_into_the_step(tmp_path):
     assert splash["temp_bytes"] < scores and xla["temp_bytes"] < scores, (splash, xla)
 
 
+@pytest.mark.parametrize("attention", ["xla", "splash"])
+@needs_libtpu
+def test_a_gemma3_step_with_local_and_global_layers_compiles_for_tpu(attention, tmp_path):
+    """The tiny Gemma 3 (a sliding-window layer, then a global one) on rows longer than its window:
+    one layer scan, the window and rotary tables per layer, and with splash the real kernel's local
+    and causal masks, both compiled by libtpu."""
+    common = (
+        "model.preset=tiny_gemma3",
+        "mesh.fsdp=4",
+        "train.seq_len=256",
+        f"model.attention_impl={attention}",
+    )
+    _, report = _compile("sft", "v5e:2x2", tmp_path, *common)
+    assert report["fits"] is True and report["devices"] == 4
+
+
 @needs_libtpu
 def test_a_frozen_dpo_reference_is_sharded_like_the_parameters(tmp_path):
     _, cached = _compile("dpo", "v5e:2x2", tmp_path)
