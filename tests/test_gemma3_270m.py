@@ -4,6 +4,8 @@ our greedy generation against transformers on the same weights."""
 
 from __future__ import annotations
 
+import shutil
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -32,7 +34,9 @@ def gemma_hf(tmp_path_factory):
     gguf = offline_models.gemma3_270m_gguf(tmp_path_factory.mktemp("gemma_gguf"))
     out = hf_fixtures.gguf_to_hf_dir(gguf, tmp_path_factory.mktemp("gemma_hf"))
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    return out, model, transformers.AutoTokenizer.from_pretrained(out)
+    yield out, model, transformers.AutoTokenizer.from_pretrained(out)
+    for folder in (gguf.parent, out):  # 1.3 GB: not kept to the end of the session
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.slow
