@@ -56,3 +56,31 @@ def test_bf16_compute_close_to_fp32(tmp_path):
     # bf16 has 8 mantissa bits: relative error ~1e-2 per op; compare at the scale of the logits.
     assert np.abs(a - b).max() < 0.1 * np.abs(a).max()
     assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.9
+
+
+@pytest.mark.parametrize("variant", ["qwen3_tied_head_dim", "gemma3_sliding", "llama_tied_gqa"])
+def test_packed_rows_equal_transformers_segment_by_segment(variant, tmp_path):
+    """Three sequences packed into one row (positions restart, segment ids 1-3, padding after),
+    longer than an attention block and than Gemma's window: each segment's logits equal
+    transformers' on that sequence alone."""
+    hf_model = hf_fixtures.save_tiny(variant, tmp_path)
+    model, _ = load_pretrained(tmp_path)
+    rng = np.random.RandomState(4)
+    lengths = [70, 130, 60]
+    row = np.zeros((1, 280), np.int32)
+    segments, positions = np.zeros_like(row), np.zeros_like(row)
+    start = 0
+    for index, length in enumerate(lengths, start=1):
+        row[0, start : start + length] = rng.randint(0, hf_fixtures.TINY_COMMON["vocab_size"], length)
+        segments[0, start : start + length] = index
+        positions[0, start : start + length] = np.arange(length)
+        start += length
+    hidden = model.hidden_states(
+        jnp.asarray(row), positions_BT=jnp.asarray(positions), segment_ids_BT=jnp.asarray(segments)
+    )
+    packed = np.asarray(model.logits_from_hidden(hidden))
+    start = 0
+    for length in lengths:
+        alone = hf_fixtures.torch_logits(hf_model, row[:, start : start + length])
+        np.testing.assert_allclose(packed[:, start : start + length], alone, atol=TOLERANCE, rtol=0)
+        start += length
