@@ -23,6 +23,7 @@ from persllm_jax.data import (
     tokenize_sft,
     tokenize_text,
 )
+from tests.chat_masks import decode, masked_runs
 
 ASSETS = Path(__file__).parent / "assets"
 STAGE_TOKENS = ["<TIME-I>", "<TIME-II>", "<TIME-III>"]
@@ -121,22 +122,6 @@ def templated(request):
     return request.getfixturevalue(request.param), end_of_turn
 
 
-def _masked_runs(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
-    """The token ids of each maximal run of True in the mask."""
-    runs, current = [], []
-    for token, on in zip(ids.tolist(), mask.tolist()):
-        if on:
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    return runs + ([current] if current else [])
-
-
-def _decode(tokenizer, ids) -> str:
-    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-
 # ---------------------------------------------------------------- the mask audit
 
 
@@ -150,9 +135,9 @@ def test_mask_selects_assistant_contents_and_end_of_turn(templated, conversation
     assert example.input_ids.tolist() == reference
     assert example.input_ids.dtype == np.int32 and example.loss_mask.dtype == np.bool_
 
-    runs = _masked_runs(example.input_ids, example.loss_mask)
+    runs = masked_runs(example.input_ids, example.loss_mask)
     expected = [m["content"] + end_of_turn for m in messages if m["role"] == "assistant"]
-    assert [_decode(tokenizer, run) for run in runs] == expected
+    assert [decode(tokenizer, run) for run in runs] == expected
     # the token after each end-of-turn token (a newline or the next header) is not trained
     eot_id = tokenizer.convert_tokens_to_ids(end_of_turn)
     for t in np.flatnonzero(example.input_ids == eot_id):
@@ -253,12 +238,12 @@ def test_prompt_completion_trains_the_completion_only(chatml):
     example = sft_example(record)
     assert example.train_from == 4
     tokenized = tokenize_sft(chatml, example)
-    runs = _masked_runs(tokenized.input_ids, tokenized.loss_mask)
-    assert [_decode(chatml, run) for run in runs] == [record["completion"][0]["content"] + "<|im_end|>"]
+    runs = masked_runs(tokenized.input_ids, tokenized.loss_mask)
+    assert [decode(chatml, run) for run in runs] == [record["completion"][0]["content"] + "<|im_end|>"]
 
     strings = tokenize_sft(chatml, sft_example({"prompt": "The sky is", "completion": " blue."}))
-    runs = _masked_runs(strings.input_ids, strings.loss_mask)
-    assert [_decode(chatml, run) for run in runs] == [" blue." + chatml.eos_token]
+    runs = masked_runs(strings.input_ids, strings.loss_mask)
+    assert [decode(chatml, run) for run in runs] == [" blue." + chatml.eos_token]
 
 
 def test_plain_text_trains_every_token(chatml):
@@ -331,16 +316,16 @@ def test_preference_masks_cover_the_answers(chatml):
             and arrays.input_ids[: len(prompt_ids)].tolist() == prompt_ids
         )
         trained = arrays.targets[arrays.loss_mask].tolist()
-        assert _decode(chatml, trained) == PAIR[side][0]["content"] + "<|im_end|>"
+        assert decode(chatml, trained) == PAIR[side][0]["content"] + "<|im_end|>"
         assert arrays.loss_mask.sum() == n - len(prompt_ids) - 1  # all but the final newline
 
     strings = preference_example(
         {"id": "p2", "prompt": "The sky is", "chosen": " blue.", "rejected": " green."}
     )
     pair = tokenize_preference(chatml, strings, seq_len=16)
-    assert _decode(chatml, pair.chosen.targets[pair.chosen.loss_mask].tolist()) == " blue." + chatml.eos_token
+    assert decode(chatml, pair.chosen.targets[pair.chosen.loss_mask].tolist()) == " blue." + chatml.eos_token
     assert (
-        _decode(chatml, pair.rejected.targets[pair.rejected.loss_mask].tolist())
+        decode(chatml, pair.rejected.targets[pair.rejected.loss_mask].tolist())
         == " green." + chatml.eos_token
     )
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
@@ -21,6 +20,7 @@ from persllm_jax.data.chat_templates import template_options
 from persllm_jax.personas.materials import load_personas
 from persllm_jax.personas.prompts import persona_conversation
 from persllm_jax.train.probing.scoring import encode_reply
+from tests.chat_masks import decode, masked_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZERS = ROOT / ".venv" / "share" / "persllm-tokenizers"
@@ -49,21 +49,6 @@ def template(request):
     return request.param, tokenizer
 
 
-def _decode(tokenizer, ids) -> str:
-    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-
-def _runs(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
-    runs, current = [], []
-    for token, on in zip(ids.tolist(), mask.tolist()):
-        if on:
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    return runs + ([current] if current else [])
-
-
 def test_the_mask_trains_each_reply_and_its_end_of_turn_only(template):
     name, tokenizer = template
     example = tokenize_conversation(tokenizer, CONVERSATION, sample_id="darwin")
@@ -71,9 +56,9 @@ def test_the_mask_trains_each_reply_and_its_end_of_turn_only(template):
         CONVERSATION, tokenize=True, return_dict=False, **template_options(tokenizer)
     )
     assert example.input_ids.tolist() == reference
-    trained = [_decode(tokenizer, run) for run in _runs(example.input_ids, example.loss_mask)]
+    trained = [decode(tokenizer, run) for run in masked_runs(example.input_ids, example.loss_mask)]
     assert trained == [m["content"] + END_OF_TURN[name] for m in CONVERSATION if m["role"] == "assistant"]
-    text = _decode(tokenizer, example.input_ids)
+    text = decode(tokenizer, example.input_ids)
     if name == "qwen3":  # the empty think block stands before the last reply only, untrained
         assert text.count("<think>") == 1 and text.index("<think>") > text.index(CONVERSATION[2]["content"])
         assert template_options(tokenizer) == {"enable_thinking": False}
@@ -96,14 +81,14 @@ def test_the_stage_token_is_one_token_where_the_persona_prompt_puts_it(template)
         assert head == ["<|im_start|>", "system", "Ċ", darwin.stages[0].token]
     else:  # no system role: the first user turn's first token, the question after the system text
         assert head == ["<bos>", "<start_of_turn>", "user", "\n", darwin.stages[0].token]
-        text = _decode(tokenizer, ids)
+        text = decode(tokenizer, ids)
         assert (
             text.index(messages[0]["content"])
             < text.index("What do you collect?")
             < text.index("<start_of_turn>model")
         )
     if name == "qwen3":
-        assert _decode(tokenizer, ids).endswith(THINK_OFF)
+        assert decode(tokenizer, ids).endswith(THINK_OFF)
 
 
 def test_probe_replies_are_encoded_as_generation_would_see_them(template):
@@ -115,4 +100,4 @@ def test_probe_replies_are_encoded_as_generation_would_see_them(template):
         messages, add_generation_prompt=True, tokenize=True, return_dict=False, **template_options(tokenizer)
     )
     assert list(encoded.prompt) == prompt
-    assert _decode(tokenizer, encoded.reply) == reply
+    assert decode(tokenizer, encoded.reply) == reply
