@@ -49,8 +49,8 @@ def parity() -> bool:
 def cudnn_vs_xla() -> bool:
     from flax import nnx
 
-    from persllm_jax.model.config import tiny
     from persllm_jax.model.decoder import CausalLM
+    from persllm_jax.model.presets import tiny
 
     cfg = tiny(
         vocab_size=4096,

@@ -83,9 +83,10 @@ def save_model(args, out: Path) -> None:
     """SmolLM2-135M's shape with `--layers` layers, random weights, and the test tokenizer with
     the stage tokens, in Hugging Face format (child process: no JAX in the parent)."""
     code = f"""
-import importlib.util, sys, torch, transformers
-spec = importlib.util.spec_from_file_location("mc", {str(ROOT / "persllm_jax" / "model" / "config.py")!r})
-mc = importlib.util.module_from_spec(spec); sys.modules["mc"] = mc; spec.loader.exec_module(mc)
+import sys, torch, transformers
+sys.path.insert(0, {str(ROOT / "benchmarks")!r})
+from train_throughput_common import model_config_module
+mc = model_config_module()
 tok = transformers.AutoTokenizer.from_pretrained({str(TOKENIZER)!r})
 tok.add_tokens(["<TIME-I>", "<TIME-II>", "<TIME-III>"], special_tokens=True)
 cfg = mc.preset("smollm2_135m", num_layers={args.layers}, vocab_size=len(tok))

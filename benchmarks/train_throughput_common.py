@@ -24,15 +24,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def model_config_module():
-    """persllm_jax/model/config.py loaded on its own: the TRL children need the presets and
-    `to_hf_config` without importing the package (and with it JAX) into the torch process."""
-    spec = importlib.util.spec_from_file_location(
-        "_persllm_model_config", ROOT / "persllm_jax" / "model" / "config.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while building the class
-    spec.loader.exec_module(module)
-    return module
+    """persllm_jax/model/config.py, presets.py and hf_config.py loaded on their own, as one namespace:
+    the TRL children need the presets and `to_hf_config` without importing the package (and with
+    it JAX) into the torch process. The config module is registered under its own name first, so
+    the other two find it there instead of importing the package."""
+    import types
+
+    namespace = {}
+    for name in ("config", "presets", "hf_config"):
+        full = f"persllm_jax.model.{name}"
+        module = sys.modules.get(full)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(full, ROOT / "persllm_jax" / "model" / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[full] = module  # dataclasses look their module up while building the class
+            spec.loader.exec_module(module)
+        namespace.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
+    return types.SimpleNamespace(**namespace)
 
 
 def resolve_dtype(dtype: str, platform: str, model: str) -> str:

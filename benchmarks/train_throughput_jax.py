@@ -76,7 +76,7 @@ def child_probe(args) -> dict:
 
 def model_config(args):
     """The run's model shape: fp32 parameters, the run's compute dtype, remat and attention."""
-    from persllm_jax.model.config import preset
+    from persllm_jax.model.presets import preset
 
     return preset(
         args.model,

@@ -6,7 +6,8 @@ import pytest
 
 from persllm_jax import configlib
 from persllm_jax.configlib import ConfigError
-from persllm_jax.model.config import ModelConfig, preset
+from persllm_jax.model.config import ModelConfig
+from persllm_jax.model.presets import preset
 from persllm_jax.train.config import RunConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"

@@ -13,8 +13,8 @@ from flax import nnx
 
 from persllm_jax.data import chat_tokenize, pipeline
 from persllm_jax.data.chat_tokenize import TokenizedExample
-from persllm_jax.model.config import preset
 from persllm_jax.model.decoder import CausalLM
+from persllm_jax.model.presets import preset
 from persllm_jax.train.batches import DPOBatch
 from persllm_jax.train.config import DPOSection
 from persllm_jax.train.tasks import dpo, dpo_loss, dpo_packing, sft

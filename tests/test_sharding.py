@@ -9,8 +9,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from persllm_jax import load_pretrained
 from persllm_jax.io.hf_weights import flat_variables
-from persllm_jax.model.config import tiny
 from persllm_jax.model.decoder import init_model
+from persllm_jax.model.presets import tiny
 from persllm_jax.model.sharding import LOGICAL_RULES, make_mesh, state_shardings
 from tests import hf_fixtures
 

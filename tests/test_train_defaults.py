@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 from persllm_jax import losses
-from persllm_jax.model.config import preset
 from persllm_jax.model.decoder import CausalLM
+from persllm_jax.model.presets import preset
 from persllm_jax.train.batches import DPOBatch, SFTBatch
 from persllm_jax.train.config import DPOSection, OptimSection, RunConfig, TrainSection
 from persllm_jax.train.optimizer import learning_rate_schedule, make_optimizer

@@ -20,8 +20,9 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from persllm_jax.io import hf_weights, run_paths
-from persllm_jax.model.config import ModelConfig, architecture_of, from_hf_config, to_hf_config
+from persllm_jax.model.config import ModelConfig
 from persllm_jax.model.decoder import CausalLM, abstract_model
+from persllm_jax.model.hf_config import architecture_of, from_hf_config, to_hf_config
 from persllm_jax.model.sharding import state_shardings
 
 log = logging.getLogger(__name__)

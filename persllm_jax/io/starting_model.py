@@ -13,8 +13,8 @@ from flax import nnx
 
 from persllm_jax.io import pretrained
 from persllm_jax.io.vocabulary import add_special_tokens
-from persllm_jax.model.config import preset
 from persllm_jax.model.decoder import CausalLM
+from persllm_jax.model.presets import preset
 
 
 def load_tokenizer(path: str):

@@ -20,7 +20,8 @@ import jax
 from persllm_jax.io import pretrained
 from persllm_jax.io.starting_model import load_tokenizer
 from persllm_jax.io.vocabulary import register_tokens
-from persllm_jax.model.config import ModelConfig, preset
+from persllm_jax.model.config import ModelConfig
+from persllm_jax.model.presets import preset
 from persllm_jax.train import distributed
 from persllm_jax.train.config import RunConfig
 from persllm_jax.train.loop import check_batch_layout, check_training_settings, lora_token_rows, model_options
