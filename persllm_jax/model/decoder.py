@@ -137,9 +137,8 @@ class CausalLM(nnx.Module):
             change_BTD = jnp.einsum("btr,rd->btd", hits_BTR, self.token_rows[...].astype(jnp.float32))
             # a changed row is stored as the table stores rows (as the merged export holds it)
             x_BTD = (x_BTD.astype(jnp.float32) + change_BTD).astype(x_BTD.dtype)
-        if (
-            self.cfg.is_gemma
-        ):  # the (changed) rows scaled by sqrt(hidden) in the table's dtype, as transformers does
+        if self.cfg.is_gemma:
+            # the (changed) rows scaled by sqrt(hidden) in the table's dtype, as transformers does
             x_BTD = x_BTD * jnp.asarray(math.sqrt(self.cfg.hidden_size), x_BTD.dtype)
         return constrain(x_BTD.astype(self.cfg.compute_dtype), ("batch", "length", "act_embed"))
 
