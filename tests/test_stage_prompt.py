@@ -170,3 +170,29 @@ def test_the_pipeline_gives_every_step_its_stage_prompt(tmp_path):
     )
     with pytest.raises(ConfigError, match="stage_prompt: 'when' is not one of token, token_and_when"):
         bad.personas_dir()
+
+
+def test_a_training_step_stopped_early_is_not_done(tmp_path, monkeypatch):
+    """A trainer stopped by SIGTERM checkpoints and exits 0: the pipeline must not take the step as
+    done (nor start DPO from a half-trained SFT); it says where the run stopped and how to resume."""
+    import yaml
+
+    from persllm_jax.pipeline.runner import Pipeline, PipelineConfig, PipelineError
+
+    cfg = PipelineConfig(out_dir=str(tmp_path / "run"), personas_dir=str(EXAMPLES))
+    pipeline = Pipeline(cfg, config_path=ROOT / "configs" / "demo.yaml")
+    config = pipeline._train_config("sft", cfg.sft, tmp_path / "base", [{"path": "d.jsonl"}])
+    max_steps = yaml.safe_load(Path(config).read_text())["train"]["max_steps"]
+    stops_at = [max_steps // 2]
+
+    def trainer_that_checkpoints(step, *args):  # what `persllm sft` leaves when it exits 0
+        pipeline.path(step, "checkpoints", str(stops_at[0])).mkdir(parents=True)
+
+    monkeypatch.setattr(pipeline, "_persllm", trainer_that_checkpoints)
+    stopped = (
+        rf"step sft stopped at step {max_steps // 2} of {max_steps} .*persllm pipeline --config .*demo\.yaml"
+    )
+    with pytest.raises(PipelineError, match=stopped):
+        pipeline._train("sft", config)
+    stops_at[0] = max_steps
+    pipeline._train("sft", config)  # it reached max_steps: done

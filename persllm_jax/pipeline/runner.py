@@ -301,12 +301,27 @@ class Pipeline:
         # per persona dialogue), so the paper's x5 applies to the whole file.
         sources = [{"path": str(self.path("data", "dialogues.jsonl")), "repeats": 5, "split": "train"}]
         config = self._train_config("sft", self.cfg.sft, self.path("base_model"), sources)
-        self._persllm("sft", "sft", "--config", str(config))
+        self._train("sft", config)
 
     def step_dpo(self) -> None:
         sources = [{"path": str(self.path("data", "pairs.jsonl")), "repeats": 1, "split": "train"}]
         config = self._train_config("dpo", self.cfg.dpo, self.path("sft"), sources)
-        self._persllm("dpo", "dpo", "--config", str(config))
+        self._train("dpo", config)
+
+    def _train(self, step: str, config: Path) -> None:
+        """Run a training step; it is done only when its run reached `train.max_steps`. A trainer
+        stopped by SIGTERM (a preemption) checkpoints and exits 0, and the steps after it must
+        not start from a half-trained model."""
+        from persllm_jax.train.config import RunConfig
+
+        self._persllm(step, step, "--config", str(config))
+        max_steps = configlib.load(RunConfig, config).train.max_steps
+        reached = _latest_checkpoint(self.path(step))
+        if reached != max_steps:
+            raise PipelineError(
+                f"step {step} stopped at step {reached} of {max_steps} (a SIGTERM, or train.stop_after) "
+                f"and is not done; the same command resumes it from there{self.command_note}: {self.command}"
+            )
 
     def step_eval(self) -> None:
         from persllm_jax.evaluation.config import EvalConfig
