@@ -1,7 +1,8 @@
 """Qwen3 and Gemma 3 through the trainer, as a user runs it (`persllm sft` / `dpo` / `export-hf`):
 for a tiny model of each family (presets `tiny_qwen3` and `tiny_gemma3`, the latter with a sliding
 window of 48 inside its 128-token rows), SFT whose loss falls and that resumes exactly, DPO from it
-whose loss falls, and a LoRA run. Each exports a folder that transformers loads (and the LoRA run a
+whose loss falls, and a LoRA run; each of the three resumes exactly (stopped halfway and run again, it
+logs the same losses and ends with the same parameters as the run made in one go). Each exports a folder that transformers loads (and the LoRA run a
 PEFT adapter that peft loads) with our logits within 1e-4."""
 
 from __future__ import annotations
@@ -41,6 +42,17 @@ def _exported_logits_match(run_dir, out_dir):
     return ours
 
 
+def _resumes_exactly(kind, reference, cut, *overrides, stop_after):
+    """`cut` stopped after `stop_after` steps and run again equals `reference`, run in one go: the
+    same loss at every step (the optimizer state and data position came back) and the same
+    parameters, bit for bit."""
+    train(kind, cut, *overrides, f"train.stop_after={stop_after}", env=ONE_DEVICE)
+    assert len(losses(cut)) == stop_after
+    train(kind, cut, *overrides, env=ONE_DEVICE)
+    assert losses(cut) == losses(reference)
+    assert_same_params(cut, reference)
+
+
 @pytest.fixture(scope="module", params=["tiny_qwen3", "tiny_gemma3"])
 def family(request, tmp_path_factory):
     """The preset and its SFT run (8 steps in one go)."""
@@ -54,43 +66,34 @@ def test_sft_learns_resumes_exactly_and_exports(family, tmp_path):
     preset, reference = family
     steps = losses(reference)
     assert len(steps) == 8 and steps[-1] < steps[0] - 0.5, steps
-    resumed = tmp_path / "resumed"
-    train("sft", resumed, f"model.preset={preset}", "train.stop_after=4", env=ONE_DEVICE)
-    assert len(losses(resumed)) == 4
-    train("sft", resumed, f"model.preset={preset}", env=ONE_DEVICE)
-    assert losses(resumed) == steps
-    assert_same_params(resumed, reference)
+    _resumes_exactly("sft", reference, tmp_path / "resumed", f"model.preset={preset}", stop_after=4)
     ours = _exported_logits_match(reference, tmp_path / "hf")
     assert ours.cfg.architecture == preset.removeprefix("tiny_")
 
 
 @pytest.mark.slow
-def test_dpo_from_the_sft_run_learns_and_exports(family, tmp_path):
+def test_dpo_from_the_sft_run_learns_resumes_exactly_and_exports(family, tmp_path):
     _, sft = family
     run = tmp_path / "dpo"
-    train("dpo", run, f"model.path={sft}", "model.preset=", "model.tokenizer=", env=ONE_DEVICE)
+    from_sft = (f"model.path={sft}", "model.preset=", "model.tokenizer=")
+    train("dpo", run, *from_sft, env=ONE_DEVICE)
     steps = losses(run)
     assert abs(steps[0] - np.log(2)) < 1e-5 and steps[-1] < steps[0] - 0.1, steps
+    _resumes_exactly("dpo", run, tmp_path / "resumed", *from_sft, stop_after=4)
     _exported_logits_match(run, tmp_path / "hf")
 
 
 @pytest.mark.slow
-def test_lora_exports_merged_weights_and_a_peft_adapter(family, tmp_path):
+def test_lora_resumes_exactly_and_exports_merged_weights_and_a_peft_adapter(family, tmp_path):
     import peft
     import transformers
 
     preset, _ = family
     run = tmp_path / "lora"
-    train(
-        "sft",
-        run,
-        f"model.preset={preset}",
-        "lora.rank=4",
-        "lora.alpha=8",
-        "train.max_steps=4",
-        env=ONE_DEVICE,
-    )
+    lora = (f"model.preset={preset}", "lora.rank=4", "lora.alpha=8", "train.max_steps=4")
+    train("sft", run, *lora, env=ONE_DEVICE)
     assert losses(run)[-1] < losses(run)[0]
+    _resumes_exactly("sft", run, tmp_path / "resumed", *lora, stop_after=2)
     ours = _exported_logits_match(run, tmp_path / "merged")
     assert ours.cfg.lora_rank == 4
     expected = np.asarray(ours(jnp.asarray(_ids())))
