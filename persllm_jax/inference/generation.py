@@ -1,16 +1,17 @@
-"""Batched text generation with a KV cache.
+"""Text generation with continuous batching over a paged KV cache: `Generator` and `generate()`.
 
-Prompts are left-padded into a batch whose size and length are rounded up to a few buckets, so
-the prefill and the one-token decode step compile once per bucket and are reused. Decoding runs
-one jitted step per token from the host, which lets the caller stream text, stop rows on stop
-strings and drop finished rows without recompiling. Every sampling setting is per row, so one
-batch can serve requests with different settings (the server relies on this).
+`Generator` owns the model's compiled call (`paged_forward` plus the sampler), the KV page pool
+and a `Scheduler` that decides what each call runs (see scheduler.py): `complete()` puts its
+prompts through the scheduler and steps it until they are answered; the server steps the same
+scheduler from its worker thread as requests arrive. Every sampling setting is per row, so one
+call serves requests with different settings; a row's samples depend only on its own seed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
+import logging
 from collections.abc import Callable, Sequence
 
 import jax
@@ -18,41 +19,29 @@ import jax.numpy as jnp
 import numpy as np
 
 from persllm_jax.data.chat_templates import template_options
+from persllm_jax.inference.kv_pages import PagePool
+from persllm_jax.inference.paged_forward import empty_pool, paged_hidden_states, pool_bytes_per_token
 from persllm_jax.inference.sampling import GREEDY, SamplingParams, sample
-from persllm_jax.inference.text_stream import TextStream
+from persllm_jax.inference.scheduler import (
+    CallRows,
+    Completion,
+    Request,
+    Scheduler,
+    batch_bucket,
+    round_up_length,
+)
 from persllm_jax.io.pretrained import eos_token_ids, generation_config
 from persllm_jax.model.decoder import CausalLM
 
-_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-# Lengths round up to 128 * (1, 1.5, 2, 3, 4, 6, ...): at most half the prefill is padding,
-# and a server sees a handful of compiled shapes instead of one per distinct prompt length.
-_LENGTH_UNIT = 128
+__all__ = ["Completion", "Generator", "SamplingParams", "generate"]
 
+log = logging.getLogger(__name__)
 
-@dataclasses.dataclass
-class Completion:
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
-    prompt_tokens: int
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def _length_bucket(n: int) -> int:
-    size = _LENGTH_UNIT
-    while True:
-        if n <= size:
-            return size
-        if n <= size * 3 // 2:
-            return size * 3 // 2
-        size *= 2
-
-
-def _batch_bucket(n: int) -> int:
-    return next((b for b in _BATCH_BUCKETS if b >= n), _round_up(n, _BATCH_BUCKETS[-1]))
+PAGE_SIZE = 16  # tokens per KV page: the prefix cache's unit too
+# Without a memory budget, the cache holds 1024 tokens per slot (a persona prompt, its history
+# and a reply; longer prompts borrow the pages shorter ones leave), and at least 4096 in all.
+_DEFAULT_TOKENS_PER_SLOT = 1024
+_DEFAULT_MIN_TOKENS = 4096
 
 
 def _mark_seen(seen_BV, ids_BT, valid_BT):
@@ -74,11 +63,28 @@ _COMMON_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endofte
 
 
 class Generator:
-    """Generates from one model; keeps its compiled prefill and decode steps across calls."""
+    """Generates from one model; keeps its compiled calls, its KV pages and its prefix cache
+    across calls.
 
-    def __init__(self, model: CausalLM, tokenizer, *, max_batch: int = 16):
+    `max_batch`: decode slots (rows decoding together); `kv_cache_gib`: the KV cache's memory
+    budget, held by every device of the model's mesh (default: 1024 tokens per slot, at least
+    4096 tokens);
+    `prefix_cache`: reuse the keys and values of prompt prefixes seen before."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer,
+        *,
+        max_batch: int = 16,
+        kv_cache_gib: float | None = None,
+        prefix_cache: bool = True,
+        prefill_chunk: int = 512,
+    ):
         from flax import nnx
 
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -86,14 +92,46 @@ class Generator:
         self._mesh = _model_mesh(self._state)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = self._end_of_turn_ids(tokenizer, eos_token_ids(generation_config(model)))
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("cache_len", "greedy_only"))
-        self._decode = jax.jit(self._decode_fn, static_argnames=("greedy_only",), donate_argnums=(2, 3))
+        per_token = pool_bytes_per_token(model.cfg)
+        if kv_cache_gib is None:
+            tokens = max(max_batch * _DEFAULT_TOKENS_PER_SLOT, _DEFAULT_MIN_TOKENS)
+        else:
+            if kv_cache_gib <= 0:
+                raise ValueError(f"kv_cache_gib must be > 0, got {kv_cache_gib}")
+            tokens = int(kv_cache_gib * 2**30) // per_token
+        num_pages = max(tokens // PAGE_SIZE, 2) + 1  # and the scratch page
+        self.kv_cache_bytes = num_pages * PAGE_SIZE * per_token
+        self.pages = PagePool(num_pages, PAGE_SIZE, prefix_cache=prefix_cache)
+        with self._mesh_context():
+            self._pool = empty_pool(model.cfg, num_pages, PAGE_SIZE)
+            # one row of seen-token flags per slot, and a spare one for filler rows
+            self._seen = jnp.zeros((max_batch + 1, model.cfg.vocab_size), bool)
+        self.scheduler = Scheduler(
+            self._run_call,
+            self._reset_seen,
+            self.pages,
+            slots=max_batch,
+            max_length=self.max_length,
+            eos_ids=self.eos_ids,
+            tokenizer=tokenizer,
+            prefill_chunk=prefill_chunk,
+        )
+        self._call = jax.jit(
+            self._call_fn, static_argnames=("greedy_only", "keep_logits"), donate_argnums=(1, 2)
+        )
+        self._reset = jax.jit(self._reset_fn, donate_argnums=(0,))
 
     def sync(self) -> None:
-        """Pick up the model's current parameters (after training it in place)."""
+        """Pick up the model's current parameters (after training it in place); cached prefixes
+        computed with the old ones are dropped."""
         from flax import nnx
 
         self._state = nnx.state(self.model)
+        if not self.scheduler.busy:
+            self.pages.clear_prefixes()
+
+    def _mesh_context(self):
+        return jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext()
 
     @staticmethod
     def _end_of_turn_ids(tokenizer, configured: list[int]) -> frozenset[int]:
@@ -118,38 +156,52 @@ class Generator:
             ids = ids["input_ids"]
         return list(ids)
 
-    # -- jitted pieces ---------------------------------------------------------------------------
+    # -- device side -----------------------------------------------------------------------------
 
-    def _prefill_fn(self, state, ids_BT, pad_B, rows, *, cache_len: int, greedy_only: bool):
+    def _call_fn(
+        self, state, pool, seen, ids, positions, valid, pages, last, slots, emits, drawn, rows, *,
+        greedy_only: bool, keep_logits: bool,
+    ):  # fmt: skip
         from flax import nnx
 
         model = nnx.merge(self._graphdef, state)
-        b, t = ids_BT.shape
-        slots_S = jnp.arange(cache_len, dtype=jnp.int32)
-        key_valid_BS = slots_S[None, :] >= pad_B[:, None]
-        positions_BT = jnp.maximum(jnp.arange(t, dtype=jnp.int32)[None, :] - pad_B[:, None], 0)
-        cache = model.init_cache(b, cache_len, windowed=True)  # sliding-window layers keep a ring
-        hidden, cache = model.cached_hidden_states(ids_BT, positions_BT, key_valid_BS, cache, 0)
-        logits_BV = model.logits_from_hidden(hidden[:, -1:])[:, 0]
-        seen = _mark_seen(jnp.zeros(logits_BV.shape, bool), ids_BT, key_valid_BS[:, :t])
-        token_B = sample(logits_BV, seen, rows, 0, greedy_only)
-        return token_B, cache, _mark_seen(seen, token_B[:, None], jnp.ones((b, 1), bool))
+        hidden, pool = paged_hidden_states(model, ids, positions, valid, pool, pages)
+        at_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
+        logits_BV = model.logits_from_hidden(at_last)[:, 0]
+        seen_BV = seen[slots]
+        token_B = sample(logits_BV, seen_BV, rows, drawn, greedy_only)
+        marked = _mark_seen(seen_BV, token_B[:, None], emits[:, None])
+        seen = seen.at[slots].set(marked)
+        return token_B, (logits_BV if keep_logits else None), pool, seen
 
-    def _decode_fn(self, state, token_B, cache, seen, pad_B, write_index, step, rows, *, greedy_only: bool):
-        from flax import nnx
+    @staticmethod
+    def _reset_fn(seen, slot, ids):
+        return seen.at[slot].set(False).at[slot, ids].set(True)
 
-        model = nnx.merge(self._graphdef, state)
-        cache_len = cache[0].shape[2]
-        key_valid_BS = jnp.arange(cache_len, dtype=jnp.int32)[None, :] >= pad_B[:, None]
-        positions_B1 = (write_index - pad_B)[:, None]
-        hidden, cache = model.cached_hidden_states(
-            token_B[:, None], positions_B1, key_valid_BS, cache, write_index
-        )
-        logits_BV = model.logits_from_hidden(hidden)[:, 0]
-        next_B = sample(logits_BV, seen, rows, step, greedy_only)
-        return next_B, cache, _mark_seen(seen, next_B[:, None], jnp.ones((token_B.shape[0], 1), bool))
+    def _run_call(self, call: CallRows, greedy_only: bool, keep_logits: bool):
+        p = call.params
+        rows = {
+            "temperature": np.array([x.temperature for x in p], np.float32),
+            "top_k": np.array([x.top_k for x in p], np.int32),
+            "top_p": np.array([x.top_p for x in p], np.float32),
+            "penalty": np.array([x.repetition_penalty for x in p], np.float32),
+            "seed": np.array([x.seed for x in p], np.uint32),
+        }
+        with self._mesh_context():
+            token_B, logits, self._pool, self._seen = self._call(
+                self._state, self._pool, self._seen, call.ids, call.positions, call.valid, call.pages,
+                call.last, call.slots, call.emits, call.drawn, rows,
+                greedy_only=greedy_only, keep_logits=keep_logits,
+            )  # fmt: skip
+        return np.asarray(token_B), logits
 
-    # -- host loop -------------------------------------------------------------------------------
+    def _reset_seen(self, slot: int, prompt: list[int]) -> None:
+        ids = np.full((round_up_length(len(prompt)),), prompt[0], np.int32)  # padded with a repeat
+        ids[: len(prompt)] = prompt
+        with self._mesh_context():
+            self._seen = self._reset(self._seen, np.int32(slot), ids)
+
+    # -- host side -------------------------------------------------------------------------------
 
     def complete(
         self,
@@ -157,105 +209,36 @@ class Generator:
         params: SamplingParams | Sequence[SamplingParams],
         on_text: Callable[[int, str], None] | None = None,
         cancelled: Callable[[int], bool] | None = None,
+        keep_first_logits: bool = False,
     ) -> list[Completion]:
         """Continue each token-id prompt. `on_text(row, delta)` receives text as it becomes final;
-        a row for which `cancelled(row)` turns true stops at the next step (finish "cancelled"),
-        and the batch stops once every row has."""
+        a row for which `cancelled(row)` turns true stops at the next step (finish "cancelled").
+        Rows run `max_batch` at a time, each next one joining as soon as a slot frees."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling settings")
-        for i, prompt in enumerate(prompts):
-            if not prompt:
-                raise ValueError(f"prompt {i} is empty")
-            if len(prompt) >= self.max_length:
-                raise ValueError(
-                    f"prompt {i} has {len(prompt)} tokens; the model allows {self.max_length} "
-                    "positions in all, prompt and completion together"
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            self.scheduler.check(list(prompt), p, name=f"prompt {i}")
+        results: list[Completion | None] = [None] * len(prompts)
+
+        def done(row: int, completion: Completion) -> None:
+            results[row] = completion
+
+        for row, (prompt, p) in enumerate(zip(prompts, params)):
+            self.scheduler.add(
+                Request(
+                    list(prompt),
+                    p,
+                    on_text=functools.partial(on_text, row) if on_text else None,
+                    on_done=functools.partial(done, row),
+                    cancelled=functools.partial(cancelled, row) if cancelled else None,
+                    keep_first_logits=keep_first_logits,
                 )
-        results: list[Completion] = []
-        for start in range(0, len(prompts), self.max_batch):
-            chunk = slice(start, start + self.max_batch)
-
-            def shifted(row, delta, start=start):
-                on_text(start + row, delta)
-
-            def shifted_cancelled(row, start=start):
-                return cancelled(start + row)
-
-            results += self._complete_batch(
-                list(prompts[chunk]),
-                list(params[chunk]),
-                shifted if on_text else None,
-                shifted_cancelled if cancelled else None,
             )
+        while any(r is None for r in results):
+            self.scheduler.step()
         return results
-
-    def _complete_batch(self, prompts, params, on_text, cancelled=None) -> list[Completion]:
-        n = len(prompts)
-        batch = _batch_bucket(n)
-        prompt_len = _length_bucket(max(len(p) for p in prompts))
-        budgets = [min(p.max_new_tokens, self.max_length - len(ids)) for p, ids in zip(params, prompts)]
-        cache_len = prompt_len + _length_bucket(max(budgets))
-
-        ids = np.full((batch, prompt_len), self.pad_id, np.int32)
-        pad = np.full((batch,), prompt_len, np.int32)  # filler rows: all padding
-        for row, prompt in enumerate(prompts):
-            ids[row, prompt_len - len(prompt) :] = prompt
-            pad[row] = prompt_len - len(prompt)
-        pad[n:] = prompt_len - 1  # filler rows attend to one pad token, never to nothing
-        filler = SamplingParams()
-        rows_params = params + [filler] * (batch - n)
-        rows = {
-            "temperature": np.array([p.temperature for p in rows_params], np.float32),
-            "top_k": np.array([p.top_k for p in rows_params], np.int32),
-            "top_p": np.array([p.top_p for p in rows_params], np.float32),
-            "penalty": np.array([p.repetition_penalty for p in rows_params], np.float32),
-            "seed": np.array([p.seed for p in rows_params], np.uint32),
-        }
-        greedy_only = all(p.temperature == 0 for p in params)
-
-        streams = [TextStream(self.tokenizer, p.stop) for p in params]
-        finish: list[str | None] = [None] * n
-        with jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext():
-            token_B, cache, seen = self._prefill(
-                self._state, ids, pad, rows, cache_len=cache_len, greedy_only=greedy_only
-            )
-            for step in range(max(budgets)):
-                tokens = np.asarray(token_B)
-                for row in range(n):
-                    if finish[row] is not None:
-                        continue
-                    stream = streams[row]
-                    if cancelled is not None and cancelled(row):
-                        finish[row] = "cancelled"
-                        continue
-                    if int(tokens[row]) in self.eos_ids:
-                        finish[row] = "stop"
-                    else:
-                        stream.add(int(tokens[row]))
-                        if stream.stopped:
-                            finish[row] = "stop"
-                        elif len(stream.ids) >= budgets[row]:
-                            finish[row] = "length"
-                    if on_text is not None:
-                        delta = stream.delta(final=finish[row] is not None)
-                        if delta:
-                            on_text(row, delta)
-                if all(f is not None for f in finish):
-                    break
-                token_B, cache, seen = self._decode(
-                    self._state,
-                    token_B,
-                    cache,
-                    seen,
-                    pad,
-                    np.int32(prompt_len + step),
-                    np.int32(step + 1),
-                    rows,
-                    greedy_only=greedy_only,
-                )
-        return [Completion(s.text, s.ids, f or "length", len(p)) for s, f, p in zip(streams, finish, prompts)]
 
     def chat(
         self,
@@ -270,14 +253,17 @@ class Generator:
 _GENERATORS: dict[tuple[int, int], Generator] = {}
 
 
-def _generator_for(model: CausalLM, tokenizer) -> Generator:
-    """One Generator (and its compiled steps) per model and tokenizer, kept across calls."""
+def _generator_for(model: CausalLM, tokenizer, rows: int) -> Generator:
+    """One Generator (and its compiled steps) per model and tokenizer, kept across calls, with
+    slots (and KV memory) for `rows` conversations, up to 16."""
     key = (id(model), id(tokenizer))
     gen = _GENERATORS.get(key)
-    if gen is None or gen.model is not model or gen.tokenizer is not tokenizer:
+    slots = batch_bucket(min(rows, 16))
+    if gen is None or gen.model is not model or gen.tokenizer is not tokenizer or gen.max_batch < slots:
         if len(_GENERATORS) >= 2:
             _GENERATORS.pop(next(iter(_GENERATORS)))
-        gen = _GENERATORS[key] = Generator(model, tokenizer)
+        _GENERATORS.pop(key, None)
+        gen = _GENERATORS[key] = Generator(model, tokenizer, max_batch=slots)
     else:
         gen.sync()  # the model may have been trained since the last call
     return gen
@@ -308,4 +294,4 @@ def generate(
         )
         for i in range(len(conversations))
     ]
-    return [c.text for c in _generator_for(model, tokenizer).chat(conversations, params)]
+    return [c.text for c in _generator_for(model, tokenizer, len(conversations)).chat(conversations, params)]

@@ -97,8 +97,8 @@ def filter_top_k_top_p(scaled_BV, top_k_B, top_p_B):
 
 def sample(logits_BV, seen_BV, rows, step, greedy_only: bool):
     """Next token per row. `rows` holds per-row temperature, top_k, top_p, penalty and seed; the
-    random key of a row depends only on its seed and `step` (tokens generated so far), so a
-    sample does not change with what else is in the batch."""
+    random key of a row depends only on its seed and `step` (tokens it has generated so far, one
+    for all rows or one per row), so a sample does not change with what else is in the batch."""
     logits_BV = penalize(logits_BV, seen_BV, rows["penalty"])
     greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     if greedy_only:
@@ -109,6 +109,7 @@ def sample(logits_BV, seen_BV, rows, step, greedy_only: bool):
     scaled = jax.lax.cond(
         needs_filter, lambda x: filter_top_k_top_p(x, rows["top_k"], rows["top_p"]), lambda x: x, scaled
     )
-    keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), step))(rows["seed"])
+    steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), rows["seed"].shape)
+    keys = jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(rows["seed"], steps)
     sampled_B = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
     return jnp.where(temperature > 0, sampled_B, greedy_B)
