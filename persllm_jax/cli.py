@@ -118,6 +118,8 @@ def _serve(args) -> None:
         max_queue=args.max_queue,
         api_key=args.api_key or os.environ.get("PERSLLM_API_KEY") or None,
         docs=args.docs,
+        kv_cache_gib=args.kv_cache_gib,
+        prefix_cache=not args.no_prefix_cache,
     )
 
 
@@ -307,12 +309,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--docs", action="store_true", help="serve the interactive /docs pages (off by default)")
     p.add_argument("--model-name", default=None, help="model id clients use (default: the path's basename)")
-    p.add_argument("--max-batch", type=int, default=16, help="most requests generated together")
+    p.add_argument("--max-batch", type=int, default=16, help="decode slots: most requests generated together")
+    p.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=None,
+        help="the KV cache's memory budget in GiB (default: 1024 tokens per slot, at least 4096)",
+    )
+    p.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="do not reuse the keys and values of prompt prefixes seen before",
+    )
     p.add_argument(
         "--batch-window-ms",
         type=float,
         default=15.0,
-        help="how long a batch waits for more requests, in milliseconds",
+        help="how long an idle server waits for more requests before it starts, in milliseconds",
     )
     p.add_argument(
         "--default-max-tokens",

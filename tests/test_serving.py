@@ -16,30 +16,54 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import openai
 import pytest
 
 from persllm_jax.inference import serving
-from persllm_jax.inference.generation import Completion
+from persllm_jax.inference.kv_pages import PagePool
+from persllm_jax.inference.scheduler import Scheduler
 from tests.cli_helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class EchoGenerator:
-    """Follows the Generator contract with one token per character: the reply is "echo: <last message>".
+class CharTokenizer:
+    eos_token_id = 0
 
-    A prompt containing FAIL makes its whole batch raise; a conversation containing BADTEMPLATE makes
-    `encode_chat` raise, as a chat template that rejects a conversation does.
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(map(chr, ids))
+
+
+class EchoGenerator:
+    """Follows the Generator contract on the real continuous-batching scheduler, with a stand-in
+    for the model: one token per character, and the reply is "echo: <last message>", one
+    character per model call (each call takes `delay_s`).
+
+    A prompt containing FAIL makes every model call it is in raise; DIE makes the call end the
+    worker; a conversation containing BADTEMPLATE makes `encode_chat` raise, as a chat template
+    that rejects a conversation does. `batch_sizes`: the rows of each call; `drawn`: characters
+    generated per prompt text.
     """
 
     max_length = 64
     max_batch = 8
 
-    def __init__(self, delay_s: float = 0.05):
+    def __init__(self, delay_s: float = 0.02, max_batch: int = 8):
         self.delay_s = delay_s
+        self.max_batch = max_batch
         self.batch_sizes: list[int] = []
-        self.lock = threading.Lock()
+        self.drawn: dict[str, int] = {}
+        self._prompts: dict[int, str] = {}
+        self.scheduler = Scheduler(
+            self._run_call,
+            self._reset_seen,
+            PagePool(4 * 8 + 1, 16),
+            slots=max_batch,
+            max_length=self.max_length,
+            eos_ids=frozenset({CharTokenizer.eos_token_id}),
+            tokenizer=CharTokenizer(),
+        )
 
     def encode_chat(self, messages):
         text = "\n".join(f"{m['role']}:{m['content']}" for m in messages)
@@ -48,28 +72,27 @@ class EchoGenerator:
         return [ord(c) for c in text + "\nassistant:"]
 
     def complete(self, prompts, params, on_text=None, cancelled=None):
-        with self.lock:
-            self.batch_sizes.append(len(prompts))
+        return self.scheduler.complete(prompts, params, on_text, cancelled)
+
+    def _reset_seen(self, slot, prompt):
+        self._prompts[slot] = "".join(map(chr, prompt))
+
+    def _run_call(self, call, greedy_only, keep_logits):
         time.sleep(self.delay_s)
-        texts = ["".join(map(chr, ids)) for ids in prompts]
-        if any("FAIL" in t for t in texts):
-            raise RuntimeError("injected generation failure")
-        if any("DIE" in t for t in texts):
-            raise SystemExit("injected worker death")
-        out = []
-        for row, (text, p) in enumerate(zip(texts, params)):
-            last = text.rsplit("\n", 2)[-2].split(":", 1)[1]
-            reply, finish = "echo: " + last, "stop"
-            for s in p.stop:
-                if s in reply:
-                    reply = reply[: reply.index(s)]
-            if len(reply) > p.max_new_tokens:
-                reply, finish = reply[: p.max_new_tokens], "length"
-            if on_text is not None:
-                for i in range(0, len(reply), 3):
-                    on_text(row, reply[i : i + 3])
-            out.append(Completion(reply, [ord(c) for c in reply], finish, len(prompts[row])))
-        return out
+        rows = [i for i, slot in enumerate(call.slots) if slot < self.max_batch]
+        self.batch_sizes.append(len(rows))
+        tokens = np.zeros(len(call.slots), np.int32)
+        for i in rows:
+            text = self._prompts[int(call.slots[i])]
+            if "FAIL" in text:
+                raise RuntimeError("injected generation failure")
+            if "DIE" in text:
+                raise SystemExit("injected worker death")
+            reply = "echo: " + text.rsplit("\n", 2)[-2].split(":", 1)[1]
+            drawn = int(call.drawn[i])
+            self.drawn[text] = drawn + 1
+            tokens[i] = ord(reply[drawn]) if drawn < len(reply) else CharTokenizer.eos_token_id
+        return tokens, None
 
 
 @pytest.fixture
@@ -318,8 +341,8 @@ def test_smollm2_concurrent_greedy_equals_single(smollm2_server):
     with concurrent.futures.ThreadPoolExecutor(len(QUESTIONS)) as pool:
         together = list(pool.map(lambda q: greedy(client, q), QUESTIONS))
     assert together == single
-    sizes = [int(n) for n in re.findall(r"batch \d+: (\d+) request", smollm2_server.log_tail(100_000))]
-    assert max(sizes) > 1, f"concurrent requests were never batched: {sizes}"
+    beside = [int(n) for n in re.findall(r"; (\d+) running;", smollm2_server.log_tail(100_000))]
+    assert max(beside) > 0, f"concurrent requests never ran together: {beside}"
 
 
 @pytest.mark.slow
@@ -357,44 +380,16 @@ def test_build_data_against_persllm_serve(smollm2_server, tmp_path):
     pair_keys = {"id", "persona", "stage", "source", "prompt", "chosen", "rejected", "split"}
     assert pairs, "nothing to check"
     assert all(set(p) == pair_keys for p in pairs) and stats["pairs"] == len(pairs)
-    assert re.search(r"batch \d+: [2-9]\d* request", smollm2_server.log_tail(200_000)), "no batch of 2+"
+    assert re.search(r"; [1-9]\d* running;", smollm2_server.log_tail(200_000)), "never two rows at once"
 
 
 # ---------------------------------------------------------------------------------------------
 # Under load and faults
 
 
-class StepEcho(EchoGenerator):
-    """Decodes one character per step, `step_s` each, and stops a row its client left."""
-
-    def __init__(self, step_s: float = 0.05):
-        super().__init__(delay_s=0.0)
-        self.step_s = step_s
-        self.steps_done: list[int] = []  # characters generated per row, last batch
-
-    def complete(self, prompts, params, on_text=None, cancelled=None):
-        replies = [c.text for c in super().complete(prompts, params)]
-        done = [0] * len(prompts)
-        for step in range(max(map(len, replies))):
-            time.sleep(self.step_s)
-            for row, reply in enumerate(replies):
-                if step >= len(reply) or (cancelled is not None and cancelled(row)) or done[row] < step:
-                    continue
-                done[row] = step + 1
-                if on_text is not None:
-                    on_text(row, reply[step])
-        self.steps_done = done
-        return [
-            Completion(r[:n], [ord(c) for c in r[:n]], "stop", len(p))
-            for r, n, p in zip(replies, done, prompts)
-        ]
-
-
 def test_a_flood_over_the_queue_gets_429_and_every_admitted_request_is_answered():
-    generator = EchoGenerator(delay_s=0.3)
-    with serving.ServerThread(
-        generator, model_name="echo", max_batch=2, max_queue=3, batch_window_s=0.01
-    ) as server:
+    generator = EchoGenerator(delay_s=0.02, max_batch=2)
+    with serving.ServerThread(generator, model_name="echo", max_queue=3, batch_window_s=0.01) as server:
         url = server.base_url + "/chat/completions"
 
         def ask(i):
@@ -417,11 +412,10 @@ def test_a_flood_over_the_queue_gets_429_and_every_admitted_request_is_answered(
 
 
 def test_a_streaming_client_that_leaves_stops_its_row():
-    generator = StepEcho(step_s=0.05)
+    generator = EchoGenerator(delay_s=0.05)
+    question = "a long question that takes a while to echo"
     with serving.ServerThread(generator, model_name="echo", batch_window_s=0.01) as server:
-        stream = client_for(server).chat.completions.create(
-            model="echo", messages=say("a long question that takes a while to echo"), stream=True
-        )
+        stream = client_for(server).chat.completions.create(model="echo", messages=say(question), stream=True)
         chunks = iter(stream)
         for _ in range(4):
             next(chunks)
@@ -430,10 +424,12 @@ def test_a_streaming_client_that_leaves_stops_its_row():
         while server.engine.cancelled_rows == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)
-        full = len("echo: a long question that takes a while to echo")
+        full = len("echo: " + question)
         assert server.engine.cancelled_rows >= 1
-        assert 3 <= generator.steps_done[0] < full - 5, generator.steps_done
-        # the server goes on serving
+        (drawn,) = [n for text, n in generator.drawn.items() if question in text]
+        assert 3 <= drawn < full - 5, drawn
+        # the slot is free again and the server goes on serving
+        assert not generator.scheduler.rows
         assert (
             client_for(server)
             .chat.completions.create(model="echo", messages=say("hi"))

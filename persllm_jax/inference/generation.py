@@ -10,7 +10,6 @@ call serves requests with different settings; a row's samples depend only on its
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Callable, Sequence
 
@@ -25,7 +24,6 @@ from persllm_jax.inference.sampling import GREEDY, SamplingParams, sample
 from persllm_jax.inference.scheduler import (
     CallRows,
     Completion,
-    Request,
     Scheduler,
     batch_bucket,
     round_up_length,
@@ -102,10 +100,7 @@ class Generator:
         num_pages = max(tokens // PAGE_SIZE, 2) + 1  # and the scratch page
         self.kv_cache_bytes = num_pages * PAGE_SIZE * per_token
         self.pages = PagePool(num_pages, PAGE_SIZE, prefix_cache=prefix_cache)
-        with self._mesh_context():
-            self._pool = empty_pool(model.cfg, num_pages, PAGE_SIZE)
-            # one row of seen-token flags per slot, and a spare one for filler rows
-            self._seen = jnp.zeros((max_batch + 1, model.cfg.vocab_size), bool)
+        self._new_cache()
         self.scheduler = Scheduler(
             self._run_call,
             self._reset_seen,
@@ -120,6 +115,12 @@ class Generator:
             self._call_fn, static_argnames=("greedy_only", "keep_logits"), donate_argnums=(1, 2)
         )
         self._reset = jax.jit(self._reset_fn, donate_argnums=(0,))
+
+    def _new_cache(self) -> None:
+        with self._mesh_context():
+            self._pool = empty_pool(self.model.cfg, self.pages.num_pages, PAGE_SIZE)
+            # one row of seen-token flags per slot, and a spare one for filler rows
+            self._seen = jnp.zeros((self.max_batch + 1, self.model.cfg.vocab_size), bool)
 
     def sync(self) -> None:
         """Pick up the model's current parameters (after training it in place); cached prefixes
@@ -188,12 +189,16 @@ class Generator:
             "seed": np.array([x.seed for x in p], np.uint32),
         }
         with self._mesh_context():
-            token_B, logits, self._pool, self._seen = self._call(
-                self._state, self._pool, self._seen, call.ids, call.positions, call.valid, call.pages,
-                call.last, call.slots, call.emits, call.drawn, rows,
-                greedy_only=greedy_only, keep_logits=keep_logits,
-            )  # fmt: skip
-        return np.asarray(token_B), logits
+            try:
+                token_B, logits, self._pool, self._seen = self._call(
+                    self._state, self._pool, self._seen, call.ids, call.positions, call.valid, call.pages,
+                    call.last, call.slots, call.emits, call.drawn, rows,
+                    greedy_only=greedy_only, keep_logits=keep_logits,
+                )  # fmt: skip
+                return np.asarray(token_B), logits
+            except BaseException:
+                self._new_cache()  # the failed call may have consumed the donated cache
+                raise
 
     def _reset_seen(self, slot: int, prompt: list[int]) -> None:
         ids = np.full((round_up_length(len(prompt)),), prompt[0], np.int32)  # padded with a repeat
@@ -211,34 +216,10 @@ class Generator:
         cancelled: Callable[[int], bool] | None = None,
         keep_first_logits: bool = False,
     ) -> list[Completion]:
-        """Continue each token-id prompt. `on_text(row, delta)` receives text as it becomes final;
-        a row for which `cancelled(row)` turns true stops at the next step (finish "cancelled").
-        Rows run `max_batch` at a time, each next one joining as soon as a slot frees."""
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling settings")
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            self.scheduler.check(list(prompt), p, name=f"prompt {i}")
-        results: list[Completion | None] = [None] * len(prompts)
-
-        def done(row: int, completion: Completion) -> None:
-            results[row] = completion
-
-        for row, (prompt, p) in enumerate(zip(prompts, params)):
-            self.scheduler.add(
-                Request(
-                    list(prompt),
-                    p,
-                    on_text=functools.partial(on_text, row) if on_text else None,
-                    on_done=functools.partial(done, row),
-                    cancelled=functools.partial(cancelled, row) if cancelled else None,
-                    keep_first_logits=keep_first_logits,
-                )
-            )
-        while any(r is None for r in results):
-            self.scheduler.step()
-        return results
+        """Continue each token-id prompt (see `Scheduler.complete`). Rows run `max_batch` at a
+        time, each next one joining as soon as a slot frees; `keep_first_logits` returns the
+        logits of each first token (`Completion.first_logits`)."""
+        return self.scheduler.complete(prompts, params, on_text, cancelled, keep_first_logits)
 
     def chat(
         self,

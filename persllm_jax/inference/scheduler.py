@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,8 @@ class Request:
     on_text: Callable[[str], None] | None = None  # text as it becomes final
     on_done: Callable[[Completion], None] | None = None
     cancelled: Callable[[], bool] | None = None  # polled every step
+    on_dequeue: Callable[[], None] | None = None  # it got a slot, or left the queue cancelled
+    on_error: Callable[[BaseException], None] | None = None  # a model call of its row failed
     keep_first_logits: bool = False
 
 
@@ -75,6 +78,11 @@ class _Row:
     @property
     def prefilling(self) -> bool:
         return self.length < len(self.prompt)
+
+
+def _call(callback, *args) -> None:
+    if callback is not None:
+        callback(*args)
 
 
 def round_up_length(n: int) -> int:
@@ -172,7 +180,8 @@ class Scheduler:
             request = self.waiting[0]
             if request.cancelled is not None and request.cancelled():
                 self.waiting.popleft()
-                self._finish_unstarted(request)
+                _call(request.on_dequeue)
+                _call(request.on_done, Completion("", [], "cancelled", len(request.prompt)))
                 continue
             budget = self._budget(request.prompt, request.params)
             try:
@@ -180,14 +189,74 @@ class Scheduler:
             except OutOfPages:
                 return  # first come, first served: it waits for pages to free
             self.waiting.popleft()
+            _call(request.on_dequeue)
             stream = TextStream(self.tokenizer, request.params.stop)
             row = _Row(request, self._free_slots.pop(0), pages, cached, budget, stream, length=cached)
             self.reset_seen(row.slot, request.prompt)
             self.rows.append(row)
 
-    def _finish_unstarted(self, request: Request) -> None:
-        if request.on_done is not None:
-            request.on_done(Completion("", [], "cancelled", len(request.prompt)))
+    def complete(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams],
+        on_text: Callable[[int, str], None] | None = None,
+        cancelled: Callable[[int], bool] | None = None,
+        keep_first_logits: bool = False,
+    ) -> list[Completion]:
+        """Continue each token-id prompt (with whatever else is queued) until each is answered.
+        `on_text(row, delta)` receives text as it becomes final; a row for which `cancelled(row)`
+        turns true stops at the next step (finish "cancelled")."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling settings")
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            self.check(list(prompt), p, name=f"prompt {i}")
+        results: list[Completion | None] = [None] * len(prompts)
+
+        def done(row: int, completion: Completion) -> None:
+            results[row] = completion
+
+        requests = [
+            Request(
+                list(prompt),
+                p,
+                on_text=functools.partial(on_text, row) if on_text else None,
+                on_done=functools.partial(done, row),
+                cancelled=functools.partial(cancelled, row) if cancelled else None,
+                keep_first_logits=keep_first_logits,
+            )
+            for row, (prompt, p) in enumerate(zip(prompts, params))
+        ]
+        self.waiting.extend(requests)
+        try:
+            while any(r is None for r in results):
+                self.step()
+        except BaseException as err:
+            self.abort(err)
+            self.waiting = collections.deque(r for r in self.waiting if r not in requests)
+            raise
+        return results
+
+    def drop_waiting(self, err: BaseException) -> None:
+        """End every queued request with `err` (nothing will serve them)."""
+        waiting, self.waiting = self.waiting, collections.deque()
+        for request in waiting:
+            _call(request.on_dequeue)
+            _call(request.on_error, err)
+
+    def abort(self, err: BaseException) -> int:
+        """After a failed model call: end every row in a slot with `err` (their keys and values
+        may be lost), keep the queue. Returns how many rows ended."""
+        rows, self.rows = self.rows, []
+        for row in rows:
+            self.pool.release(row.pages)
+            self._free_slots.append(row.slot)
+        self._free_slots.sort()
+        self.pool.clear_prefixes()
+        for row in rows:
+            _call(row.request.on_error, err)
+        return len(rows)
 
     # -- one step --------------------------------------------------------------------------------
 
@@ -293,11 +362,10 @@ class Scheduler:
                 finish = "stop"
             elif len(row.stream.ids) >= row.budget:
                 finish = "length"
-        on_text = row.request.on_text
-        if on_text is not None:
+        if row.request.on_text is not None:
             delta = row.stream.delta(final=finish is not None)
             if delta:
-                on_text(delta)
+                row.request.on_text(delta)
         if finish is not None:
             self._finish(row, finish)
         else:
@@ -308,13 +376,12 @@ class Scheduler:
         self.pool.release(row.pages)
         self._free_slots.append(row.slot)
         self._free_slots.sort()
-        if row.request.on_done is not None:
-            completion = Completion(
-                row.stream.text,
-                row.stream.ids,
-                reason,
-                len(row.prompt),
-                cached_tokens=row.cached,
-                first_logits=row.first_logits,
-            )
-            row.request.on_done(completion)
+        completion = Completion(
+            row.stream.text,
+            row.stream.ids,
+            reason,
+            len(row.prompt),
+            cached_tokens=row.cached,
+            first_logits=row.first_logits,
+        )
+        _call(row.request.on_done, completion)

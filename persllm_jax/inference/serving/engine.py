@@ -1,14 +1,16 @@
-"""The batching engine of `persllm serve`: `BatchEngine` and its `Job`, one per request.
+"""The serving engine of `persllm serve`: `BatchEngine` and its `Job`, one per request.
 
-A request is admitted in its handler: refused with 429 when `max_queue` requests already wait,
-then its chat template is rendered and its length checked on a preparation thread (so a bad
-request is answered at once and rendering never holds up decoding), and the prepared job is
-queued. One worker thread (the only one that touches JAX) takes the first waiting job, waits
-`batch_window_s` for more, up to `max_batch`, and runs them as one `Generator.complete` call with
-per-row sampling settings; a row whose client went away stops decoding at the next step. Each
-job's events, the streamed text among them, go back to its asyncio queue with
-`loop.call_soon_threadsafe`. If the worker dies, every waiting job and every later request gets
-a 503 instead of waiting forever.
+A request is admitted in its handler: refused with 429 when `max_queue` requests already wait for
+a slot, then its chat template is rendered and its length checked on a preparation thread (so a
+bad request is answered at once and rendering never holds up decoding), and the prepared job is
+queued. One worker thread (the only one that touches JAX) steps the generator's continuous-batching
+scheduler: each step it takes every job queued since the last (when idle, it first waits
+`batch_window_s` for company, so requests sent together prefill together), then runs one decode
+and one prefill call; a job joins the running rows as soon as a slot and its KV pages are free,
+and a finished or abandoned row frees them at once. Each job's events, the streamed text among
+them, go back to its asyncio queue with `loop.call_soon_threadsafe`. A failed model call answers
+its rows with 500 and the server goes on; if the worker dies, every waiting job and every later
+request gets a 503 instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     cancelled: bool = False
-    sent: str = ""  # streamed text so far, to reconcile with the final Completion
+    sent: str = ""  # streamed text so far
+    admitted: float | None = None  # when it got a slot (perf_counter)
     ids: list[int] = dataclasses.field(default_factory=list)  # the rendered prompt
     params: Any = None  # its SamplingParams
 
@@ -86,7 +89,7 @@ class BatchEngine:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
-        self.batches = 0
+        self.completed = 0  # requests answered
 
     @property
     def alive(self) -> bool:
@@ -167,12 +170,7 @@ class BatchEngine:
             return
         self._ready.set()
         try:
-            while True:
-                batch = self._collect()
-                if batch is None:
-                    return
-                if batch:
-                    self._run_batch(batch)
+            self._serve()
         except BaseException as err:
             log.critical("the generation worker died: %r; requests now get 503", err)
             self.died = err
@@ -200,32 +198,96 @@ class BatchEngine:
         self.generator.complete([ids], SamplingParams(max_new_tokens=2))
         log.info("warm-up generation done in %.1f s", time.perf_counter() - t0)
 
-    def _collect(self) -> list[tuple[Job, list[int], Any]] | None:
-        """Wait for a job, then up to `batch_window_s` for more; checks each prompt as it arrives."""
-        job = self._queue.get()
-        if job is None:
-            return None
-        batch = []
-        self._admit(job, batch)
-        deadline = time.monotonic() + self.batch_window_s
-        while len(batch) < self.max_batch:
-            remaining = deadline - time.monotonic()
+    def _serve(self) -> None:
+        """Step the scheduler while it has work, adding queued jobs before every step; return on
+        the stop signal."""
+        scheduler = self.generator.scheduler
+        while True:
+            if not scheduler.busy:  # idle: wait for a job, then briefly for company
+                job = self._queue.get()
+                if job is None:
+                    return
+                self._add(job, scheduler)
+                deadline = time.monotonic() + self.batch_window_s
+                while (remaining := deadline - time.monotonic()) > 0:
+                    try:
+                        job = self._queue.get(timeout=remaining)
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        return
+                    self._add(job, scheduler)
+            while True:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    return
+                self._add(job, scheduler)
             try:
-                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                self._queue.put(None)  # stop after this batch
-                break
-            self._admit(job, batch)
-        return batch
+                scheduler.step()
+            except Exception as err:
+                log.exception("a model call failed")
+                failed = RequestError(500, f"generation failed: {err}", type="server_error")
+                scheduler.abort(failed)
+            except BaseException as err:  # the worker itself is going down: answer its jobs first
+                died = RequestError(503, f"the generation worker died: {err!r}", type="server_error")
+                scheduler.abort(died)
+                scheduler.drop_waiting(died)
+                raise
 
-    def _admit(self, job: Job, batch: list) -> None:
-        self._taken()
-        if job.cancelled:
-            return
+    def _add(self, job: Job, scheduler) -> None:
+        from persllm_jax.inference.scheduler import Request
+
+        started = time.perf_counter()
+
+        def on_text(delta: str) -> None:
+            if job.request.stream:
+                job.sent += delta
+                job.post("delta", delta)
+
+        def on_dequeue() -> None:
+            self._taken()
+            job.admitted = time.perf_counter()
+
+        def on_done(completion) -> None:
+            if completion.finish_reason == "cancelled":
+                self.cancelled_rows += 1
+            self._log_done(job, completion, started)
+            job.post("done", completion)
+
         job.post("start", len(job.ids))
-        batch.append((job, job.ids, job.params))
+        scheduler.add(
+            Request(
+                job.ids,
+                job.params,
+                on_text=on_text,
+                on_done=on_done,
+                cancelled=lambda: job.cancelled,
+                on_dequeue=on_dequeue,
+                on_error=lambda err: job.post("error", err),
+            )
+        )
+
+    def _log_done(self, job: Job, completion, started: float) -> None:
+        self.completed += 1
+        stats = self.generator.scheduler.pool.stats
+        seconds = time.perf_counter() - started
+        log.info(
+            "request %d: %d prompt tokens (%d from the prefix cache) + %d completion tokens in %.2f s, "
+            "%s; %d running; prefix cache: %d of %d prompts hit, %d tokens saved",
+            self.completed,
+            completion.prompt_tokens,
+            completion.cached_tokens,
+            len(completion.token_ids),
+            seconds,
+            completion.finish_reason,
+            len(self.generator.scheduler.rows),
+            stats.hits,
+            stats.lookups,
+            stats.tokens_saved,
+        )
 
     def _prepare(self, request: ChatRequest):
         from persllm_jax.inference.generation import SamplingParams
@@ -266,55 +328,8 @@ class BatchEngine:
             )
         except ValueError as err:
             raise RequestError(400, str(err)) from err
-        return ids, params
-
-    def _run_batch(self, batch: list[tuple[Job, list[int], Any]]) -> None:
-        jobs = [job for job, _, _ in batch]
-
-        def on_text(row: int, delta: str) -> None:
-            if delta and jobs[row].request.stream:
-                jobs[row].sent += delta
-                jobs[row].post("delta", delta)
-
-        def cancelled(row: int) -> bool:
-            if jobs[row].cancelled:
-                self.cancelled_rows += 1
-                return True
-            return False
-
-        t0 = time.perf_counter()
         try:
-            completions = self.generator.complete(
-                [ids for _, ids, _ in batch], [p for _, _, p in batch], on_text, cancelled=cancelled
-            )
-        except Exception as err:
-            log.exception("batch of %d failed", len(batch))
-            for job in jobs:
-                job.post("error", RequestError(500, f"generation failed: {err}", type="server_error"))
-            return
-        except BaseException as err:  # the worker itself is going down: answer this batch first
-            for job in jobs:
-                job.post(
-                    "error", RequestError(503, f"the generation worker died: {err!r}", type="server_error")
-                )
-            raise
-        seconds = time.perf_counter() - t0
-        self.batches += 1
-        prompt = sum(c.prompt_tokens for c in completions)
-        generated = sum(len(c.token_ids) for c in completions)
-        log.info(
-            "batch %d: %d request(s), %d prompt + %d completion tokens in %.2f s (%.1f tok/s)",
-            self.batches,
-            len(batch),
-            prompt,
-            generated,
-            seconds,
-            generated / max(seconds, 1e-9),
-        )
-        for job, completion in zip(jobs, completions):
-            if job.request.stream and completion.text != job.sent:
-                if completion.text.startswith(job.sent):
-                    job.post("delta", completion.text[len(job.sent) :])
-                else:
-                    log.warning("streamed text differs from the final text of a completion")
-            job.post("done", completion)
+            self.generator.scheduler.check(ids, params, name="the request")
+        except ValueError as err:
+            raise RequestError(400, str(err), param="messages") from err
+        return ids, params

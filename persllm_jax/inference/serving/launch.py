@@ -30,7 +30,9 @@ def default_model_name(model_path: str | os.PathLike) -> str:
     return Path(model_path).resolve().name
 
 
-def _loader(model_path: str | os.PathLike, dtype: str, max_batch: int) -> Callable[[], Any]:
+def _loader(
+    model_path: str | os.PathLike, dtype: str, max_batch: int, kv_cache_gib: float | None, prefix_cache: bool
+) -> Callable[[], Any]:
     def load():
         import jax.numpy as jnp
 
@@ -40,7 +42,18 @@ def _loader(model_path: str | os.PathLike, dtype: str, max_batch: int) -> Callab
         model, tokenizer = load_pretrained(model_path, dtype=jnp.dtype(dtype))
         if tokenizer is None:
             raise ValueError(f"{model_path} has no tokenizer; the server needs one and its chat template")
-        return Generator(model, tokenizer, max_batch=max_batch)
+        generator = Generator(
+            model, tokenizer, max_batch=max_batch, kv_cache_gib=kv_cache_gib, prefix_cache=prefix_cache
+        )
+        log.info(
+            "%d decode slots, KV cache of %.2f GiB (%d pages of %d tokens), prefix cache %s",
+            max_batch,
+            generator.kv_cache_bytes / 2**30,
+            generator.pages.capacity,
+            generator.pages.page_size,
+            "on" if prefix_cache else "off",
+        )
+        return generator
 
     return load
 
@@ -71,6 +84,8 @@ def serve(
     max_queue: int = DEFAULT_MAX_QUEUE,
     api_key: str | None = None,
     docs: bool = False,
+    kv_cache_gib: float | None = None,
+    prefix_cache: bool = True,
 ) -> None:
     """Load the model, then serve until SIGINT/SIGTERM. Raises the load error if the model cannot load."""
     import uvicorn
@@ -85,7 +100,7 @@ def serve(
         )
     name = model_name or default_model_name(model_path)
     engine = BatchEngine(
-        _loader(model_path, dtype, max_batch),
+        _loader(model_path, dtype, max_batch, kv_cache_gib, prefix_cache),
         max_batch=max_batch,
         batch_window_s=batch_window_s,
         default_max_tokens=default_max_tokens,
