@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
-import threading
 import time
 import urllib.request
 from pathlib import Path

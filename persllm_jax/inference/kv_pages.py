@@ -117,7 +117,9 @@ class PagePool:
         self._key_of.clear()
 
     def release(self, pages: Sequence[int]) -> None:
-        for page in pages:
+        # last block first: of a row's cached blocks, the later ones are evicted first (a block is
+        # of no use once a block before it is gone)
+        for page in reversed(pages):
             self._refs[page] -= 1
             if self._refs[page] == 0:
                 if page in self._key_of:
