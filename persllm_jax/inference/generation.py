@@ -19,7 +19,12 @@ import numpy as np
 
 from persllm_jax.data.chat_templates import template_options
 from persllm_jax.inference.kv_pages import PagePool
-from persllm_jax.inference.paged_forward import empty_pool, paged_hidden_states, pool_bytes_per_token
+from persllm_jax.inference.paged_forward import (
+    empty_pool,
+    paged_hidden_states,
+    pool_bytes_per_token,
+    write_pages,
+)
 from persllm_jax.inference.sampling import GREEDY, SamplingParams, sample
 from persllm_jax.inference.scheduler import (
     CallRows,
@@ -40,11 +45,6 @@ PAGE_SIZE = 16  # tokens per KV page: the prefix cache's unit too
 # and a reply; longer prompts borrow the pages shorter ones leave), and at least 4096 in all.
 _DEFAULT_TOKENS_PER_SLOT = 1024
 _DEFAULT_MIN_TOKENS = 4096
-
-
-def _mark_seen(seen_BV, ids_BT, valid_BT):
-    rows = jnp.arange(ids_BT.shape[0])[:, None]
-    return seen_BV.at[rows, ids_BT].max(valid_BT)
 
 
 def _model_mesh(state):
@@ -111,9 +111,8 @@ class Generator:
             tokenizer=tokenizer,
             prefill_chunk=prefill_chunk,
         )
-        self._call = jax.jit(
-            self._call_fn, static_argnames=("greedy_only", "keep_logits"), donate_argnums=(1, 2)
-        )
+        self._call = jax.jit(self._call_fn, static_argnames=("greedy_only", "keep_logits"))
+        self._commit = jax.jit(self._commit_fn, donate_argnums=(0, 1))
         self._reset = jax.jit(self._reset_fn, donate_argnums=(0,))
 
     def _new_cache(self) -> None:
@@ -160,20 +159,24 @@ class Generator:
     # -- device side -----------------------------------------------------------------------------
 
     def _call_fn(
-        self, state, pool, seen, ids, positions, valid, pages, last, slots, emits, drawn, rows, *,
+        self, state, pool, seen, ids, positions, valid, pages, last, slots, drawn, rows, *,
         greedy_only: bool, keep_logits: bool,
     ):  # fmt: skip
+        """The model over one call's rows and the sampled next tokens; reads the cache only."""
         from flax import nnx
 
         model = nnx.merge(self._graphdef, state)
-        hidden, pool = paged_hidden_states(model, ids, positions, valid, pool, pages)
+        hidden, new_kv = paged_hidden_states(model, ids, positions, valid, pool, pages)
         at_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
         logits_BV = model.logits_from_hidden(at_last)[:, 0]
-        seen_BV = seen[slots]
-        token_B = sample(logits_BV, seen_BV, rows, drawn, greedy_only)
-        marked = _mark_seen(seen_BV, token_B[:, None], emits[:, None])
-        seen = seen.at[slots].set(marked)
-        return token_B, (logits_BV if keep_logits else None), pool, seen
+        token_B = sample(logits_BV, seen[slots], rows, drawn, greedy_only)
+        return token_B, (logits_BV if keep_logits else None), new_kv
+
+    @staticmethod
+    def _commit_fn(pool, seen, new_kv, positions, valid, pages, slots, token_B, emits):
+        """Store a call's keys and values, and mark each emitted token as seen by its slot."""
+        pool = write_pages(pool, new_kv, positions, valid, pages)
+        return pool, seen.at[slots, token_B].max(emits)
 
     @staticmethod
     def _reset_fn(seen, slot, ids):
@@ -190,10 +193,14 @@ class Generator:
         }
         with self._mesh_context():
             try:
-                token_B, logits, self._pool, self._seen = self._call(
+                token_B, logits, new_kv = self._call(
                     self._state, self._pool, self._seen, call.ids, call.positions, call.valid, call.pages,
-                    call.last, call.slots, call.emits, call.drawn, rows,
+                    call.last, call.slots, call.drawn, rows,
                     greedy_only=greedy_only, keep_logits=keep_logits,
+                )  # fmt: skip
+                self._pool, self._seen = self._commit(
+                    self._pool, self._seen, new_kv, call.positions, call.valid, call.pages, call.slots,
+                    token_B, call.emits,
                 )  # fmt: skip
                 return np.asarray(token_B), logits
             except BaseException:
