@@ -26,6 +26,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["persllm_jax", "persllm_jax.*", "data_builder", "data_builder.*"]),
+    package_data={"persllm_jax.inference.serving": ["ui/*"]},
     install_requires=[
         f"jax=={JAX_VERSION}",
         "flax>=0.12",
@@ -73,6 +74,7 @@ setup(
             "pytest-xdist",  # parallel runs on xdist workers (tests/README.md)
             "filelock",  # fixtures that xdist workers share are made once, under a lock
             "ruff",
+            "playwright",  # drives Debian's chromium through the chat page (scripts/setup.sh installs it)
         ],
     },
     entry_points={"console_scripts": ["persllm=persllm_jax.cli:main"]},

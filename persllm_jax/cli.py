@@ -120,6 +120,8 @@ def _serve(args) -> None:
         docs=args.docs,
         kv_cache_gib=args.kv_cache_gib,
         prefix_cache=not args.no_prefix_cache,
+        ui=args.ui,
+        personas_dir=args.personas_dir,
     )
 
 
@@ -308,6 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-queue", type=int, default=64, help="requests that may wait; more get 429 with Retry-After"
     )
     p.add_argument("--docs", action="store_true", help="serve the interactive /docs pages (off by default)")
+    p.add_argument(
+        "--ui",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the chat page at / (default: on when --host is loopback)",
+    )
+    p.add_argument(
+        "--personas-dir",
+        default=None,
+        help="personas the chat page offers (default: ./examples/personas, as persllm chat)",
+    )
     p.add_argument("--model-name", default=None, help="model id clients use (default: the path's basename)")
     p.add_argument("--max-batch", type=int, default=16, help="decode slots: most requests generated together")
     p.add_argument(

@@ -5,6 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
+# Debian's Chromium: the chat page's browser test drives it through playwright (playwright's own
+# browser download is not used).
+if ! command -v chromium > /dev/null; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium > /dev/null
+fi
 # What the installs below depend on; when .venv was set up from these same files, it is current.
 STAMP=$(cat setup.py pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ -x .venv/bin/persllm ] && [ "$(cat .venv/.persllm-setup 2>/dev/null)" = "$STAMP" ]; then

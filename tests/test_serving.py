@@ -9,8 +9,10 @@ and talk to it with the `openai` client and with `persllm build-data`.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import re
+import shutil
 import time
 import urllib.request
 from pathlib import Path
@@ -45,19 +47,17 @@ class EchoGenerator:
     generated per prompt text.
     """
 
-    max_length = 64
-    max_batch = 8
-
-    def __init__(self, delay_s: float = 0.02, max_batch: int = 8):
+    def __init__(self, delay_s: float = 0.02, max_batch: int = 8, max_length: int = 64):
         self.delay_s = delay_s
         self.max_batch = max_batch
+        self.max_length = max_length
         self.batch_sizes: list[int] = []
         self.drawn: dict[str, int] = {}
         self._prompts: dict[int, str] = {}
         self.scheduler = Scheduler(
             self._run_call,
             self._reset_seen,
-            PagePool(4 * 8 + 1, 16),
+            PagePool(max_batch * -(-max_length // 16) + 1, 16),
             slots=max_batch,
             max_length=self.max_length,
             eos_ids=frozenset({CharTokenizer.eos_token_id}),
@@ -465,3 +465,118 @@ def test_a_dead_worker_fails_requests_instead_of_hanging(echo_server):
     assert err.value.status_code == 503
     status, _ = http_json(echo_server.base_url.removesuffix("/v1") + "/health")
     assert status == 503
+
+
+# ---------------------------------------------------------------------------------------------
+# The chat page, in Debian's Chromium (headless, driven by playwright)
+
+PERSONAS = ROOT / "examples" / "personas"
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+@contextlib.contextmanager
+def chromium_page():
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium")
+    assert executable, "Debian's chromium is not installed (scripts/setup.sh installs it)"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        try:
+            yield browser.new_page(viewport={"width": 1200, "height": 900})
+        finally:
+            browser.close()
+
+
+def expected_system_prompt(persona_id: str, stage_id: str) -> str:
+    from persllm_jax.personas.materials import load_personas
+    from persllm_jax.personas.prompts import system_prompt
+
+    persona = next(p for p in load_personas(PERSONAS) if p.id == persona_id)
+    return system_prompt(persona, next(s for s in persona.stages if s.id == stage_id))
+
+
+def wait_for_replies(page, n: int) -> list:
+    """The page's assistant messages once `n` are complete; fails on an error the page shows."""
+    page.wait_for_function(
+        "!document.getElementById('error').hidden || "
+        f"document.querySelectorAll(\"#messages li.assistant[data-done='true']\").length >= {n}",
+        timeout=300_000,
+    )
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    return page.locator("#messages li.assistant").all()
+
+
+@pytest.mark.slow
+def test_chat_page_streams_a_persona_and_switches_stage(smollm2_server):
+    """The real server and model: pick Holmes early, see the system prompt the page sends, get a
+    streamed reply, switch to the late stage for the next turn, then ask the last question again
+    at the other stage. The page's requests carry each stage's system prompt and the history."""
+    sent = []
+    with chromium_page() as page:
+        page.on(
+            "request",
+            lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None,
+        )
+        page.goto(smollm2_server.base_url.removesuffix("/v1") + "/")
+        page.wait_for_function("document.querySelectorAll('#persona option').length === 3")
+        page.select_option("#persona", "holmes")
+        page.select_option("#stage", "early")
+        early, late = (expected_system_prompt("holmes", s) for s in ("early", "late"))
+        assert page.input_value("#system") == early
+        page.fill("#temperature", "0")
+        page.fill("#max_tokens", "24")
+        page.fill("#input", "Who are you, and where do you live?")
+        page.click("#send")
+        (first,) = wait_for_replies(page, 1)
+        assert first.get_attribute("data-stage") == "early"
+        assert int(first.get_attribute("data-chunks")) > 1, "the reply arrived in one piece, not streamed"
+        reply = first.locator(".text").inner_text()
+        assert reply.strip()
+
+        page.select_option("#stage", "late")
+        assert page.input_value("#system") == late
+        page.fill("#input", "What has changed since?")
+        page.click("#send")
+        wait_for_replies(page, 2)
+        page.click("#compare")
+        replies = wait_for_replies(page, 3)
+        assert [r.get_attribute("data-stage") for r in replies] == ["early", "late", "early"]
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "chat_page.png"), full_page=True)
+    history = [
+        {"role": "user", "content": "Who are you, and where do you live?"},
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": "What has changed since?"},
+    ]
+    assert [r["messages"] for r in sent] == [
+        [{"role": "system", "content": early}, history[0]],
+        [{"role": "system", "content": late}, *history],
+        [{"role": "system", "content": early}, *history],
+    ]
+    assert all(r["stream"] and r["temperature"] == 0 and r["max_tokens"] == 24 for r in sent)
+    assert (ARTIFACTS / "chat_page.png").stat().st_size > 10_000
+
+
+def test_chat_page_asks_for_the_api_key():
+    echo = EchoGenerator(max_length=1024)  # room for a persona's system prompt
+    with serving.ServerThread(echo, model_name="echo", api_key="sk-right", personas_dir=PERSONAS) as server:
+        root = server.base_url.removesuffix("/v1")
+        status, body = http_json(root + "/ui/personas")
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        with chromium_page() as page:
+            page.goto(root + "/")
+            page.wait_for_selector("#key-needed", state="visible")
+            assert page.locator("#persona option").count() == 0
+            page.fill("#api-key", "sk-wrong")
+            page.dispatch_event("#api-key", "change")
+            page.wait_for_timeout(500)
+            assert page.is_visible("#key-needed") and page.locator("#persona option").count() == 0
+            page.fill("#api-key", "sk-right")
+            page.dispatch_event("#api-key", "change")
+            page.wait_for_function("document.querySelectorAll('#persona option').length === 3")
+            assert not page.is_visible("#key-needed")
+            page.fill("#input", "hello")
+            page.click("#send")
+            (reply,) = wait_for_replies(page, 1)
+            assert reply.locator(".text").inner_text() == "echo: hello"

@@ -1,6 +1,7 @@
 """The HTTP face of `persllm serve`: `create_app` builds the FastAPI app over a `BatchEngine`
 (`/health`, `/v1/models`, `/v1/chat/completions` plain and as server-sent events), with OpenAI-style
-error bodies and usage counts."""
+error bodies and usage counts, and the chat page at `/` (static files in ui/, served by the app
+itself, and `/ui/personas`, the personas the page offers)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,37 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from persllm_jax.inference.serving.engine import BatchEngine, Job
 from persllm_jax.inference.serving.protocol import RequestError, parse_request
+
+UI_FILES = Path(__file__).parent / "ui"
+_PAGE_FILES = {"/": "index.html", "/ui/chat.js": "chat.js", "/ui/chat.css": "chat.css"}
+
+
+def personas_for_page(personas_dir: Path) -> list[dict]:
+    """The personas of a folder as the chat page shows them: each stage with its system prompt."""
+    from persllm_jax.personas.materials import load_personas
+    from persllm_jax.personas.prompts import system_prompt
+
+    return [
+        {
+            "id": persona.id,
+            "name": persona.name,
+            "stages": [
+                {"id": stage.id, "when": stage.when, "system_prompt": system_prompt(persona, stage)}
+                for stage in persona.stages
+            ],
+        }
+        for persona in load_personas(personas_dir)
+    ]
 
 
 def _error_response(err: RequestError) -> JSONResponse:
@@ -33,10 +56,13 @@ def create_app(
     *,
     api_key: str | None = None,
     docs: bool = False,
+    personas_dir: Path | None = None,
 ):
     """The FastAPI app. `model_name` is the id clients see; `aliases` (the model path) are accepted
-    too. With `api_key`, every route but /health needs `Authorization: Bearer <api_key>`; `docs`
-    serves the interactive /docs pages and the OpenAPI schema."""
+    too. With `api_key`, every route but /health and the chat page's static files needs
+    `Authorization: Bearer <api_key>` (the page asks for the key); `docs` serves the interactive
+    /docs pages and the OpenAPI schema; `personas_dir` turns the chat page on, offering the
+    personas of that folder."""
     app = FastAPI(
         title="persllm serve",
         docs_url="/docs" if docs else None,
@@ -52,7 +78,8 @@ def create_app(
         @app.middleware("http")
         async def require_key(request: Request, call_next):
             given = request.headers.get("authorization", "").encode()
-            if request.url.path != "/health" and not hmac.compare_digest(given, expected):
+            public = request.url.path == "/health" or (personas_dir and request.url.path in _PAGE_FILES)
+            if not public and not hmac.compare_digest(given, expected):
                 return _error_response(
                     RequestError(
                         401,
@@ -77,6 +104,21 @@ def create_app(
         if not engine.alive:
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return {"status": "ok", "model": model_name}
+
+    if personas_dir is not None:
+        page_personas = personas_for_page(personas_dir)
+
+        @app.get("/", include_in_schema=False)
+        @app.get("/ui/chat.js", include_in_schema=False)
+        @app.get("/ui/chat.css", include_in_schema=False)
+        async def page(request: Request):
+            return FileResponse(
+                UI_FILES / _PAGE_FILES[request.url.path], headers={"Cache-Control": "no-cache"}
+            )
+
+        @app.get("/ui/personas", include_in_schema=False)
+        async def ui_personas():
+            return {"model": model_name, "personas_dir": str(personas_dir), "personas": page_personas}
 
     @app.get("/v1/models")
     async def models():

@@ -86,8 +86,12 @@ def serve(
     docs: bool = False,
     kv_cache_gib: float | None = None,
     prefix_cache: bool = True,
+    ui: bool | None = None,
+    personas_dir: str | os.PathLike | None = None,
 ) -> None:
-    """Load the model, then serve until SIGINT/SIGTERM. Raises the load error if the model cannot load."""
+    """Load the model, then serve until SIGINT/SIGTERM. `ui` (default: on when `host` is loopback)
+    serves the chat page at `/` with the personas of `personas_dir` (found as `persllm chat` finds
+    it by default). Raises the load error if the model cannot load."""
     import uvicorn
 
     if not Path(model_path).exists():
@@ -99,6 +103,13 @@ def serve(
             host,
         )
     name = model_name or default_model_name(model_path)
+    page_personas = None
+    if ui if ui is not None else is_loopback(host):
+        from persllm_jax.personas.prompts import resolve_personas_dir
+
+        page_personas = resolve_personas_dir(personas_dir)
+        if not page_personas.is_dir():
+            raise FileNotFoundError(f"personas directory for the chat page does not exist: {page_personas}")
     engine = BatchEngine(
         _loader(model_path, dtype, max_batch, kv_cache_gib, prefix_cache),
         max_batch=max_batch,
@@ -118,7 +129,9 @@ def serve(
         port,
     )
     aliases = (str(model_path), str(Path(model_path).resolve()))
-    app = create_app(engine, name, aliases=aliases, api_key=api_key, docs=docs)
+    app = create_app(engine, name, aliases=aliases, api_key=api_key, docs=docs, personas_dir=page_personas)
+    if page_personas is not None:
+        log.info("chat page: http://%s:%d/ (personas from %s)", host, port, page_personas)
     try:
         # log_config=None: uvicorn's loggers go through the logging set up by the CLI.
         uvicorn.run(app, host=host, port=port, log_config=None, timeout_graceful_shutdown=5)
@@ -197,11 +210,13 @@ class ServerThread:
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         max_queue: int = DEFAULT_MAX_QUEUE,
         api_key: str | None = None,
+        personas_dir: str | os.PathLike | None = None,
     ):
         self.host = host
         self.port = port or free_port(host)
         self.model_name = model_name
         self.api_key = api_key
+        self.personas_dir = Path(personas_dir) if personas_dir is not None else None
         self.engine = BatchEngine(
             lambda: generator,
             max_batch=max_batch or getattr(generator, "max_batch", 16),
@@ -222,7 +237,7 @@ class ServerThread:
 
         self.engine.start()
         config = uvicorn.Config(
-            create_app(self.engine, self.model_name, api_key=self.api_key),
+            create_app(self.engine, self.model_name, api_key=self.api_key, personas_dir=self.personas_dir),
             host=self.host,
             port=self.port,
             log_config=None,
