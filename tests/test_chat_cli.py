@@ -14,7 +14,7 @@ from persllm_jax.inference.chat import ChatSession, repl
 from persllm_jax.inference.generation import SamplingParams
 from persllm_jax.personas.prompts import persona_system_message, persona_system_prompt
 from tests.cli_helpers import run_cli
-from tests.test_serving import EchoGenerator
+from tests.echo_generator import EchoGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
 PERSONAS = ROOT / "examples" / "personas"
