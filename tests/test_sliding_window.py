@@ -1,9 +1,12 @@
 """Sliding-window layers through the KV cache: greedy continuations past the window equal
 transformers' (Gemma 3 with local and global layers, Mistral with a window on every layer), with
-left-padded batch rows, over a whole-length cache and over generation's windowed one, whose local
-layers keep a ring of the window's slots however long the continuation."""
+left-padded batch rows, over a whole-length cache and over the windowed one, whose local layers
+keep a ring of the window's slots however long the continuation; and through the serving engine,
+whose sliding layers keep a fixed ring of pages per slot."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +41,12 @@ def _greedy(model, prompts, new_tokens, windowed=True):
     key_valid = jnp.asarray(np.arange(cache_len)[None, :] >= pad[:, None])
     positions = jnp.asarray(np.maximum(np.arange(total)[None, :] - pad[:, None], 0).astype(np.int32))
     token, cache = step(
-        state, jnp.asarray(ids), positions, key_valid, model.init_cache(b, cache_len), jnp.int32(0)
+        state,
+        jnp.asarray(ids),
+        positions,
+        key_valid,
+        model.init_cache(b, cache_len, windowed=windowed),
+        jnp.int32(0),
     )
     out = [np.asarray(token)]
     for slot in range(total, total + new_tokens - 1):
@@ -78,3 +86,57 @@ def test_splash_runs_a_gemma_model_as_xla_does(tmp_path):
     splash, _ = load_pretrained(tmp_path, attention_impl="splash")
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 320, (2, 160)))
     np.testing.assert_allclose(np.asarray(splash(ids)), np.asarray(xla(ids)), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["gemma3_sliding", "mistral_sliding"])
+def test_the_generator_past_the_window_equals_transformers_in_a_fixed_ring(variant, tmp_path):
+    """The serving engine (continuous batching over pages): two rows, one joining after the other
+    has passed its window, decode greedily past the window as transformers does; the sliding
+    layers' pages are a ring per slot whose size is set by the window, not by the reply length or
+    the cache's budget."""
+    from persllm_jax.inference.generation import Generator, SamplingParams
+    from persllm_jax.inference.scheduler import Request
+
+    hf_model = hf_fixtures.save_tiny(variant, tmp_path)
+    model, _ = load_pretrained(tmp_path)
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, None
+
+        def get_vocab(self):
+            return {}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(5, 320, n).tolist() for n in PROMPT_LENGTHS]
+    rings = []
+    for budget in (None, 0.01):
+        gen = Generator(model, Tok(), max_batch=2, kv_cache_gib=budget, prefill_chunk=16)
+        rings.append(gen._pool[2].shape)  # the sliding layers' keys
+        done = {}
+        params = SamplingParams(max_new_tokens=NEW_TOKENS)
+        gen.scheduler.add(Request(prompts[0], params, on_done=functools.partial(done.__setitem__, 0)))
+        for _ in range(30):  # the first row runs past its window before the second joins
+            gen.scheduler.step()
+        gen.scheduler.add(Request(prompts[1], params, on_done=functools.partial(done.__setitem__, 1)))
+        while len(done) < 2:
+            gen.scheduler.step()
+        for row, prompt in enumerate(prompts):
+            with torch.no_grad():
+                reference = hf_model.generate(
+                    torch.tensor([prompt]),
+                    max_new_tokens=NEW_TOKENS,
+                    min_new_tokens=NEW_TOKENS,
+                    do_sample=False,
+                )[0, len(prompt) :].tolist()
+            assert done[row].token_ids == reference, (variant, budget, row)
+    window_pages = -(-model.cfg.sliding_window // 16)
+    local = sum(model.cfg.sliding_layers)
+    # [sliding layers, 2 slots x (window + one 16-token chunk + 1) pages + scratch, 16, K, H], whatever the budget
+    assert (
+        rings[0]
+        == rings[1]
+        == (local, 2 * (window_pages + 1 + 1) + 1, 16, model.cfg.num_kv_heads, model.cfg.head_dim)
+    )

@@ -21,8 +21,10 @@ from persllm_jax.data.chat_templates import template_options
 from persllm_jax.inference.kv_pages import PagePool
 from persllm_jax.inference.paged_forward import (
     empty_pool,
+    layer_kinds,
     paged_hidden_states,
     pool_bytes_per_token,
+    ring_pages,
     write_pages,
 )
 from persllm_jax.inference.sampling import GREEDY, SamplingParams, sample
@@ -91,16 +93,26 @@ class Generator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = self._end_of_turn_ids(tokenizer, eos_token_ids(generation_config(model)))
         per_token = pool_bytes_per_token(model.cfg)
-        if kv_cache_gib is None:
+        if kv_cache_gib is None or not per_token:  # (no global layers: the budget has nothing to size)
             tokens = max(max_batch * _DEFAULT_TOKENS_PER_SLOT, _DEFAULT_MIN_TOKENS)
         else:
             if kv_cache_gib <= 0:
                 raise ValueError(f"kv_cache_gib must be > 0, got {kv_cache_gib}")
             tokens = int(kv_cache_gib * 2**30) // per_token
         num_pages = max(tokens // PAGE_SIZE, 2) + 1  # and the scratch page
-        self.kv_cache_bytes = num_pages * PAGE_SIZE * per_token
+        # sliding-window layers: a fixed ring of pages per slot (and the scratch page)
+        ring = ring_pages(model.cfg, PAGE_SIZE, prefill_chunk)
+        self._rings = None
+        if ring:
+            self._rings = np.zeros((max_batch + 1, ring), np.int32)  # the spare slot: scratch
+            self._rings[:max_batch] = 1 + np.arange(max_batch * ring, dtype=np.int32).reshape(max_batch, ring)
+            if prefix_cache:
+                log.info("no prefix cache: a sliding-window layer keeps only the window of a prompt")
+            prefix_cache = False
+        self._ring_total = max_batch * ring + 1 if ring else 0
         self.pages = PagePool(num_pages, PAGE_SIZE, prefix_cache=prefix_cache)
         self._new_cache()
+        self.kv_cache_bytes = sum(int(a.nbytes) for a in self._pool)
         self.scheduler = Scheduler(
             self._run_call,
             self._reset_seen,
@@ -117,7 +129,7 @@ class Generator:
 
     def _new_cache(self) -> None:
         with self._mesh_context():
-            self._pool = empty_pool(self.model.cfg, self.pages.num_pages, PAGE_SIZE)
+            self._pool = empty_pool(self.model.cfg, self.pages.num_pages, PAGE_SIZE, self._ring_total)
             # one row of seen-token flags per slot, and a spare one for filler rows
             self._seen = jnp.zeros((self.max_batch + 1, self.model.cfg.vocab_size), bool)
 
@@ -159,23 +171,22 @@ class Generator:
     # -- device side -----------------------------------------------------------------------------
 
     def _call_fn(
-        self, state, pool, seen, ids, positions, valid, pages, last, slots, drawn, rows, *,
+        self, state, pool, seen, ids, positions, valid, pages, ring, last, slots, drawn, rows, *,
         greedy_only: bool, keep_logits: bool,
     ):  # fmt: skip
         """The model over one call's rows and the sampled next tokens; reads the cache only."""
         from flax import nnx
 
         model = nnx.merge(self._graphdef, state)
-        hidden, new_kv = paged_hidden_states(model, ids, positions, valid, pool, pages)
+        hidden, new_kv = paged_hidden_states(model, ids, positions, valid, pool, pages, ring)
         at_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
         logits_BV = model.logits_from_hidden(at_last)[:, 0]
         token_B = sample(logits_BV, seen[slots], rows, drawn, greedy_only)
         return token_B, (logits_BV if keep_logits else None), new_kv
 
-    @staticmethod
-    def _commit_fn(pool, seen, new_kv, positions, valid, pages, slots, token_B, emits):
+    def _commit_fn(self, pool, seen, new_kv, positions, valid, pages, ring, slots, token_B, emits):
         """Store a call's keys and values, and mark each emitted token as seen by its slot."""
-        pool = write_pages(pool, new_kv, positions, valid, pages)
+        pool = write_pages(pool, new_kv, positions, valid, pages, ring, layer_kinds(self.model.cfg))
         return pool, seen.at[slots, token_B].max(emits)
 
     @staticmethod
@@ -193,14 +204,15 @@ class Generator:
         }
         with self._mesh_context():
             try:
+                ring = None if self._rings is None else self._rings[call.slots]
                 token_B, logits, new_kv = self._call(
                     self._state, self._pool, self._seen, call.ids, call.positions, call.valid, call.pages,
-                    call.last, call.slots, call.drawn, rows,
+                    ring, call.last, call.slots, call.drawn, rows,
                     greedy_only=greedy_only, keep_logits=keep_logits,
                 )  # fmt: skip
                 self._pool, self._seen = self._commit(
-                    self._pool, self._seen, new_kv, call.positions, call.valid, call.pages, call.slots,
-                    token_B, call.emits,
+                    self._pool, self._seen, new_kv, call.positions, call.valid, call.pages, ring,
+                    call.slots, token_B, call.emits,
                 )  # fmt: skip
                 return np.asarray(token_B), logits
             except BaseException:

@@ -10,12 +10,20 @@ longest row has written, rounded to a few sizes), not a whole preallocated cache
 
 Page 0 is the scratch page: padding tokens write there and no row's real keys live there, so
 whatever it holds is masked out (it is never read unmasked, and always finite).
+
+Sliding-window layers (Gemma 3's local layers, Mistral's) keep their keys and values in a pool of
+their own, where each decode slot owns a fixed ring of pages: block b of a row's positions lives
+in ring page b mod R, with R pages enough for the window and one prefill chunk. However long a
+reply grows, a local layer holds R pages per slot; the global layers' pages grow with the reply
+as above. The ring is read and written by position, so a row's stale blocks (the previous
+occupant's, or its own from before the window) are always masked.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from persllm_jax.model.decoder import _layer_rotary_and_window, _local_layers, _rotary_tables
@@ -24,73 +32,135 @@ SCRATCH_PAGE = 0
 _MASKED = -1e30  # a masked score: exp() of it minus any real score is 0
 
 
-def empty_pool(cfg, num_pages: int, page_size: int):
-    shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-    return jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype)
+def layer_kinds(cfg):
+    """Indices of the global and of the sliding-window layers."""
+    local = np.asarray(cfg.sliding_layers)
+    return np.flatnonzero(~local), np.flatnonzero(local)
+
+
+def ring_pages(cfg, page_size: int, prefill_chunk: int) -> int:
+    """Pages of a slot's ring for the sliding-window layers (0 without them): the window's blocks,
+    one partial block, and a prefill chunk's blocks."""
+    if not cfg.has_sliding_layers:
+        return 0
+    return -(-cfg.sliding_window // page_size) + -(-prefill_chunk // page_size) + 1
+
+
+def empty_pool(cfg, num_pages: int, page_size: int, ring_pages_total: int = 0):
+    """(k, v) of the global layers [global layers, pages, page, K, H]; with sliding-window layers
+    also (k, v) of theirs [sliding layers, ring pages in all, page, K, H]."""
+    global_layers, local_layers = layer_kinds(cfg)
+    tail = (page_size, cfg.num_kv_heads, cfg.head_dim)
+    shapes = [(len(global_layers), num_pages, *tail)] * 2
+    if len(local_layers):
+        shapes += [(len(local_layers), ring_pages_total, *tail)] * 2
+    return tuple(jnp.zeros(shape, cfg.compute_dtype) for shape in shapes)
 
 
 def pool_bytes_per_token(cfg) -> int:
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.compute_dtype).itemsize
+    """Bytes a token takes in the global layers' pages."""
+    global_layers = len(layer_kinds(cfg)[0])
+    return 2 * global_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.compute_dtype).itemsize
 
 
-def paged_hidden_states(model, ids_BT, positions_BT, valid_BT, pool, pages_BN):
+def paged_hidden_states(model, ids_BT, positions_BT, valid_BT, pool, pages_BN, ring_BR=None):
     """Final-normed hidden states [B, T, D] of T new tokens per row, and their keys and values
     (k, v), each [layers, B, T, kv_heads, head_dim], for `write_pages` to store.
 
     `positions_BT`: each new token's position in its row, consecutive from the number of tokens
     the row has cached; `valid_BT`: false for padding (its position should repeat the row's last
-    real one); `pages_BN`: each row's page table, padded with the scratch page. A query sees the
+    real one); `pages_BN`: each row's page table, padded with the scratch page; `ring_BR`: each
+    row's ring of pages for the sliding-window layers (models that have them). A query sees the
     row's cached keys and this call's real keys up to its own position (and, in a sliding-window
     layer, within the window). The pool is only read here: a call that passed it through to its
     outputs (donated) runs markedly slower on CPU than one that reads it and leaves the writing
     to a separate small call."""
     cfg = model.cfg
-    k_pool, v_pool = pool
-    page_size = k_pool.shape[2]
+    page_size = pool[0].shape[2]
     b, n = pages_BN.shape
     t = ids_BT.shape[1]
-    cached_positions_S = jnp.arange(n * page_size, dtype=jnp.int32)
-    behind_cached_BTS = positions_BT[:, :, None] - cached_positions_S[None, None, :]
-    before_call_B1S = cached_positions_S[None, None, :] < positions_BT[:, :1, None]
-    cached_BTS = jnp.broadcast_to(before_call_B1S, (b, t, n * page_size))
+    start_B = positions_BT[:, 0]
     behind_new_BTT = positions_BT[:, :, None] - positions_BT[:, None, :]
     # its own key always: a filler row of padding alone still attends to something finite
     new_BTT = ((behind_new_BTT >= 0) & valid_BT[:, None, :]) | jnp.eye(t, dtype=bool)[None]
+    global_cached = _cached_view(jnp.zeros((b,), jnp.int32), pages_BN, start_B, positions_BT, page_size)
+    local_cached = None
+    if cfg.has_sliding_layers:
+        first_B = jnp.maximum(start_B - cfg.sliding_window, 0) // page_size
+        span = -(-cfg.sliding_window // page_size) + 1
+        blocks_BM = first_B[:, None] + jnp.arange(span, dtype=jnp.int32)[None, :]
+        ring_pages_BM = jnp.take_along_axis(ring_BR, blocks_BM % ring_BR.shape[1], axis=1)
+        local_cached = _cached_view(first_B, ring_pages_BM, start_B, positions_BT, page_size)
     rotary = _rotary_tables(cfg, positions_BT)
     x_BTD = model._embed(ids_BT)
     graphdef, stacked_state = nnx.split(model.layers)
     scale = cfg.attention_scale
+    global_ids, local_ids = layer_kinds(cfg)
+    kind_index = np.zeros(cfg.num_layers, np.int32)
+    kind_index[global_ids] = np.arange(len(global_ids))
+    kind_index[local_ids] = np.arange(len(local_ids))
+
+    def attend_cached(q, k, v, k_layer, v_layer, cached, window):
+        table, behind_BTS, before_BTS = cached
+        seen_cached, seen_new = before_BTS, new_BTT
+        if window is not None:
+            seen_cached = seen_cached & (behind_BTS < window)
+            seen_new = seen_new & (behind_new_BTT < window)
+        cached_k = k_layer[table].reshape(b, -1, *k_layer.shape[2:])
+        cached_v = v_layer[table].reshape(b, -1, *v_layer.shape[2:])
+        # the cached pages and this call's keys as two blocks of one softmax (no concatenated copy)
+        parts = [_scores(q, cached_k, seen_cached, scale), _scores(q, k, seen_new, scale)]
+        top = jnp.maximum(parts[0].max(-1, keepdims=True), parts[1].max(-1, keepdims=True))
+        weights = [jnp.exp(part - top) for part in parts]
+        total = weights[0].sum(-1, keepdims=True) + weights[1].sum(-1, keepdims=True)
+        out = _weighted(weights[0] / total, cached_v) + _weighted(weights[1] / total, v)
+        return out.reshape(q.shape).astype(q.dtype)
+
+    def in_pool(k_pool, v_pool, index):
+        return (
+            jax.lax.dynamic_index_in_dim(k_pool, index, keepdims=False),
+            jax.lax.dynamic_index_in_dim(v_pool, index, keepdims=False),
+        )
 
     def one_layer(x, layer_inputs):
-        layer_state, local, k_layer, v_layer = layer_inputs
+        layer_state, local, index, *kv_layer = layer_inputs
         layer = nnx.merge(graphdef, layer_state)
         cos, sin, window = _layer_rotary_and_window(cfg, rotary, local)
 
         def paged(q, k, v):
-            k, v = k.astype(k_layer.dtype), v.astype(v_layer.dtype)
-            seen_cached, seen_new = cached_BTS, new_BTT
-            if window is not None:
-                seen_cached = seen_cached & (behind_cached_BTS < window)
-                seen_new = seen_new & (behind_new_BTT < window)
-            # the cached pages and this call's keys as two blocks of one softmax (no concatenated copy)
-            parts = [
-                _scores(
-                    q, k_layer[pages_BN].reshape(b, n * page_size, *k_layer.shape[2:]), seen_cached, scale
-                ),
-                _scores(q, k, seen_new, scale),
-            ]
-            top = jnp.maximum(parts[0].max(-1, keepdims=True), parts[1].max(-1, keepdims=True))
-            weights = [jnp.exp(part - top) for part in parts]
-            total = weights[0].sum(-1, keepdims=True) + weights[1].sum(-1, keepdims=True)
-            cached_v = v_layer[pages_BN].reshape(b, n * page_size, *v_layer.shape[2:])
-            out = _weighted(weights[0] / total, cached_v) + _weighted(weights[1] / total, v)
-            return out.reshape(q.shape).astype(q.dtype), (k, v)
+            k, v = k.astype(pool[0].dtype), v.astype(pool[0].dtype)
+            if local_cached is None:  # the layer's pages come with it through the scan
+                out = attend_cached(q, k, v, *kv_layer, global_cached, window)
+            elif not len(global_ids):
+                out = attend_cached(q, k, v, *in_pool(pool[2], pool[3], index), local_cached, window)
+            else:
+                out = jax.lax.cond(
+                    local,
+                    lambda: attend_cached(q, k, v, *in_pool(pool[2], pool[3], index), local_cached, window),
+                    lambda: attend_cached(q, k, v, *in_pool(pool[0], pool[1], index), global_cached, window),
+                )
+            return out, (k, v)
 
         return layer(x, cos, sin, None, paged)
 
-    xs = (stacked_state, _local_layers(cfg), k_pool, v_pool)
+    xs = (stacked_state, _local_layers(cfg), jnp.asarray(kind_index))
+    if local_cached is None:
+        xs = (*xs, pool[0], pool[1])
     x_BTD, new_kv = jax.lax.scan(one_layer, x_BTD, xs)
     return model.final_norm(x_BTD), new_kv
+
+
+def _cached_view(first_block_B, table_BN, start_B, positions_BT, page_size):
+    """(the pages to read, how far behind each query each read key is, whether it was cached
+    before this call): the pages hold blocks first_block, first_block + 1, ... of the row."""
+    n = table_BN.shape[1]
+    key_positions_BS = first_block_B[:, None] * page_size + jnp.arange(n * page_size, dtype=jnp.int32)[None]
+    behind_BTS = positions_BT[:, :, None] - key_positions_BS[:, None, :]
+    before_BTS = jnp.broadcast_to(
+        (key_positions_BS < start_B[:, None])[:, None, :],
+        (table_BN.shape[0], positions_BT.shape[1], n * page_size),
+    )
+    return table_BN, behind_BTS, before_BTS
 
 
 def _scores(q_BTNH, k_BSKH, mask_BTS, scale):
@@ -107,11 +177,23 @@ def _weighted(probs_BKGTS, v_BSKH):
     return out.astype(jnp.float32)
 
 
-def write_pages(pool, new_kv, positions_BT, valid_BT, pages_BN):
+def write_pages(pool, new_kv, positions_BT, valid_BT, pages_BN, ring_BR=None, layers=None):
     """The pool with a call's new keys and values [layers, B, T, K, H] stored at their rows'
-    positions (padding goes to the scratch page)."""
+    positions (padding goes to the scratch page): the global layers' in the rows' pages, the
+    sliding-window layers' in their rings. `layers`: (global, sliding) layer indices."""
     page_size = pool[0].shape[2]
-    page_of_BT = jnp.take_along_axis(pages_BN, positions_BT // page_size, axis=1)
-    page_of_BT = jnp.where(valid_BT, page_of_BT, SCRATCH_PAGE)
+    block_BT = positions_BT // page_size
     offset_BT = positions_BT % page_size
-    return tuple(p.at[:, page_of_BT, offset_BT].set(new) for p, new in zip(pool, new_kv))
+    page_of_BT = jnp.where(valid_BT, jnp.take_along_axis(pages_BN, block_BT, axis=1), SCRATCH_PAGE)
+    if len(pool) == 2:
+        return tuple(p.at[:, page_of_BT, offset_BT].set(new) for p, new in zip(pool, new_kv))
+    global_ids, local_ids = layers
+    ring_of_BT = jnp.take_along_axis(ring_BR, block_BT % ring_BR.shape[1], axis=1)
+    ring_of_BT = jnp.where(valid_BT, ring_of_BT, SCRATCH_PAGE)
+    k_new, v_new = new_kv
+    return (
+        pool[0].at[:, page_of_BT, offset_BT].set(k_new[global_ids]),
+        pool[1].at[:, page_of_BT, offset_BT].set(v_new[global_ids]),
+        pool[2].at[:, ring_of_BT, offset_BT].set(k_new[local_ids]),
+        pool[3].at[:, ring_of_BT, offset_BT].set(v_new[local_ids]),
+    )
