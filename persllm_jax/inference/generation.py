@@ -127,6 +127,13 @@ class Generator:
         self._commit = jax.jit(self._commit_fn, donate_argnums=(0, 1))
         self._reset = jax.jit(self._reset_fn, donate_argnums=(0,))
 
+    def release_cache(self) -> None:
+        """Give the KV pages' memory back while idle (the compiled calls stay); the next request
+        makes a new cache, without cached prefixes."""
+        if not self.scheduler.busy:
+            self.pages.clear_prefixes()
+            self._pool = self._seen = None
+
     def _new_cache(self) -> None:
         with self._mesh_context():
             self._pool = empty_pool(self.model.cfg, self.pages.num_pages, PAGE_SIZE, self._ring_total)
@@ -222,6 +229,8 @@ class Generator:
     def _reset_seen(self, slot: int, prompt: list[int]) -> None:
         ids = np.full((round_up_length(len(prompt)),), prompt[0], np.int32)  # padded with a repeat
         ids[: len(prompt)] = prompt
+        if self._pool is None:  # released while idle
+            self._new_cache()
         with self._mesh_context():
             self._seen = self._reset(self._seen, np.int32(slot), ids)
 
@@ -294,4 +303,8 @@ def generate(
         )
         for i in range(len(conversations))
     ]
-    return [c.text for c in _generator_for(model, tokenizer, len(conversations)).chat(conversations, params)]
+    gen = _generator_for(model, tokenizer, len(conversations))
+    try:
+        return [c.text for c in gen.chat(conversations, params)]
+    finally:
+        gen.release_cache()  # a kept generator holds its compiled calls, not its cache

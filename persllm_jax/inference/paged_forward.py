@@ -13,7 +13,7 @@ whatever it holds is masked out (it is never read unmasked, and always finite).
 
 Sliding-window layers (Gemma 3's local layers, Mistral's) keep their keys and values in a pool of
 their own, where each decode slot owns a fixed ring of pages: block b of a row's positions lives
-in ring page b mod R, with R pages enough for the window and one prefill chunk. However long a
+in ring page b mod R, with R pages enough for the window or a prefill chunk, whichever is longer. However long a
 reply grows, a local layer holds R pages per slot; the global layers' pages grow with the reply
 as above. The ring is read and written by position, so a row's stale blocks (the previous
 occupant's, or its own from before the window) are always masked.
@@ -39,11 +39,12 @@ def layer_kinds(cfg):
 
 
 def ring_pages(cfg, page_size: int, prefill_chunk: int) -> int:
-    """Pages of a slot's ring for the sliding-window layers (0 without them): the window's blocks,
-    one partial block, and a prefill chunk's blocks."""
+    """Pages of a slot's ring for the sliding-window layers (0 without them): enough for the
+    window's blocks and a partial one (what a call reads), and for a prefill chunk's blocks and a
+    partial one (what a call writes, each block to a page of its own)."""
     if not cfg.has_sliding_layers:
         return 0
-    return -(-cfg.sliding_window // page_size) + -(-prefill_chunk // page_size) + 1
+    return max(-(-cfg.sliding_window // page_size), -(-prefill_chunk // page_size)) + 1
 
 
 def empty_pool(cfg, num_pages: int, page_size: int, ring_pages_total: int = 0):
