@@ -90,7 +90,6 @@ class Generator:
         self.max_batch = max_batch
         self._graphdef, self._state = nnx.split(model)
         self._mesh = _model_mesh(self._state)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = self._end_of_turn_ids(tokenizer, eos_token_ids(generation_config(model)))
         per_token = pool_bytes_per_token(model.cfg)
         if kv_cache_gib is None or not per_token:  # (no global layers: the budget has nothing to size)

@@ -41,7 +41,6 @@ class Job:
     events: asyncio.Queue
     cancelled: bool = False
     sent: str = ""  # streamed text so far
-    admitted: float | None = None  # when it got a slot (perf_counter)
     ids: list[int] = dataclasses.field(default_factory=list)  # the rendered prompt
     params: Any = None  # its SamplingParams
 
@@ -249,7 +248,6 @@ class BatchEngine:
 
         def on_dequeue() -> None:
             self._taken()
-            job.admitted = time.perf_counter()
 
         def on_done(completion) -> None:
             if completion.finish_reason == "cancelled":
