@@ -29,7 +29,16 @@ QUESTIONS = [
     "Which instrument do you play, and why does it help you think when a case is difficult?",
     "Name three colours that a painter of the sea would need.",
     "What would you deduce from a muddy boot?",
-    "Explain, in a few sentences and with care, how a careful observer can tell where a stranger has travelled from.",
+    # long enough to prefill in several 128-token chunks, each reading the ones before from pages
+    "A stranger calls at Baker Street in the evening. His left boot is splashed with a reddish clay, "
+    "his right cuff is worn shiny along its edge, and a ticket for the morning train from Reading "
+    "shows at his waistcoat pocket. He carries a walking stick with a chipped silver band, and his "
+    "hat, though new, has been brushed against the nap by someone in a hurry. He says he is a clerk "
+    "who has never left London, that he writes all day with his left hand, and that he has come "
+    "about a missing brother who was last seen at a hotel near the river. His hands are brown to "
+    "the wrist, and there is a faint smell of tar about his coat. Explain, in a few sentences and "
+    "with care, how a careful observer can tell where this stranger has travelled from, which of "
+    "his statements you doubt, and what you would ask him first before taking the case.",
     "Who is Watson?",
 ]
 
@@ -62,17 +71,18 @@ def _run_staggered(gen: Generator, prompts, params, arrivals) -> dict[int, objec
 
 @pytest.mark.slow
 def test_greedy_requests_arriving_at_different_times_equal_transformers(smollm2, smollm2_hf_dir):
-    """8 prompts of different lengths (with and without a persona prompt), arriving over 30 steps
-    into 4 slots: rows join and leave while others decode; each reply equals transformers' greedy
-    generation of that prompt alone."""
+    """8 prompts of different lengths (with and without a persona prompt, one of two 128-token
+    prefill chunks), arriving over 30 steps into 4 slots: rows join and leave while others decode; each
+    reply equals transformers' greedy generation of that prompt alone."""
     import torch
     import transformers
 
     model, tokenizer = smollm2
-    gen = Generator(model, tokenizer, max_batch=4)
+    gen = Generator(model, tokenizer, max_batch=4, prefill_chunk=128)
     conversations = [_conversation(q, persona=i % 3 != 2) for i, q in enumerate(QUESTIONS)]
     prompts = [gen.encode_chat(c) for c in conversations]
     assert len({len(p) for p in prompts}) == len(prompts)
+    assert max(map(len, prompts)) > 128 + 64, "a prompt of two chunks, each tiled over the pages before it"
     arrivals = [0, 0, 3, 5, 9, 14, 22, 30]
     params = [SamplingParams(max_new_tokens=NEW_TOKENS)] * len(prompts)
     ours = _run_staggered(gen, prompts, params, arrivals)

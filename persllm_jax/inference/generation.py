@@ -212,7 +212,7 @@ class Generator:
             try:
                 ring = None if self._rings is None else self._rings[call.slots]
                 token_B, logits, new_kv = self._call(
-                    self._state, self._pool, self._seen, call.ids, call.positions, call.valid, call.pages,
+                    self._state, self._pool, self._seen, call.ids, call.positions, call.valid, call.cached_pages,
                     ring, call.last, call.slots, call.drawn, rows,
                     greedy_only=greedy_only, keep_logits=keep_logits,
                 )  # fmt: skip

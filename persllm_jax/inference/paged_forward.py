@@ -21,11 +21,14 @@ occupant's, or its own from before the window) are always masked.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from persllm_jax.inference.paged_attention import PAGES_PER_TILE, attend_tiled, tiled
 from persllm_jax.model.decoder import _layer_rotary_and_window, _local_layers, _rotary_tables
 
 SCRATCH_PAGE = 0
@@ -70,7 +73,8 @@ def paged_hidden_states(model, ids_BT, positions_BT, valid_BT, pool, pages_BN, r
 
     `positions_BT`: each new token's position in its row, consecutive from the number of tokens
     the row has cached; `valid_BT`: false for padding (its position should repeat the row's last
-    real one); `pages_BN`: each row's page table, padded with the scratch page; `ring_BR`: each
+    real one); `pages_BN`: each row's page table as far as the call reads (the pages of the tokens
+    cached before it; none when no row has any), padded with the scratch page; `ring_BR`: each
     row's ring of pages for the sliding-window layers (models that have them). A query sees the
     row's cached keys and this call's real keys up to its own position (and, in a sliding-window
     layer, within the window). The pool is only read here: a call that passed it through to its
@@ -84,11 +88,14 @@ def paged_hidden_states(model, ids_BT, positions_BT, valid_BT, pool, pages_BN, r
     behind_new_BTT = positions_BT[:, :, None] - positions_BT[:, None, :]
     # its own key always: a filler row of padding alone still attends to something finite
     new_BTT = ((behind_new_BTT >= 0) & valid_BT[:, None, :]) | jnp.eye(t, dtype=bool)[None]
+    use_tiles = tiled(t, n)
     global_cached = _cached_view(jnp.zeros((b,), jnp.int32), pages_BN, start_B, positions_BT, page_size)
     local_cached = None
     if cfg.has_sliding_layers:
         first_B = jnp.maximum(start_B - cfg.sliding_window, 0) // page_size
-        span = -(-cfg.sliding_window // page_size) + 1
+        # the window's blocks and the partial one, in whole tiles (blocks past the row's cached
+        # positions are masked)
+        span = -(-(-(-cfg.sliding_window // page_size) + 1) // PAGES_PER_TILE) * PAGES_PER_TILE
         blocks_BM = first_B[:, None] + jnp.arange(span, dtype=jnp.int32)[None, :]
         ring_pages_BM = jnp.take_along_axis(ring_BR, blocks_BM % ring_BR.shape[1], axis=1)
         local_cached = _cached_view(first_B, ring_pages_BM, start_B, positions_BT, page_size)
@@ -102,20 +109,20 @@ def paged_hidden_states(model, ids_BT, positions_BT, valid_BT, pool, pages_BN, r
     kind_index[local_ids] = np.arange(len(local_ids))
 
     def attend_cached(q, k, v, k_layer, v_layer, cached, window):
-        table, behind_BTS, before_BTS = cached
+        table, first_B, behind_BTS, before_BTS = cached
+        if use_tiles:
+            view = (table, first_B * page_size, start_B)
+            return attend_tiled(q, k, v, positions_BT, valid_BT, k_layer, v_layer, view, window, scale)
         seen_cached, seen_new = before_BTS, new_BTT
         if window is not None:
             seen_cached = seen_cached & (behind_BTS < window)
             seen_new = seen_new & (behind_new_BTT < window)
-        cached_k = k_layer[table].reshape(b, -1, *k_layer.shape[2:])
-        cached_v = v_layer[table].reshape(b, -1, *v_layer.shape[2:])
-        # the cached pages and this call's keys as two blocks of one softmax (no concatenated copy)
-        parts = [_scores(q, cached_k, seen_cached, scale), _scores(q, k, seen_new, scale)]
-        top = jnp.maximum(parts[0].max(-1, keepdims=True), parts[1].max(-1, keepdims=True))
-        weights = [jnp.exp(part - top) for part in parts]
-        total = weights[0].sum(-1, keepdims=True) + weights[1].sum(-1, keepdims=True)
-        out = _weighted(weights[0] / total, cached_v) + _weighted(weights[1] / total, v)
-        return out.reshape(q.shape).astype(q.dtype)
+        parts = [(k, v, seen_new)]
+        if table.shape[1]:  # (nothing is cached before a prompt's first chunk)
+            cached_k = k_layer[table].reshape(b, -1, *k_layer.shape[2:])
+            cached_v = v_layer[table].reshape(b, -1, *v_layer.shape[2:])
+            parts.append((cached_k, cached_v, seen_cached))
+        return _attend(q, parts, scale)
 
     def in_pool(k_pool, v_pool, index):
         return (
@@ -152,7 +159,7 @@ def paged_hidden_states(model, ids_BT, positions_BT, valid_BT, pool, pages_BN, r
 
 
 def _cached_view(first_block_B, table_BN, start_B, positions_BT, page_size):
-    """(the pages to read, how far behind each query each read key is, whether it was cached
+    """(the pages to read, the block the first holds, how far behind each query each read key is, whether it was cached
     before this call): the pages hold blocks first_block, first_block + 1, ... of the row."""
     n = table_BN.shape[1]
     key_positions_BS = first_block_B[:, None] * page_size + jnp.arange(n * page_size, dtype=jnp.int32)[None]
@@ -161,21 +168,34 @@ def _cached_view(first_block_B, table_BN, start_B, positions_BT, page_size):
         (key_positions_BS < start_B[:, None])[:, None, :],
         (table_BN.shape[0], positions_BT.shape[1], n * page_size),
     )
-    return table_BN, behind_BTS, before_BTS
+    return table_BN, first_block_B, behind_BTS, before_BTS
 
 
-def _scores(q_BTNH, k_BSKH, mask_BTS, scale):
-    """Grouped-query scores [B, K, G, T, S] in float32, masked."""
+def _attend(q_BTNH, parts, scale):
+    """Grouped-query attention of q over several blocks of keys [(k_BSKH, v_BSKH, mask_BTS)] as
+    one softmax, without concatenating them. The weights stay unnormalised until after the
+    products with the values: on CPU each pass over the [T, S] scores costs more than the matmuls
+    of a prefill chunk, so the scores are written once, exponentiated once, and never divided."""
     b, t, n, h = q_BTNH.shape
-    kv = k_BSKH.shape[2]
+    kv = parts[0][0].shape[2]
     q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
-    return jnp.where(mask_BTS[:, None, None], scores, _MASKED)
-
-
-def _weighted(probs_BKGTS, v_BSKH):
-    out = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
-    return out.astype(jnp.float32)
+    scores = [
+        jnp.where(
+            mask_BTS[:, None, None],
+            jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale,
+            _MASKED,
+        )
+        for k_BSKH, _, mask_BTS in parts
+    ]
+    top = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
+    weights = [jnp.exp(s - top) for s in scores]
+    total_BKGT = sum(w.sum(-1) for w in weights)
+    out_BTKGH = sum(
+        jnp.einsum("bkgts,bskh->btkgh", w.astype(v_BSKH.dtype), v_BSKH, preferred_element_type=jnp.float32)
+        for w, (_, v_BSKH, _) in zip(weights, parts)
+    )
+    out_BTKGH = out_BTKGH / total_BKGT.transpose(0, 3, 1, 2)[..., None]
+    return out_BTKGH.reshape(q_BTNH.shape).astype(q_BTNH.dtype)
 
 
 def write_pages(pool, new_kv, positions_BT, valid_BT, pages_BN, ring_BR=None, layers=None):
