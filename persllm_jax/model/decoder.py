@@ -142,22 +142,11 @@ class CausalLM(nnx.Module):
             x_BTD = x_BTD * jnp.asarray(math.sqrt(self.cfg.hidden_size), x_BTD.dtype)
         return constrain(x_BTD.astype(self.cfg.compute_dtype), ("batch", "length", "act_embed"))
 
-    def init_cache(self, batch: int, length: int, windowed: bool = False):
-        """An empty KV cache in compute dtype: (k, v), each [layers, B, S, kv_heads, head_dim].
-
-        `windowed` (generation): a model with sliding-window layers keeps, for those layers, only
-        the last `sliding_window` slots, in a ring, so a long chat does not grow their memory:
-        (k, v) of the global layers [global layers, B, S, K, H] and (k, v) of the local ones
-        [local layers, B, window, K, H]. Shorter caches than the window stay whole."""
+    def init_cache(self, batch: int, length: int):
+        """An empty KV cache in compute dtype: (k, v), each [layers, B, S, kv_heads, head_dim]."""
         cfg = self.cfg
-        tail = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-        if not (windowed and cfg.has_sliding_layers and length > cfg.sliding_window):
-            shape = (cfg.num_layers, *tail)
-            return jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype)
-        local = sum(cfg.sliding_layers)
-        full = (cfg.num_layers - local, *tail)
-        ring = (local, batch, cfg.sliding_window, cfg.num_kv_heads, cfg.head_dim)
-        return tuple(jnp.zeros(shape, cfg.compute_dtype) for shape in (full, full, ring, ring))
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype)
 
     def cached_hidden_states(
         self, input_ids_BT, positions_BT, key_valid_BS, cache, write_index, key_positions_BS=None
@@ -168,8 +157,7 @@ class CausalLM(nnx.Module):
         query sees a slot when it is valid and not after the query's own slot. A sliding-window
         layer also needs the slot's token within the window before the query, by position:
         `key_positions_BS` gives each slot's position; by default a row's slots hold consecutive
-        positions (generation's left-padded rows, the only layout a windowed cache takes). Returns
-        (final-normed hidden [B, T, D], updated cache)."""
+        positions (left-padded rows). Returns (final-normed hidden [B, T, D], updated cache)."""
         cfg = self.cfg
         t = input_ids_BT.shape[1]
         s = key_valid_BS.shape[1]
@@ -183,76 +171,30 @@ class CausalLM(nnx.Module):
         rotary = _rotary_tables(cfg, positions_BT)
         x_BTD = self._embed(input_ids_BT)
         graphdef, stacked_state = nnx.split(self.layers)
-        ring = len(cache) == 4
         scale = cfg.attention_scale
 
-        def whole(q, k, v, arrays, index, mask):
-            """Write into layer `index` of arrays[0:2] at write_index; attend over all its slots.
-            The arrays stay in the scan carry, so a step writes only its new slots in place."""
-            k_all, v_all = arrays[:2]
-            at = (index, 0, write_index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
-            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
-            k_layer = jax.lax.dynamic_index_in_dim(k_all, index, keepdims=False)
-            v_layer = jax.lax.dynamic_index_in_dim(v_all, index, keepdims=False)
-            return attend(q, k_layer, v_layer, mask, "xla", scale=scale), (k_all, v_all, *arrays[2:])
-
-        def in_ring(q, k, v, arrays, index):
-            """Attend over local layer `index`'s ring (the window's slots before write_index) and
-            this step's own keys, then keep the last `window` of them in the ring."""
-            k_ring, v_ring = arrays[2:]
-            size = k_ring.shape[2]
-            k_old = jax.lax.dynamic_index_in_dim(k_ring, index, keepdims=False)
-            v_old = jax.lax.dynamic_index_in_dim(v_ring, index, keepdims=False)
-            ring_R = jnp.arange(size, dtype=jnp.int32)
-            held_R = ring_R + size * jnp.floor_divide(write_index - 1 - ring_R, size)  # < 0: empty
-            key_slot = jnp.concatenate([held_R, query_slot_T])
-            valid_BK = (key_slot >= 0)[None, :] & jnp.take(key_valid_BS, jnp.clip(key_slot, 0, s - 1), axis=1)
-            behind_TK = query_slot_T[:, None] - key_slot[None, :]
-            near_TK = (behind_TK >= 0) & (behind_TK < cfg.sliding_window)
-            mask = valid_BK[:, None, :] & near_TK[None]
-            keys = jnp.concatenate([k_old, k.astype(k_old.dtype)], axis=1)
-            values = jnp.concatenate([v_old, v.astype(v_old.dtype)], axis=1)
-            out = attend(q, keys, values, mask, "xla", scale=scale)
-            kept = min(t, size)
-            where = query_slot_T[t - kept :] % size
-            k_new = k_old.at[:, where].set(k[:, t - kept :].astype(k_old.dtype))
-            v_new = v_old.at[:, where].set(v[:, t - kept :].astype(v_old.dtype))
-            k_ring = jax.lax.dynamic_update_slice(k_ring, k_new[None], (index, 0, 0, 0, 0))
-            v_ring = jax.lax.dynamic_update_slice(v_ring, v_new[None], (index, 0, 0, 0, 0))
-            return out, (*arrays[:2], k_ring, v_ring)
-
         def one_layer(carry, layer_inputs):
-            x, arrays = carry
-            layer_state, local, index, kind_index = layer_inputs
+            """Write layer `index`'s new keys and values at write_index and attend over all its
+            slots. The cache stays in the scan carry, so a step writes only its new slots in place."""
+            x, (k_all, v_all) = carry
+            layer_state, local, index = layer_inputs
             layer = nnx.merge(graphdef, layer_state)
             cos, sin, window = _layer_rotary_and_window(cfg, rotary, local)
+            mask = mask_BTS if window is None else mask_BTS & (behind_BTS < window)
 
             def cached(q, k, v):
-                if not ring:
-                    mask = mask_BTS if window is None else mask_BTS & (behind_BTS < window)
-                    return whole(q, k, v, arrays, index, mask)
-                if all(cfg.sliding_layers):
-                    return in_ring(q, k, v, arrays, kind_index)
-                return jax.lax.cond(
-                    local,
-                    lambda q, k, v: in_ring(q, k, v, arrays, kind_index),
-                    lambda q, k, v: whole(q, k, v, arrays, kind_index, mask_BTS),
-                    q,
-                    k,
-                    v,
-                )
+                at = (index, 0, write_index, 0, 0)
+                k_new = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
+                v_new = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
+                k_layer = jax.lax.dynamic_index_in_dim(k_new, index, keepdims=False)
+                v_layer = jax.lax.dynamic_index_in_dim(v_new, index, keepdims=False)
+                return attend(q, k_layer, v_layer, mask, "xla", scale=scale), (k_new, v_new)
 
             x, arrays = layer(x, cos, sin, None, cached)
             return (x, arrays), None
 
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        local_L = np.asarray(cfg.sliding_layers)
-        # each layer's index among the layers of its kind (the ring's and the global arrays' row)
-        kind_index = jnp.asarray(
-            np.where(local_L, np.cumsum(local_L) - 1, np.cumsum(~local_L) - 1), jnp.int32
-        )
-        xs = (stacked_state, _local_layers(cfg), layer_ids, kind_index)
+        xs = (stacked_state, _local_layers(cfg), layer_ids)
         (x_BTD, cache), _ = jax.lax.scan(one_layer, (x_BTD, tuple(cache)), xs)
         return self.final_norm(x_BTD), cache
 
