@@ -16,18 +16,21 @@ KV_HEADS, GROUP, HEAD_DIM = 2, 3, 8
 SCALE = HEAD_DIM**-0.5
 
 
-def _reference(q, k, v, positions, valid, k_pool, v_pool, table, starts, window):
-    """out[b, t] = softmax over the row's visible keys, written out per query (float64)."""
+def _reference(q, k, v, positions, valid, k_pool, v_pool, table, firsts, starts, window):
+    """out[b, t] = softmax over the row's visible keys, written out per query (float64). Table
+    column c of a row holds its positions firsts[row] + 16 c ... (a sliding-window layer's view
+    starts at the window's first block)."""
     b, t = positions.shape
     out = np.zeros(q.shape)
     for row in range(b):
-        start = starts[row]
-        cached_pos = np.arange(start)
-        cached_k = np.stack([k_pool[table[row, p // PAGE], p % PAGE] for p in cached_pos]) if start else None
-        cached_v = np.stack([v_pool[table[row, p // PAGE], p % PAGE] for p in cached_pos]) if start else None
+        first, start = firsts[row], starts[row]
+        cached_pos = np.arange(first, start)
+        where = [(table[row, (p - first) // PAGE], (p - first) % PAGE) for p in cached_pos]
+        cached_k = np.stack([k_pool[page, slot] for page, slot in where]) if len(where) else None
+        cached_v = np.stack([v_pool[page, slot] for page, slot in where]) if len(where) else None
         for i in range(t):
             keys, values, key_pos = [], [], []
-            if start:
+            if len(where):
                 keys.append(cached_k), values.append(cached_v), key_pos.append(cached_pos)
             new = [
                 j for j in range(t) if (valid[row, j] and positions[row, j] <= positions[row, i]) or j == i
@@ -53,9 +56,11 @@ def test_tiled_attention_over_pages_equals_attention_written_out(window):
     lengths = np.array([t, 200, 131])  # real tokens in the chunk: the others are padding
     k_pool = rng.standard_normal((num_pages, PAGE, KV_HEADS, HEAD_DIM)).astype(np.float32)
     v_pool = rng.standard_normal((num_pages, PAGE, KV_HEADS, HEAD_DIM)).astype(np.float32)
+    # a sliding-window layer reads from the window's first block on (the ring's view)
+    firsts = np.zeros(b, np.int64) if window is None else np.maximum(starts - window, 0) // PAGE * PAGE
     table = np.zeros((b, n), np.int32)  # unheld pages: the scratch page 0, masked
-    for row, start in enumerate(starts):
-        held = -(-start // PAGE)
+    for row, (first, start) in enumerate(zip(firsts, starts)):
+        held = -(-(start - first) // PAGE)
         table[row, :held] = rng.choice(np.arange(1, num_pages), held, replace=False)
     positions = starts[:, None] + np.minimum(np.arange(t)[None, :], lengths[:, None] - 1)
     valid = np.arange(t)[None, :] < lengths[:, None]
@@ -67,8 +72,8 @@ def test_tiled_attention_over_pages_equals_attention_written_out(window):
         jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
         jnp.asarray(positions, jnp.int32), jnp.asarray(valid),
         jnp.asarray(k_pool), jnp.asarray(v_pool),
-        (jnp.asarray(table), jnp.zeros((b,), jnp.int32), jnp.asarray(starts, jnp.int32)),
+        (jnp.asarray(table), jnp.asarray(firsts, jnp.int32), jnp.asarray(starts, jnp.int32)),
         None if window is None else jnp.int32(window), SCALE,
     )  # fmt: skip
-    expected = _reference(q, k, v, positions, valid, k_pool, v_pool, table, starts, window)
+    expected = _reference(q, k, v, positions, valid, k_pool, v_pool, table, firsts, starts, window)
     np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-5, rtol=0)
