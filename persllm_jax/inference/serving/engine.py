@@ -62,14 +62,11 @@ class BatchEngine:
         self,
         load: Callable[[], Any],
         *,
-        max_batch: int = 16,
         batch_window_s: float = DEFAULT_BATCH_WINDOW_S,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         warmup: bool = True,
         max_queue: int = DEFAULT_MAX_QUEUE,
     ):
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.max_queue = max_queue
@@ -79,7 +76,6 @@ class BatchEngine:
         self.died: BaseException | None = None
         self.cancelled_rows = 0  # rows that stopped decoding because their client left
         self._load = load
-        self.max_batch = max_batch
         self.batch_window_s = batch_window_s
         self.default_max_tokens = default_max_tokens
         self.warmup = warmup

@@ -112,7 +112,6 @@ def serve(
             raise FileNotFoundError(f"personas directory for the chat page does not exist: {page_personas}")
     engine = BatchEngine(
         _loader(model_path, dtype, max_batch, kv_cache_gib, prefix_cache),
-        max_batch=max_batch,
         batch_window_s=batch_window_s,
         default_max_tokens=default_max_tokens,
         warmup=warmup,
@@ -205,7 +204,6 @@ class ServerThread:
         model_name: str = "persllm",
         host: str = "127.0.0.1",
         port: int | None = None,
-        max_batch: int | None = None,
         batch_window_s: float = DEFAULT_BATCH_WINDOW_S,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         max_queue: int = DEFAULT_MAX_QUEUE,
@@ -219,7 +217,6 @@ class ServerThread:
         self.personas_dir = Path(personas_dir) if personas_dir is not None else None
         self.engine = BatchEngine(
             lambda: generator,
-            max_batch=max_batch or getattr(generator, "max_batch", 16),
             batch_window_s=batch_window_s,
             default_max_tokens=default_max_tokens,
             warmup=False,
