@@ -13,9 +13,9 @@ whatever it holds is masked out (it is never read unmasked, and always finite).
 
 Sliding-window layers (Gemma 3's local layers, Mistral's) keep their keys and values in a pool of
 their own, where each decode slot owns a fixed ring of pages: block b of a row's positions lives
-in ring page b mod R, with R pages enough for the window or a prefill chunk, whichever is longer. However long a
-reply grows, a local layer holds R pages per slot; the global layers' pages grow with the reply
-as above. The ring is read and written by position, so a row's stale blocks (the previous
+in ring page b mod R, with R pages enough for the window or a prefill chunk, whichever is
+longer. However long a reply grows, a local layer holds R pages per slot; the global layers'
+pages grow with the reply as above. The ring is read and written by position, so a row's stale blocks (the previous
 occupant's, or its own from before the window) are always masked.
 """
 
@@ -159,8 +159,10 @@ def paged_hidden_states(model, ids_BT, positions_BT, valid_BT, pool, pages_BN, r
 
 
 def _cached_view(first_block_B, table_BN, start_B, positions_BT, page_size):
-    """(the pages to read, the block the first holds, how far behind each query each read key is, whether it was cached
-    before this call): the pages hold blocks first_block, first_block + 1, ... of the row."""
+    """(the pages to read, the block the first of them holds, how far behind each query each read
+    key is, whether it was cached before this call): the pages hold blocks first_block,
+    first_block + 1, ... of the row. A tiled call uses only the first two (the masks it builds
+    tile by tile; XLA drops the unused ones)."""
     n = table_BN.shape[1]
     key_positions_BS = first_block_B[:, None] * page_size + jnp.arange(n * page_size, dtype=jnp.int32)[None]
     behind_BTS = positions_BT[:, :, None] - key_positions_BS[:, None, :]
