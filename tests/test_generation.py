@@ -1,6 +1,7 @@
 """Generation with the KV cache: parity with transformers' greedy `generate`, the cache against a
 full forward pass, sampling filters against independent references, stop strings and streaming."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import transformers
 
 from persllm_jax import generate, load_pretrained
 from persllm_jax.inference.generation import Generator
-from persllm_jax.inference.sampling import SamplingParams, filter_top_k_top_p, penalize
+from persllm_jax.inference.sampling import TOP_CANDIDATES, SamplingParams, draw, filter_top_k_top_p, penalize
 from persllm_jax.model.config import ModelConfig
 from persllm_jax.model.decoder import init_model
 from persllm_jax.model.sharding import make_mesh
@@ -143,16 +144,45 @@ def _reference_filter(row, k, p):
     return keep
 
 
+# candidates=3: k above the candidates and top-p mass beyond them take the bisection path
+@pytest.mark.parametrize("candidates", [TOP_CANDIDATES, 3])
 @pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.6), (8, 0.9), (1, 0.5)])
-def test_top_k_top_p_filter_matches_reference(top_k, top_p):
+def test_top_k_top_p_filter_matches_reference(top_k, top_p, candidates):
     rng = np.random.default_rng(top_k + int(top_p * 10))
     logits = rng.normal(size=(4, 40)).astype(np.float32) * 2
     out = np.asarray(
-        filter_top_k_top_p(jnp.asarray(logits), jnp.full((4,), top_k), jnp.full((4,), top_p, jnp.float32))
+        filter_top_k_top_p(
+            jnp.asarray(logits), jnp.full((4,), top_k), jnp.full((4,), top_p, jnp.float32), candidates
+        )
     )
     for row in range(4):
         np.testing.assert_array_equal(np.isfinite(out[row]), _reference_filter(logits[row], top_k, top_p))
         np.testing.assert_array_equal(out[row][np.isfinite(out[row])], logits[row][np.isfinite(out[row])])
+
+
+def test_draw_follows_the_softmax_and_never_picks_a_masked_token():
+    """200k draws over 700 tokens (three chunks, the last partial; every 7th masked) against the
+    softmax by a chi-square statistic: for a correct sampler it is about its degrees of freedom
+    (sd sqrt(2 dof)); six sd above is a wrong distribution, not chance. A row with one token left
+    always draws it, wherever it lies in its chunk."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=700).astype(np.float32) * 2
+    logits[::7] = -np.inf
+    n = 200_000
+    draws = jax.jit(jax.vmap(draw, in_axes=(0, None)))
+    tokens = np.asarray(draws(jax.random.split(jax.random.key(1), n), jnp.asarray(logits)))
+    counts = np.bincount(tokens, minlength=700)
+    assert counts[::7].sum() == 0
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    live = probs > 0
+    chi2 = ((counts[live] - n * probs[live]) ** 2 / (n * probs[live])).sum()
+    dof = live.sum() - 1
+    assert chi2 < dof + 6 * np.sqrt(2 * dof), (chi2, dof)
+    for only in (0, 255, 256, 699):
+        one = np.full(700, -np.inf, np.float32)
+        one[only] = 0.0
+        assert set(np.asarray(draws(jax.random.split(jax.random.key(2), 64), jnp.asarray(one)))) == {only}
 
 
 @pytest.fixture(scope="module")
