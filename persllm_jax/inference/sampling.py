@@ -112,7 +112,9 @@ def filter_top_k_top_p(scaled_BV, top_k_B, top_p_B, candidates: int = TOP_CANDID
     k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, vocab), vocab)
     m = min(candidates, vocab)
     top_BM = jax.lax.top_k(scaled_BV, m)[0]
-    kth_B = jnp.where(k_B <= m, jnp.take_along_axis(top_BM, jnp.clip(k_B - 1, 0, m - 1)[:, None], 1)[:, 0], -jnp.inf)
+    kth_B = jnp.where(
+        k_B <= m, jnp.take_along_axis(top_BM, jnp.clip(k_B - 1, 0, m - 1)[:, None], 1)[:, 0], -jnp.inf
+    )
     kept_BV = jnp.where(scaled_BV >= kth_B[:, None], scaled_BV, -jnp.inf)
     top_BM = jnp.where(top_BM >= kth_B[:, None], top_BM, -jnp.inf)
     mass_BM = jnp.cumsum(jnp.exp(top_BM - jax.nn.logsumexp(kept_BV, axis=-1, keepdims=True)), axis=-1)
