@@ -1,17 +1,24 @@
 """Parsing, cleaning, splitting, retrieval budgets and pair mining on known inputs."""
 
+import asyncio
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from persllm_jax import configlib
+from persllm_jax.builder import build as build_module
 from persllm_jax.builder import cleaning, pairs, parsing
-from persllm_jax.builder.build import Item, _check_kinds
+from persllm_jax.builder.build import Builder, Item, _check_kinds
+from persllm_jax.builder.config import BuildConfig
 from persllm_jax.builder.references import reference_items
 from persllm_jax.builder.retrieval import fill_budget, nearest
+from persllm_jax.llm.client import Completion
 from persllm_jax.personas.materials import load_personas
 from persllm_jax.personas.reference_dialogues import read_reference_dialogues, reference_file
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -89,7 +96,7 @@ def test_nearest_orders_by_cosine():
     assert list(nearest(query, store)) == [1, 2, 0]
 
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "personas"
+EXAMPLES = ROOT / "examples" / "personas"
 
 
 class FakeEmbedder:
@@ -261,3 +268,74 @@ def test_cross_persona_skips_top_and_never_identical(monkeypatch):
         rejected_from = row["id"].rsplit("/", 1)[1]  # ids end with the persona the rejected answer is from
         assert rejected_from in PERSONAS and rejected_from != row["persona"]
         assert row["source"] == "cross_persona" and row["split"] == "train"
+
+
+class _HeldAnnotator:
+    """Stands in for the LLM client in `Builder.annotate`: records each request's tag as it is
+    sent, and holds the first seed's input request until every other seed's answers have been
+    sent (a build that waited for all inputs before any answer would never send them). The first
+    seed's first input reply does not parse, so it is asked again with the next seed."""
+
+    def __init__(self, items):
+        self.held, self.sent, self.expected_answers = items[0].id, [], 2 * (len(items) - 1)
+        self.others_answered = asyncio.Event()
+
+    async def complete(self, messages, *, tag, seed, **params):
+        self.sent.append((tag, seed))
+        kind, item_id = tag.split(":")[:2]
+        if sum(t.startswith("response:") for t, _ in self.sent) >= self.expected_answers:
+            self.others_answered.set()
+        if kind == "question" and item_id == self.held:
+            await asyncio.wait_for(self.others_answered.wait(), timeout=10)
+            text = "" if tag.endswith(":0") else "What did you make of the stranger's boots, sir?"
+        elif kind == "question":
+            text = "How do you tell a man's trade from his hands?"
+        else:
+            text = f"[Analysis] In character.\n[Response] Reply {tag}."
+        return Completion(text, "stop", {"prompt_tokens": 1, "completion_tokens": 1}, cached=False)
+
+    def stats(self):
+        return {"prompt_tokens": 0, "completion_tokens": 0, "cache_hits": 0, "failures": 0}
+
+
+class _HashEmbedder:
+    """Retrieval is not what the annotation test checks: unit vectors from a hash of the text."""
+
+    def __init__(self, *args):
+        pass
+
+    def encode(self, texts):
+        vectors = [np.random.default_rng(zlib.crc32(t.encode())).normal(size=8) for t in texts]
+        return np.stack([v / np.linalg.norm(v) for v in vectors])
+
+
+def test_each_seed_is_annotated_without_waiting_for_the_others(tmp_path, monkeypatch):
+    """Inputs and answers of different seeds interleave: the other seeds' answers go out while one
+    seed's input is still pending (and retried); each item keeps its answers in stage order, its
+    own stage first."""
+    monkeypatch.setattr(build_module, "Embedder", _HashEmbedder)
+    cfg = configlib.load(
+        BuildConfig,
+        ROOT / "configs" / "data_demo.yaml",
+        [
+            f"out_dir={tmp_path}",
+            f"personas_dir={ROOT}/examples/personas",
+            "personas=[holmes]",
+            "limits.seeds_per_stage=2",
+            "llm.temperature=0.7",
+        ],
+    )
+    builder = Builder(cfg)
+    items = builder.seed_items()
+    builder.client = annotator = _HeldAnnotator(items)
+    asyncio.run(builder.annotate(items))
+    tags = [tag for tag, _ in annotator.sent]
+    held = items[0].id
+    assert tags[-3:-2] == [f"question:{held}:1"] and annotator.sent[-3][1] == cfg.llm.seed + 1
+    assert sorted(tags[-2:]) == [f"response:{held}:early:0", f"response:{held}:late:0"]
+    assert len(tags) == 2 * len(items) + len(items) + 1
+    for item in items:
+        assert item.drop_reason is None and item.question
+        assert list(item.answers) == [item.stage, *({"early", "late"} - {item.stage})]
+        for stage, record in item.answers.items():
+            assert record["response"] == f"Reply response:{item.id}:{stage}:0."

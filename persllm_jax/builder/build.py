@@ -122,40 +122,70 @@ class Builder:
                 )
         return items
 
-    async def ask_questions(self, items: list[Item]) -> None:
-        pending = list(items)
-        for attempt in range(self._attempts()):
-            if not pending:
-                break
-            requests = []
-            for item in pending:
-                persona, stage = self.personas[item.persona], self.stages[(item.persona, item.stage)]
-                messages = prompts.question_messages(
-                    name=persona.name,
-                    description=persona.description,
-                    when=stage.when,
-                    seed=self.paragraphs[item.seed_id].text,
-                    kind=item.kind,
-                    stance_index=item.stance,
-                )
-                requests.append(self._request(messages, tag=f"question:{item.id}:{attempt}", attempt=attempt))
-            results = await self.client.complete_many(
-                requests, progress_desc=f"inputs (attempt {attempt + 1})"
+    async def annotate(self, items: list[Item]) -> None:
+        """Every seed at once, each on its own: its input, then its answers (in its own stage and,
+        for cross-stage pairs, in the persona's other stages), each request sent again with the
+        next seed as soon as its reply fails to parse. No seed waits for another, so the annotator
+        holds as many requests as the client's limit allows until the last seed is done, where
+        a round of requests per attempt would leave it a few slow ones at the end of each round."""
+        from persllm_jax.progress import Progress
+
+        bar = Progress(len(items), "annotated seeds", unit="seed")
+
+        async def one(item: Item) -> None:
+            await self._ask(item)
+            if item.question is not None:
+                stages = self._answer_stages(item)
+                records = await asyncio.gather(*(self._answer(item, s) for s in stages))
+                item.answers = dict(zip(stages, records))
+                own = item.answers[item.stage]
+                if "response" not in own:
+                    item.drop_reason = own.get("drop_reason", "no response")
+            bar.update(1)
+            c = self.client.stats()
+            bar.set_postfix(
+                tok=f"{c['prompt_tokens']}+{c['completion_tokens']}",
+                hits=c["cache_hits"],
+                fail=c["failures"],
+                refresh=False,
             )
-            retry = []
-            for item, result in zip(pending, results):
-                if result.error:
-                    item.drop_reason = f"question request failed ({result.error.reason})"
-                    continue
-                question, reason = parsing.parse_question(
-                    result.text, material=self.paragraphs[item.seed_id].text
-                )
-                if question is None:
-                    item.drop_reason = reason
-                    retry.append(item)
-                else:
-                    item.question, item.drop_reason = question, None
-            pending = retry
+
+        tasks = [asyncio.ensure_future(one(item)) for item in items]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            bar.close()
+
+    async def _complete(self, messages, tag: str, attempt: int):
+        request = self._request(messages, tag=tag, attempt=attempt)
+        return await self.client.complete(request.pop("messages"), **request)
+
+    async def _ask(self, item: Item) -> None:
+        """The seed's input (ordinary question, opinion or induced question), asked again while
+        the reply does not parse."""
+        persona, stage = self.personas[item.persona], self.stages[(item.persona, item.stage)]
+        messages = prompts.question_messages(
+            name=persona.name,
+            description=persona.description,
+            when=stage.when,
+            seed=self.paragraphs[item.seed_id].text,
+            kind=item.kind,
+            stance_index=item.stance,
+        )
+        for attempt in range(self._attempts()):
+            result = await self._complete(messages, f"question:{item.id}:{attempt}", attempt)
+            if result.error:
+                item.drop_reason = f"question request failed ({result.error.reason})"
+                return
+            question, reason = parsing.parse_question(
+                result.text, material=self.paragraphs[item.seed_id].text
+            )
+            if question is not None:
+                item.question, item.drop_reason = question, None
+                return
+            item.drop_reason = reason
 
     # -- answers ---------------------------------------------------------------------------
 
@@ -177,68 +207,51 @@ class Builder:
             picked[category] = [store[i] for i in chosen]
         return picked["objective"], picked["subjective"]
 
-    async def answer(self, items: list[Item]) -> None:
-        jobs = []
-        for item in items:
-            if item.question is None:
-                continue
-            stages = [item.stage]
-            if self.cfg.pairs.cross_stage:
-                stages += [s.id for s in self.personas[item.persona].stages if s.id != item.stage]
-            jobs += [(item, stage_id) for stage_id in stages]
-        pending = jobs
+    def _answer_stages(self, item: Item) -> list[str]:
+        stages = [item.stage]
+        if self.cfg.pairs.cross_stage:
+            stages += [s.id for s in self.personas[item.persona].stages if s.id != item.stage]
+        return stages
+
+    async def _answer(self, item: Item, stage_id: str) -> dict:
+        """The answer record of the item's input in `stage_id` (retrieved materials, the raw reply,
+        and the parsed analysis and response, or why there are none), asked again while the reply
+        does not parse."""
+        persona, stage = self.personas[item.persona], self.stages[(item.persona, stage_id)]
+        objective, subjective = self.retrieve(item, stage_id)
+        messages = prompts.response_messages(
+            name=persona.name,
+            description=persona.description,
+            when=stage.when,
+            objective=[p.text for p in objective],
+            subjective=[p.text for p in subjective],
+            question=item.question,
+        )
+        record: dict = {}
         for attempt in range(self._attempts()):
-            if not pending:
+            result = await self._complete(messages, f"response:{item.id}:{stage_id}:{attempt}", attempt)
+            record = {
+                "stage": stage_id,
+                "retrieved": {
+                    "objective": [p.id for p in objective],
+                    "subjective": [p.id for p in subjective],
+                },
+                "raw": result.text,
+                "usage": result.usage,
+                "finish_reason": result.finish_reason,
+            }
+            if result.error:
+                record["drop_reason"] = f"response request failed ({result.error.reason})"
+                record["error"] = str(result.error)
                 break
-            requests, contexts = [], []
-            for item, stage_id in pending:
-                persona, stage = self.personas[item.persona], self.stages[(item.persona, stage_id)]
-                objective, subjective = self.retrieve(item, stage_id)
-                messages = prompts.response_messages(
-                    name=persona.name,
-                    description=persona.description,
-                    when=stage.when,
-                    objective=[p.text for p in objective],
-                    subjective=[p.text for p in subjective],
-                    question=item.question,
-                )
-                requests.append(
-                    self._request(messages, tag=f"response:{item.id}:{stage_id}:{attempt}", attempt=attempt)
-                )
-                contexts.append((objective, subjective))
-            results = await self.client.complete_many(
-                requests, progress_desc=f"answers (attempt {attempt + 1})"
+            parsed, reason = parsing.parse_response(
+                result.text, self.cfg.limits.max_response_words, self.cfg.limits.require_response_tag
             )
-            retry = []
-            for (item, stage_id), (objective, subjective), result in zip(pending, contexts, results):
-                record = {
-                    "stage": stage_id,
-                    "retrieved": {
-                        "objective": [p.id for p in objective],
-                        "subjective": [p.id for p in subjective],
-                    },
-                    "raw": result.text,
-                    "usage": result.usage,
-                    "finish_reason": result.finish_reason,
-                }
-                if result.error:
-                    record["drop_reason"] = f"response request failed ({result.error.reason})"
-                    record["error"] = str(result.error)
-                else:
-                    parsed, reason = parsing.parse_response(
-                        result.text, self.cfg.limits.max_response_words, self.cfg.limits.require_response_tag
-                    )
-                    if parsed is None:
-                        record["drop_reason"] = reason
-                        retry.append((item, stage_id))
-                    else:
-                        record["analysis"], record["response"] = parsed
-                item.answers[stage_id] = record
-            pending = retry
-        for item in items:
-            own = item.answers.get(item.stage)
-            if item.question is not None and (own is None or "response" not in own):
-                item.drop_reason = (own or {}).get("drop_reason", "no response")
+            if parsed is not None:
+                record["analysis"], record["response"] = parsed
+                break
+            record["drop_reason"] = reason
+        return record
 
     def _request(self, messages, tag: str, attempt: int) -> dict:
         # A new attempt samples with a new seed: the same body would get the same answer again.
@@ -260,8 +273,7 @@ class Builder:
     async def run_async(self) -> dict:
         items = self.seed_items()
         log.info("%d seed paragraphs over %d persona stages", len(items), len(self.stages))
-        await self.ask_questions(items)
-        await self.answer(items)
+        await self.annotate(items)
         kept = [i for i in items if i.drop_reason is None]
         kept, duplicates = cleaning.drop_near_duplicates(kept, self.embedder, self.cfg.dedup.threshold)
         for item in duplicates:
