@@ -59,7 +59,7 @@ def read_jsonl(path):
 def built(server, tmp_path_factory):
     out = tmp_path_factory.mktemp("build") / "out"
     with FaultProxy(server.base_url) as proxy:
-        result = build(out, proxy.url, server.model, "limits.seeds_per_stage=2")
+        result = build(out, proxy.url, server.model, "limits.seeds_per_stage=1")
     return out, result
 
 
@@ -93,7 +93,7 @@ def test_outputs_written_and_valid(built):
     assert stats["reference_dialogues"] == len(persona_rows) - len(annotated) == 414
     assert stats["general_dialogues"] == len(dialogues) - len(persona_rows)
     assert stats["pairs"] == len(pairs)
-    assert stats["llm"]["requests_sent"] > 0 and stats["seeds"] == 12
+    assert stats["llm"]["requests_sent"] > 0 and stats["seeds"] == 6
     assert sum(stats["drop_reasons"].values()) == stats["dropped"]
     annotations = read_jsonl(out / "annotations.jsonl")
     assert len(annotations) == stats["seeds"] and len({a["id"] for a in annotations}) == len(annotations)
@@ -209,7 +209,7 @@ def test_ids_do_not_depend_on_where_the_build_runs(built, server, tmp_path):
     with FaultProxy(server.base_url) as proxy:
         run_cli(
             "build-data", "--config", CONFIG, "out_dir=out", f"llm.base_url={proxy.url}",
-            f"llm.model={server.model}", *SMALL, "limits.seeds_per_stage=2", "personas_dir=personas",
+            f"llm.model={server.model}", *SMALL, "limits.seeds_per_stage=1", "personas_dir=personas",
             "general_data.path=general/general.jsonl", cwd=elsewhere,
         )  # fmt: skip
     for name in ("dialogues.jsonl", "pairs.jsonl"):
@@ -222,7 +222,7 @@ def test_ids_do_not_depend_on_where_the_build_runs(built, server, tmp_path):
 
 @pytest.mark.slow
 def test_killed_build_resumes_with_the_same_records(server, tmp_path):
-    greedy = ["personas=[holmes]", "limits.seeds_per_stage=2", "llm.temperature=0", "general_data.path="]
+    greedy = ["personas=[holmes]", "limits.seeds_per_stage=1", "llm.temperature=0", "general_data.path="]
     with FaultProxy(server.base_url) as proxy:
         build(tmp_path / "whole", proxy.url, server.model, *greedy)
     with FaultProxy(server.base_url) as proxy:
@@ -344,7 +344,7 @@ def test_a_slow_server_is_not_stormed(server, tmp_path):
         with FaultProxy(server.base_url, slow_s=0.2) as proxy:
             out = tmp_path / f"adaptive_{adaptive}"
             build(
-                out, proxy.url, server.model, "personas=[holmes]", "limits.seeds_per_stage=4",
+                out, proxy.url, server.model, "personas=[holmes]", "limits.seeds_per_stage=3",
                 "general_data.path=", "llm.concurrency=8", "llm.timeout_s=6",
                 # each copy the fixed pool sends is computed (and waited for): five retries make the
                 # storm without a minutes-long backlog
