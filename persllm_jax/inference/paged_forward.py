@@ -200,14 +200,16 @@ def _attend(q_BTNH, parts, scale):
     return out_BTKGH.reshape(q_BTNH.shape).astype(q_BTNH.dtype)
 
 
-def write_pages(pool, new_kv, positions_BT, valid_BT, pages_BN, ring_BR=None, layers=None):
+def write_pages(pool, new_kv, positions_BT, valid_BT, pages_BW, first_B, ring_BR=None, layers=None):
     """The pool with a call's new keys and values [layers, B, T, K, H] stored at their rows'
-    positions (padding goes to the scratch page): the global layers' in the rows' pages, the
+    positions (padding goes to the scratch page): the global layers' in the rows' pages
+    (`pages_BW`: each row's pages from block `first_B` on, as far as the call writes), the
     sliding-window layers' in their rings. `layers`: (global, sliding) layer indices."""
     page_size = pool[0].shape[2]
     block_BT = positions_BT // page_size
     offset_BT = positions_BT % page_size
-    page_of_BT = jnp.where(valid_BT, jnp.take_along_axis(pages_BN, block_BT, axis=1), SCRATCH_PAGE)
+    within_BT = jnp.clip(block_BT - first_B[:, None], 0, pages_BW.shape[1] - 1)
+    page_of_BT = jnp.where(valid_BT, jnp.take_along_axis(pages_BW, within_BT, axis=1), SCRATCH_PAGE)
     if len(pool) == 2:
         return tuple(p.at[:, page_of_BT, offset_BT].set(new) for p, new in zip(pool, new_kv))
     global_ids, local_ids = layers

@@ -106,7 +106,8 @@ class CallRows:
     ids: np.ndarray  # [B, T]
     positions: np.ndarray  # [B, T]
     valid: np.ndarray  # [B, T]
-    pages: np.ndarray  # [B, W] each row's pages up to the last block the call writes
+    pages: np.ndarray  # [B, W] each row's pages from the first block the call writes to the last
+    first_written: np.ndarray  # [B] the block the first of those pages holds
     cached_pages: np.ndarray  # [B, N] its pages up to the last block cached before the call
     last: np.ndarray  # [B] index in T of the token whose logits sample the next one
     slots: np.ndarray  # [B] the row's slot (filler rows: the spare slot)
@@ -318,18 +319,21 @@ class Scheduler:
 
     def _call(self, rows, pieces, starts, emits, *, t: int) -> CallRows:
         b = batch_bucket(len(rows))
+        page = self.pool.page_size
         # Attention reads the keys cached before the call from the pages (none for a prompt's
-        # first chunk) and this call's keys from the call itself; the writes reach at most
-        # ceil(t / page) + 1 blocks past what is read.
+        # first chunk) and this call's keys from the call itself. The writes cover at most
+        # ceil(t / page) + 1 blocks from the row's first written one: the cache write's shapes
+        # depend on the batch and chunk sizes only, not on how much is cached.
         cached = max(starts)
-        n = round_up_length(cached) // self.pool.page_size if cached else 0
-        w = n + -(-t // self.pool.page_size) + 1
+        n = round_up_length(cached) // page if cached else 0
+        w = -(-t // page) + 1
         call = CallRows(
             ids=np.zeros((b, t), np.int32),
             positions=np.zeros((b, t), np.int32),
             valid=np.zeros((b, t), bool),
             pages=np.full((b, w), SCRATCH_PAGE, np.int32),
-            cached_pages=np.empty((b, n), np.int32),
+            first_written=np.zeros((b,), np.int32),
+            cached_pages=np.full((b, n), SCRATCH_PAGE, np.int32),
             last=np.zeros((b,), np.int32),
             slots=np.full((b,), self.slots, np.int32),  # the spare slot
             emits=np.zeros((b,), bool),
@@ -342,13 +346,16 @@ class Scheduler:
             # padding sits at the row's last real position: its query sees real keys only
             call.positions[i] = start + np.minimum(np.arange(t), k - 1)
             call.valid[i, :k] = True
-            held = row.pages[:w]
-            call.pages[i, : len(held)] = held
+            first = start // page
+            written = row.pages[first : first + w]
+            call.pages[i, : len(written)] = written
+            call.first_written[i] = first
+            read = row.pages[:n]
+            call.cached_pages[i, : len(read)] = read
             call.last[i] = k - 1
             call.slots[i] = row.slot
             call.emits[i] = emits[i]
             call.drawn[i] = row.drawn
-        call.cached_pages[:] = call.pages[:, :n]
         return call
 
     def _run(self, call: CallRows, rows: list[_Row]):
