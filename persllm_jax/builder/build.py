@@ -159,8 +159,11 @@ class Builder:
             bar.close()
 
     async def _complete(self, messages, tag: str, attempt: int):
-        request = self._request(messages, tag=tag, attempt=attempt)
-        return await self.client.complete(request.pop("messages"), **request)
+        # A new attempt samples with a new seed: the same body would get the same answer again.
+        llm = self.cfg.llm
+        return await self.client.complete(
+            messages, tag=tag, temperature=llm.temperature, max_tokens=llm.max_tokens, seed=llm.seed + attempt
+        )
 
     async def _ask(self, item: Item) -> None:
         """The seed's input (ordinary question, opinion or induced question), asked again while
@@ -252,17 +255,6 @@ class Builder:
                 break
             record["drop_reason"] = reason
         return record
-
-    def _request(self, messages, tag: str, attempt: int) -> dict:
-        # A new attempt samples with a new seed: the same body would get the same answer again.
-        llm = self.cfg.llm
-        return {
-            "messages": messages,
-            "tag": tag,
-            "temperature": llm.temperature,
-            "max_tokens": llm.max_tokens,
-            "seed": llm.seed + attempt,
-        }
 
     def _attempts(self) -> int:
         # Greedy decoding answers a repeated prompt identically, so asking again cannot help.

@@ -190,13 +190,9 @@ class Generator:
         token_B = sample(logits_BV, seen[slots], rows, drawn, greedy_only)
         return token_B, (logits_BV if keep_logits else None), new_kv
 
-    def _commit_fn(
-        self, pool, seen, new_kv, positions, valid, pages, first_written, ring, slots, token_B, emits
-    ):
+    def _commit_fn(self, pool, seen, new_kv, positions, valid, pages, ring, slots, token_B, emits):
         """Store a call's keys and values, and mark each emitted token as seen by its slot."""
-        pool = write_pages(
-            pool, new_kv, positions, valid, pages, first_written, ring, layer_kinds(self.model.cfg)
-        )
+        pool = write_pages(pool, new_kv, positions, valid, pages, ring, layer_kinds(self.model.cfg))
         return pool, seen.at[slots, token_B].max(emits)
 
     @staticmethod
@@ -221,8 +217,8 @@ class Generator:
                     greedy_only=greedy_only, keep_logits=keep_logits,
                 )  # fmt: skip
                 self._pool, self._seen = self._commit(
-                    self._pool, self._seen, new_kv, call.positions, call.valid, call.pages, call.first_written,
-                    ring, call.slots, token_B, call.emits,
+                    self._pool, self._seen, new_kv, call.positions, call.valid, call.pages, ring,
+                    call.slots, token_B, call.emits,
                 )  # fmt: skip
                 return np.asarray(token_B), logits
             except BaseException:

@@ -15,8 +15,8 @@ Sliding-window layers (Gemma 3's local layers, Mistral's) keep their keys and va
 their own, where each decode slot owns a fixed ring of pages: block b of a row's positions lives
 in ring page b mod R, with R pages enough for the window or a prefill chunk, whichever is
 longer. However long a reply grows, a local layer holds R pages per slot; the global layers'
-pages grow with the reply as above. The ring is read and written by position, so a row's stale blocks (the previous
-occupant's, or its own from before the window) are always masked.
+pages grow with the reply as above. The ring is read and written by position, so a row's stale
+blocks (the previous occupant's, or its own from before the window) are always masked.
 """
 
 from __future__ import annotations
@@ -200,15 +200,16 @@ def _attend(q_BTNH, parts, scale):
     return out_BTKGH.reshape(q_BTNH.shape).astype(q_BTNH.dtype)
 
 
-def write_pages(pool, new_kv, positions_BT, valid_BT, pages_BW, first_B, ring_BR=None, layers=None):
+def write_pages(pool, new_kv, positions_BT, valid_BT, pages_BW, ring_BR=None, layers=None):
     """The pool with a call's new keys and values [layers, B, T, K, H] stored at their rows'
     positions (padding goes to the scratch page): the global layers' in the rows' pages
-    (`pages_BW`: each row's pages from block `first_B` on, as far as the call writes), the
+    (`pages_BW`: each row's pages from the block of its first position on, as far as the call
+    writes), the
     sliding-window layers' in their rings. `layers`: (global, sliding) layer indices."""
     page_size = pool[0].shape[2]
     block_BT = positions_BT // page_size
     offset_BT = positions_BT % page_size
-    within_BT = jnp.clip(block_BT - first_B[:, None], 0, pages_BW.shape[1] - 1)
+    within_BT = jnp.clip(block_BT - block_BT[:, :1], 0, pages_BW.shape[1] - 1)
     page_of_BT = jnp.where(valid_BT, jnp.take_along_axis(pages_BW, within_BT, axis=1), SCRATCH_PAGE)
     if len(pool) == 2:
         return tuple(p.at[:, page_of_BT, offset_BT].set(new) for p, new in zip(pool, new_kv))

@@ -106,8 +106,7 @@ class CallRows:
     ids: np.ndarray  # [B, T]
     positions: np.ndarray  # [B, T]
     valid: np.ndarray  # [B, T]
-    pages: np.ndarray  # [B, W] each row's pages from the first block the call writes to the last
-    first_written: np.ndarray  # [B] the block the first of those pages holds
+    pages: np.ndarray  # [B, W] each row's pages from the block of its first position to the last written
     cached_pages: np.ndarray  # [B, N] its pages up to the last block cached before the call
     last: np.ndarray  # [B] index in T of the token whose logits sample the next one
     slots: np.ndarray  # [B] the row's slot (filler rows: the spare slot)
@@ -332,7 +331,6 @@ class Scheduler:
             positions=np.zeros((b, t), np.int32),
             valid=np.zeros((b, t), bool),
             pages=np.full((b, w), SCRATCH_PAGE, np.int32),
-            first_written=np.zeros((b,), np.int32),
             cached_pages=np.full((b, n), SCRATCH_PAGE, np.int32),
             last=np.zeros((b,), np.int32),
             slots=np.full((b,), self.slots, np.int32),  # the spare slot
@@ -349,7 +347,6 @@ class Scheduler:
             first = start // page
             written = row.pages[first : first + w]
             call.pages[i, : len(written)] = written
-            call.first_written[i] = first
             read = row.pages[:n]
             call.cached_pages[i, : len(read)] = read
             call.last[i] = k - 1
