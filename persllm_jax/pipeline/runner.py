@@ -128,7 +128,8 @@ class Pipeline:
             # wait4 gives this child's own resource use: its peak resident memory
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
-            self.peak_rss_mb[step] = round(usage.ru_maxrss / 1024, 1)  # Linux reports KiB
+            # Linux reports KiB; a step of several commands keeps the largest
+            self.peak_rss_mb[step] = max(self.peak_rss_mb.get(step, 0.0), round(usage.ru_maxrss / 1024, 1))
             if proc.returncode < 0:  # killed: the step's own log just stops, so say why here
                 message = self._killed_message(step, -proc.returncode, log_path)
                 log_file.write(f"\n[pipeline] {message}\n".encode())
@@ -228,30 +229,39 @@ class Pipeline:
 
     def _start_server(self) -> None:
         a = self.cfg.annotator
+        # Appended to, as the step logs are: the eval step's server and a rerun keep the earlier output.
         log_path = self.path("logs", "annotator_server.log")
-        print(f"[pipeline] starting the annotator: {a.server} serve {self.annotator_model}", flush=True)
+        model = self._hf_dir_of(self.annotator_model)
+        print(f"[pipeline] starting the annotator: {a.server} serve {model}", flush=True)
         if a.server == "persllm":
             from persllm_jax.inference.serving import ServerProcess
 
             self.server = ServerProcess(
-                self.annotator_model, model_name=a.model_name, max_batch=a.max_batch, log_path=log_path
+                str(model),
+                model_name=a.model_name,
+                max_batch=a.max_batch,
+                log_path=log_path,
+                append_log=True,
             ).start()
         else:
             from persllm_jax.llm.transformers_server import TransformersServer
 
-            # Appended to, as the step logs are, so that a rerun keeps the earlier runs' output.
-            self.server = TransformersServer(
-                self._annotator_hf_dir(), log_path=log_path, append_log=True
-            ).start()
+            self.server = TransformersServer(model, log_path=log_path, append_log=True).start()
 
-    def _annotator_hf_dir(self) -> Path:
-        """transformers serve needs an HF directory: a GGUF annotator is converted once."""
-        source = Path(self.annotator_model)
-        if source.is_dir():
-            return source
-        out = self.path("annotator_hf")
-        if not (out / "config.json").exists():
-            self._persllm("annotator-export", "export-hf", str(source), str(out))
+    def _hf_dir_of(self, source: str) -> Path:
+        """A GGUF file converted to an HF directory once, in `<out_dir>/hf_from_gguf/<name>`; other
+        sources as they are. transformers dequantises a GGUF on every load (about 16 s for
+        SmolLM2-135M on two cores, an HF directory about 1 s), and the demo loads its annotator in
+        the base, build-data and eval steps."""
+        path = Path(source)
+        if path.is_dir() or path.suffix != ".gguf":
+            return path
+        out = self.path("hf_from_gguf", path.stem)
+        if not out.is_dir():  # written beside it, then renamed: a killed conversion is redone
+            partial = out.with_name(out.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            self._persllm("base", "export-hf", str(path), str(partial))
+            partial.rename(out)
         return out
 
     def stop_server(self) -> None:
@@ -265,10 +275,14 @@ class Pipeline:
         from persllm_jax.personas.materials import stage_tokens
 
         tokens = stage_tokens(load_personas(self.personas_dir()))
+        # The annotator is converted here, with the base model, rather than when its server starts:
+        # by default the two are the same file, dequantised once.
+        if self.cfg.annotator.server != "external":
+            self._hf_dir_of(self.annotator_model)
         self._persllm(
             "base",
             "import-hf",
-            self.base_source,
+            str(self._hf_dir_of(self.base_source)),
             str(self.path("base_model")),
             "--add-tokens",
             ",".join(tokens),

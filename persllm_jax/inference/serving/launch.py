@@ -144,7 +144,8 @@ class ServerProcess(LoopbackServer):
         with ServerProcess("runs/sft") as server:
             client = openai.OpenAI(base_url=server.base_url, api_key="none")
 
-    The server's output goes to `log_path` (a temporary file by default, overwritten if given); `stop()`
+    The server's output goes to `log_path` (a temporary file by default; if given, overwritten unless
+    `append_log`); `stop()`
     sends SIGTERM to its process group, then SIGKILL.
     """
 
@@ -162,9 +163,17 @@ class ServerProcess(LoopbackServer):
         extra_args: Sequence[str] = (),
         startup_timeout: float = 600.0,
         log_path: str | os.PathLike | None = None,
+        append_log: bool = False,
         env: dict[str, str] | None = None,
     ):
-        super().__init__(host=host, port=port, startup_timeout=startup_timeout, log_path=log_path, env=env)
+        super().__init__(
+            host=host,
+            port=port,
+            startup_timeout=startup_timeout,
+            log_path=log_path,
+            append_log=append_log,
+            env=env,
+        )
         self.model_path = str(Path(model_path).resolve())
         self.model_name = model_name or default_model_name(model_path)
         self.max_batch = max_batch
