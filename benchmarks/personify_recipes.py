@@ -16,7 +16,8 @@ the persona prompt style and the pair options change), SFT then DPO run as the d
     python benchmarks/personify_recipes.py --run runs/demo --out runs/recipes
     python benchmarks/personify_recipes.py --run runs/demo --out runs/recipes --variants when_lr3e-4
 
-`--run` is a finished demo run (its base_model, data with the LLM cache, and configs). Results:
+`--run` is a finished demo run (its base_model, data with the LLM cache, configs, and for the
+`demo_run` variants its sft and dpo runs). Results:
 `<out>/results.json` (every metric of every model of every variant, and wall times) and
 `<out>/results.md` (the table).
 """
@@ -44,6 +45,8 @@ DEMO_SFT = ["train.max_steps=10", "optim.lr=1.0e-4", "optim.warmup_steps=2"]
 DEMO_DPO = ["train.max_steps=14", "optim.lr=5.0e-6", "optim.warmup_steps=2", "dpo.reference=frozen"]
 DPO_5E5 = ["train.max_steps=14", "optim.lr=5.0e-5", "optim.warmup_steps=2", "dpo.reference=frozen"]
 LONG_SFT = ["train.max_steps=40", "optim.lr=3.0e-4", "optim.warmup_steps=4"]
+# configs/demo.yaml's steps (the demo run's own models)
+DEMO_RUN_SFT, DEMO_RUN_DPO = LONG_SFT, DEMO_DPO
 VARIANTS = {
     "demo": {"stage_prompt": "token", "build": [], "sft": DEMO_SFT, "dpo": DEMO_DPO},
     "lr3e-4": {"stage_prompt": "token", "build": [], "sft": LONG_SFT, "dpo": DEMO_DPO},
@@ -68,6 +71,29 @@ VARIANTS = {
         "sft": LONG_SFT,
         "dpo": DPO_5E5,
         "sft_from": "when_lr3e-4",
+    },
+    # The demo run's own models (configs/demo.yaml trains `when_lr3e-4`'s SFT and DPO), scored on
+    # the demo's build: the baseline of the variants below, which start from its SFT run.
+    "demo_run": {"stage_prompt": "token_and_when", "build": [], "from_run": ["sft", "dpo"]},
+    "demo_run_dpo5e-5_one_way_40": {
+        "stage_prompt": "token_and_when",
+        "build": ["pairs.cross_stage_mirrored=false"],
+        "dpo": ["train.max_steps=40", "optim.lr=5.0e-5", "optim.warmup_steps=4", "dpo.reference=frozen"],
+        "from_run": ["sft"],
+    },
+    # LoRA at a high rate: the adapters (rank 64) and the stage tokens' rows, nothing else, train in
+    # SFT; DPO as the demo's.
+    "lora64_when_lr2e-3": {
+        "stage_prompt": "token_and_when",
+        "build": [],
+        "sft": [
+            "train.max_steps=40",
+            "optim.lr=2.0e-3",
+            "optim.warmup_steps=4",
+            "lora.rank=64",
+            "lora.alpha=128",
+        ],
+        "dpo": DEMO_DPO,
     },
     "rows30_lr3e-4": {
         "stage_prompt": "token",
@@ -132,6 +158,11 @@ def train(run: Path, step: str, out: Path, model: Path, source: Path, overrides:
     seconds = persllm(step, "--config", str(out / f"{step}.yaml"), *overrides, log=out / f"{step}.log")
     (run_dir / "done.json").write_text(json.dumps({"seconds": seconds}))
     return seconds
+
+
+def _step_seconds(run: Path, step: str) -> float:
+    """How long the demo run's own step took (its pipeline record)."""
+    return json.loads((run / "steps" / f"{step}.json").read_text())["seconds"]
 
 
 def training_twins(data: Path, out: Path) -> Path:
@@ -222,14 +253,21 @@ def run_variant(run: Path, root: Path, name: str, spec: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     personas = personas_in(spec["stage_prompt"], root)
     data = build(run, out, personas, spec["build"])
-    if spec.get("sft_from"):
+    from_run = spec.get("from_run", [])
+    if "sft" in from_run:
+        sft_dir, sft_seconds = run / "sft", _step_seconds(run, "sft")
+    elif spec.get("sft_from"):
         sft_seconds = run_variant(run, root, spec["sft_from"], VARIANTS[spec["sft_from"]])["seconds"]["sft"]
         sft_dir = root / spec["sft_from"] / "sft"
     else:
         sft_dir = out / "sft"
         sft_seconds = train(run, "sft", out, run / "base_model", data / "dialogues.jsonl", spec["sft"])
-    dpo_seconds = train(run, "dpo", out, sft_dir, data / "pairs.jsonl", spec["dpo"])
-    models = {"base": run / "base_model", "sft": sft_dir, "dpo": out / "dpo"}
+    if "dpo" in from_run:
+        dpo_dir, dpo_seconds = run / "dpo", _step_seconds(run, "dpo")
+    else:
+        dpo_dir = out / "dpo"
+        dpo_seconds = train(run, "dpo", out, sft_dir, data / "pairs.jsonl", spec["dpo"])
+    models = {"base": run / "base_model", "sft": sft_dir, "dpo": dpo_dir}
     held_out = probe_with_base(
         models, personas, out, root, "held_out", ["--dialogues", str(data / "dialogues.jsonl")]
     )
@@ -264,7 +302,9 @@ def table(results: dict) -> str:
     ]
     for name, r in results.items():
         steps = [
-            o.split("=")[1] for o in r["spec"]["sft"] + r["spec"]["dpo"] if o.startswith("train.max_steps")
+            o.split("=")[1]
+            for o in r["spec"].get("sft", DEMO_RUN_SFT) + r["spec"].get("dpo", DEMO_RUN_DPO)
+            if o.startswith("train.max_steps")
         ]
         minutes = (r["seconds"]["sft"] + r["seconds"]["dpo"]) / 60
         cells = [
