@@ -146,6 +146,25 @@ def test_prefix_cache_hits_give_the_logits_of_a_cold_prefill(smollm2):
         assert hit.token_ids == expected.token_ids
 
 
+@pytest.mark.slow
+def test_a_burst_sharing_a_prompt_prefix_computes_it_once(smollm2):
+    """Four persona requests sent together: the first prefills alone, the other three wait until
+    its blocks are cached and read the persona prompt from there (three hits), and every answer is
+    the one a generator without a prefix cache gives (greedy, token for token)."""
+    model, tokenizer = smollm2
+    warm = Generator(model, tokenizer, max_batch=4)
+    cold = Generator(model, tokenizer, max_batch=4, prefix_cache=False)
+    prompts = [warm.encode_chat(_conversation(q)) for q in QUESTIONS[:4]]
+    shared = min(next(k for k, (a, b) in enumerate(zip(prompts[0], p)) if a != b) for p in prompts[1:])
+    assert shared > 32, "the persona prompt makes a long shared prefix"
+    greedy = SamplingParams(max_new_tokens=NEW_TOKENS)
+    burst = warm.complete(prompts, greedy)
+    assert [c.cached_tokens for c in burst] == [0] + [shared // 16 * 16] * 3
+    assert warm.pages.stats.hits == 3 and warm.pages.stats.tokens_saved == 3 * (shared // 16 * 16)
+    alone = cold.complete(prompts, greedy)
+    assert [c.token_ids for c in burst] == [c.token_ids for c in alone]
+
+
 def test_page_pool_shares_prefix_blocks_and_evicts_the_least_recently_used():
     pool = PagePool(num_pages=7, page_size=4)  # 6 usable pages
     a = list(range(10))  # blocks [0..3], [4..7], then 2 tokens

@@ -70,13 +70,7 @@ class PagePool:
         number of prompt tokens already cached). Raises OutOfPages, holding nothing, when the
         pool cannot give them now."""
         needed = -(-total_tokens // self.page_size)
-        shared: list[int] = []
-        if self.prefix_cache:
-            for key in self._block_keys(prompt, (len(prompt) - 1) // self.page_size):
-                page = self._page_of.get(key)
-                if page is None:
-                    break
-                shared.append(page)
+        shared = self._cached_pages(prompt)
         if needed - len(shared) > self.available - sum(1 for p in shared if p in self._idle):
             raise OutOfPages(f"needs {needed - len(shared)} pages, {self.available} available")
         for page in shared:
@@ -88,6 +82,21 @@ class PagePool:
             self.stats.hits += 1
             self.stats.tokens_saved += len(shared) * self.page_size
         return shared + fresh, len(shared) * self.page_size
+
+    def _cached_pages(self, prompt: Sequence[int]) -> list[int]:
+        """The cached pages of the prompt's leading full blocks, all but its last token's."""
+        shared: list[int] = []
+        if self.prefix_cache:
+            for key in self._block_keys(prompt, (len(prompt) - 1) // self.page_size):
+                page = self._page_of.get(key)
+                if page is None:
+                    break
+                shared.append(page)
+        return shared
+
+    def cached_tokens(self, prompt: Sequence[int]) -> int:
+        """How many of the prompt's tokens `acquire` would find cached now."""
+        return len(self._cached_pages(prompt)) * self.page_size
 
     def _take(self) -> int:
         if self._free:

@@ -177,6 +177,7 @@ class Scheduler:
         return bool(self.rows or self.waiting)
 
     def _admit(self) -> None:
+        deferred = []
         while self.waiting and self._free_slots:
             request = self.waiting[0]
             if request.cancelled is not None and request.cancelled():
@@ -184,17 +185,39 @@ class Scheduler:
                 _call(request.on_dequeue)
                 _call(request.on_done, Completion("", [], "cancelled", len(request.prompt)))
                 continue
+            if self._prefix_in_flight(request.prompt):
+                deferred.append(self.waiting.popleft())
+                continue
             budget = self._budget(request.prompt, request.params)
             try:
                 pages, cached = self.pool.acquire(request.prompt, len(request.prompt) + budget)
             except OutOfPages:
-                return  # first come, first served: it waits for pages to free
+                break  # first come, first served: it waits for pages to free
             self.waiting.popleft()
             _call(request.on_dequeue)
             stream = TextStream(self.tokenizer, request.params.stop)
             row = _Row(request, self._free_slots.pop(0), pages, cached, budget, stream, length=cached)
             self.reset_seen(row.slot, request.prompt)
             self.rows.append(row)
+        self.waiting.extendleft(reversed(deferred))  # back at the head, in their order
+
+    def _prefix_in_flight(self, prompt: list[int]) -> bool:
+        """Whether a row still prefilling will cache more of this prompt's leading blocks than the
+        cache holds now. Such a request waits for it (a step or a few), then reads those blocks from
+        the cache instead of computing them again: a burst of requests that share a system prompt
+        or an annotation prompt's instructions computes their common part once."""
+        if not self.pool.prefix_cache:
+            return False
+        page = self.pool.page_size
+        cached = self.pool.cached_tokens(prompt)
+        usable = (len(prompt) - 1) // page * page  # acquire shares all but the last token's block
+        for row in self.rows:
+            if not row.prefilling:
+                continue  # its blocks are registered already
+            end = min(usable, len(row.prompt) // page * page)
+            if end > cached and row.prompt[: cached + page] == prompt[: cached + page]:
+                return True
+        return False
 
     def complete(
         self,
