@@ -16,6 +16,7 @@ from persllm_jax.inference.generation import Generator
 from persllm_jax.inference.kv_pages import OutOfPages, PagePool
 from persllm_jax.inference.sampling import SamplingParams
 from persllm_jax.inference.scheduler import Request
+from tests.echo_generator import EchoGenerator
 
 NEW_TOKENS = 24
 PERSONA = (
@@ -163,6 +164,73 @@ def test_a_burst_sharing_a_prompt_prefix_computes_it_once(smollm2):
     assert warm.pages.stats.hits == 3 and warm.pages.stats.tokens_saved == 3 * (shared // 16 * 16)
     alone = cold.complete(prompts, greedy)
     assert [c.token_ids for c in burst] == [c.token_ids for c in alone]
+
+
+def test_a_request_waits_for_the_prefix_a_prefilling_row_will_cache():
+    """On the real scheduler (a stand-in model): a request whose prompt a prefilling row will mostly
+    cache waits for it while keeping a slot, then reads the shared blocks from the cache; one that
+    would gain a single block does not wait; one cancelled while waiting ends as cancelled; and an
+    admission that fails midway loses no waiting request and leaves the failed row to `abort`."""
+    gen = EchoGenerator(delay_s=0, max_batch=2, max_length=256)
+    scheduler = gen.scheduler
+    done = {}
+
+    def request(name: str, system: str, question: str) -> Request:
+        prompt = gen.encode_chat(
+            [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        )
+        return Request(prompt, SamplingParams(max_new_tokens=4), on_done=lambda c: done.__setitem__(name, c))
+
+    long_system = "You are Holmes. " * 6  # 96 characters: six 16-token blocks
+    a, b, c = (
+        request("a", long_system, "one?"),
+        request("b", long_system, "two?"),
+        request("c", "x", "three?"),
+    )
+    for r in (a, b, c):
+        scheduler.add(r)
+    scheduler.step()  # a prefills; b waits for its blocks and keeps the second slot from c
+    assert [row.request for row in scheduler.rows] == [a] and list(scheduler.waiting) == [b, c]
+    while len(done) < 3:
+        scheduler.step()
+    assert (done["a"].cached_tokens, done["b"].cached_tokens, done["c"].cached_tokens) == (0, 96, 0)
+
+    # a single shared block (16 of 120 tokens to compute) is not worth a wait
+    d, e = request("d", "y" * 16, "four? " * 16), request("e", "y" * 16, "five? " * 16)
+    scheduler.add(d)
+    scheduler.add(e)
+    scheduler.step()
+    assert [row.request for row in scheduler.rows] == [d, e]
+    while len(done) < 5:
+        scheduler.step()
+
+    cancelled = {"f": False}
+    f, g = request("f", "You are Watson. " * 6, "six?"), request("g", "You are Watson. " * 6, "seven?")
+    g.cancelled = lambda: cancelled["f"]
+    scheduler.add(f)
+    scheduler.add(g)
+    scheduler.step()
+    assert list(scheduler.waiting) == [g]
+    cancelled["f"] = True
+    while len(done) < 7:
+        scheduler.step()
+    assert done["g"].finish_reason == "cancelled" and done["f"].finish_reason != "cancelled"
+
+    h, i = request("h", "z" * 96, "eight?"), request("i", "z" * 96, "nine?")
+    reset_seen = scheduler.reset_seen
+
+    def failing(slot, prompt):
+        if prompt == h.prompt:
+            raise RuntimeError("the device ran out of memory")
+        reset_seen(slot, prompt)
+
+    scheduler.reset_seen = failing
+    scheduler.add(h)
+    scheduler.add(i)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        scheduler.step()
+    assert list(scheduler.waiting) == [i] and [row.request for row in scheduler.rows] == [h]
+    assert scheduler.abort(RuntimeError("model call failed")) == 1 and not scheduler.rows
 
 
 def test_page_pool_shares_prefix_blocks_and_evicts_the_least_recently_used():

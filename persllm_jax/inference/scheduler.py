@@ -1,8 +1,9 @@
 """Continuous batching: which requests run in the next model call, and what their tokens mean.
 
 A fixed number of slots decode together. A request waits until a slot and the KV pages for its
-prompt and token budget are free (pages of a cached prefix are shared, not taken anew), then
-prefills in chunks of at most `prefill_chunk` tokens, several requests per call while the call's
+prompt and token budget are free (pages of a cached prefix are shared, not taken anew; a request
+that a row still prefilling will give at least half its prompt from the cache waits for that row),
+then prefills in chunks of at most `prefill_chunk` tokens, several requests per call while the call's
 `prefill_tokens` allow, so a long prompt never stalls the rows that are decoding: every `step()`
 runs one decode call for the rows that have a token to feed, then one prefill call. A row's first
 token is sampled from its last prompt chunk; it then decodes one token per step until an end of
@@ -177,45 +178,52 @@ class Scheduler:
         return bool(self.rows or self.waiting)
 
     def _admit(self) -> None:
-        deferred = []
-        while self.waiting and self._free_slots:
-            request = self.waiting[0]
-            if request.cancelled is not None and request.cancelled():
+        deferred: list[Request] = []
+        try:
+            # a deferred request keeps a slot for itself: it joins once its prefix is cached
+            while self.waiting and len(self._free_slots) > len(deferred):
+                request = self.waiting[0]
+                if request.cancelled is not None and request.cancelled():
+                    self.waiting.popleft()
+                    _call(request.on_dequeue)
+                    _call(request.on_done, Completion("", [], "cancelled", len(request.prompt)))
+                    continue
+                if self._prefix_in_flight(request.prompt):
+                    deferred.append(self.waiting.popleft())
+                    continue
+                budget = self._budget(request.prompt, request.params)
+                try:
+                    pages, cached = self.pool.acquire(request.prompt, len(request.prompt) + budget)
+                except OutOfPages:
+                    break  # first come, first served: it waits for pages to free
                 self.waiting.popleft()
                 _call(request.on_dequeue)
-                _call(request.on_done, Completion("", [], "cancelled", len(request.prompt)))
-                continue
-            if self._prefix_in_flight(request.prompt):
-                deferred.append(self.waiting.popleft())
-                continue
-            budget = self._budget(request.prompt, request.params)
-            try:
-                pages, cached = self.pool.acquire(request.prompt, len(request.prompt) + budget)
-            except OutOfPages:
-                break  # first come, first served: it waits for pages to free
-            self.waiting.popleft()
-            _call(request.on_dequeue)
-            stream = TextStream(self.tokenizer, request.params.stop)
-            row = _Row(request, self._free_slots.pop(0), pages, cached, budget, stream, length=cached)
-            self.reset_seen(row.slot, request.prompt)
-            self.rows.append(row)
-        self.waiting.extendleft(reversed(deferred))  # back at the head, in their order
+                stream = TextStream(self.tokenizer, request.params.stop)
+                row = _Row(request, self._free_slots.pop(0), pages, cached, budget, stream, length=cached)
+                self.rows.append(row)
+                self.reset_seen(row.slot, request.prompt)
+        finally:
+            self.waiting.extendleft(reversed(deferred))  # back at the head, in their order
 
     def _prefix_in_flight(self, prompt: list[int]) -> bool:
-        """Whether a row still prefilling will cache more of this prompt's leading blocks than the
-        cache holds now. Such a request waits for it (a step or a few), then reads those blocks from
-        the cache instead of computing them again: a burst of requests that share a system prompt
-        or an annotation prompt's instructions computes their common part once."""
-        if not self.pool.prefix_cache:
+        """Whether a row still prefilling will cache at least half of what this prompt would
+        compute now (its leading blocks beyond those cached). Such a request waits for that row's
+        prefill to end, keeping a slot, then reads those blocks from the cache instead of computing
+        them again: a burst of requests that share a long system prompt or an annotation prompt's
+        instructions computes their common part once."""
+        if not self.pool.prefix_cache or not any(row.prefilling for row in self.rows):
             return False
         page = self.pool.page_size
         cached = self.pool.cached_tokens(prompt)
         usable = (len(prompt) - 1) // page * page  # acquire shares all but the last token's block
         for row in self.rows:
-            if not row.prefilling:
-                continue  # its blocks are registered already
+            if not row.prefilling or row.prompt[:cached] != prompt[:cached]:
+                continue  # its blocks are registered already, or it has other leading blocks
             end = min(usable, len(row.prompt) // page * page)
-            if end > cached and row.prompt[: cached + page] == prompt[: cached + page]:
+            common = cached
+            while common < end and row.prompt[common : common + page] == prompt[common : common + page]:
+                common += page
+            if common > cached and 2 * (common - cached) >= len(prompt) - cached:
                 return True
         return False
 

@@ -3,7 +3,8 @@
 Steps, each a `persllm` command with its resolved config written to `<out_dir>/configs/`, so any
 step can be rerun by hand:
 
-  base        the base model with the stage tokens added (import-hf)
+  base        the base model with the stage tokens added (import-hf; a GGUF that is also the
+              annotator is converted to <out_dir>/hf_from_gguf/ first, which the annotator loads)
   build-data  persona dialogues and preference pairs, annotated by an LLM served on loopback
   sft         personified conversational SFT, general chat data mixed in
   dpo         DPO on the mined cross-persona / cross-stage pairs, from the SFT model
@@ -19,6 +20,7 @@ last checkpoint, eval from its per-model answer files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -231,7 +233,7 @@ class Pipeline:
         a = self.cfg.annotator
         # Appended to, as the step logs are: the eval step's server and a rerun keep the earlier output.
         log_path = self.path("logs", "annotator_server.log")
-        model = self._hf_dir_of(self.annotator_model)
+        model = self._hf_dir_of(self.annotator_model, "annotator-export")
         print(f"[pipeline] starting the annotator: {a.server} serve {model}", flush=True)
         if a.server == "persllm":
             from persllm_jax.inference.serving import ServerProcess
@@ -248,19 +250,24 @@ class Pipeline:
 
             self.server = TransformersServer(model, log_path=log_path, append_log=True).start()
 
-    def _hf_dir_of(self, source: str) -> Path:
-        """A GGUF file converted to an HF directory once, in `<out_dir>/hf_from_gguf/<name>`; other
-        sources as they are. transformers dequantises a GGUF on every load (about 16 s for
-        SmolLM2-135M on two cores, an HF directory about 1 s), and the demo loads its annotator in
-        the base, build-data and eval steps."""
+    def _hf_dir_of(self, source: str, step: str) -> Path:
+        """A GGUF file converted to an HF directory once (by `step`), in `<out_dir>/hf_from_gguf/`;
+        other sources as they are. transformers dequantises a GGUF on every load (about 16 s for
+        SmolLM2-135M on two cores; an HF directory loads in about 1 s), and the demo starts its
+        annotator in the build-data and eval steps. The copy has no generation config, so that it
+        loads as the GGUF does (the same end-of-turn tokens)."""
         path = Path(source)
         if path.is_dir() or path.suffix != ".gguf":
             return path
-        out = self.path("hf_from_gguf", path.stem)
+        stat = path.resolve().stat()
+        # named by the file's place, size and time too: another or a replaced file is converted anew
+        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+        out = self.path("hf_from_gguf", f"{path.stem}-{key[:8]}")
         if not out.is_dir():  # written beside it, then renamed: a killed conversion is redone
             partial = out.with_name(out.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
-            self._persllm("base", "export-hf", str(path), str(partial))
+            self._persllm(step, "export-hf", str(path), str(partial))
+            (partial / "generation_config.json").unlink(missing_ok=True)
             partial.rename(out)
         return out
 
@@ -275,14 +282,14 @@ class Pipeline:
         from persllm_jax.personas.materials import stage_tokens
 
         tokens = stage_tokens(load_personas(self.personas_dir()))
-        # The annotator is converted here, with the base model, rather than when its server starts:
-        # by default the two are the same file, dequantised once.
-        if self.cfg.annotator.server != "external":
-            self._hf_dir_of(self.annotator_model)
+        source = self.base_source
+        if self.cfg.annotator.server != "external" and _same_file(source, self.annotator_model):
+            # by default the base model is the annotator's file: dequantised once, here
+            source = str(self._hf_dir_of(source, "base"))
         self._persllm(
             "base",
             "import-hf",
-            str(self._hf_dir_of(self.base_source)),
+            source,
             str(self.path("base_model")),
             "--add-tokens",
             ",".join(tokens),
@@ -466,6 +473,10 @@ class Pipeline:
         print(f"  transcripts: {_shown(results['transcripts'])}")
         print(f"  HF answers:  {_shown(results['answers'])}")
         return results
+
+
+def _same_file(a: str, b: str) -> bool:
+    return Path(a).is_file() and Path(b).is_file() and Path(a).resolve() == Path(b).resolve()
 
 
 def _gib(mib: float) -> str:
