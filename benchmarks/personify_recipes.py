@@ -45,8 +45,6 @@ DEMO_SFT = ["train.max_steps=10", "optim.lr=1.0e-4", "optim.warmup_steps=2"]
 DEMO_DPO = ["train.max_steps=14", "optim.lr=5.0e-6", "optim.warmup_steps=2", "dpo.reference=frozen"]
 DPO_5E5 = ["train.max_steps=14", "optim.lr=5.0e-5", "optim.warmup_steps=2", "dpo.reference=frozen"]
 LONG_SFT = ["train.max_steps=40", "optim.lr=3.0e-4", "optim.warmup_steps=4"]
-# configs/demo.yaml's steps (the demo run's own models)
-DEMO_RUN_SFT, DEMO_RUN_DPO = LONG_SFT, DEMO_DPO
 VARIANTS = {
     "demo": {"stage_prompt": "token", "build": [], "sft": DEMO_SFT, "dpo": DEMO_DPO},
     "lr3e-4": {"stage_prompt": "token", "build": [], "sft": LONG_SFT, "dpo": DEMO_DPO},
@@ -160,6 +158,14 @@ def train(run: Path, step: str, out: Path, model: Path, source: Path, overrides:
     return seconds
 
 
+def _max_steps(run: Path, out: Path, step: str) -> int:
+    """`train.max_steps` of the variant's own run of `step`, or the demo run's."""
+    config = (
+        out / step / "config.yaml" if (out / step / "config.yaml").is_file() else run / step / "config.yaml"
+    )
+    return yaml.safe_load(config.read_text())["train"]["max_steps"]
+
+
 def _step_seconds(run: Path, step: str) -> float:
     """How long the demo run's own step took (its pipeline record)."""
     return json.loads((run / "steps" / f"{step}.json").read_text())["seconds"]
@@ -254,6 +260,11 @@ def run_variant(run: Path, root: Path, name: str, spec: dict) -> dict:
     personas = personas_in(spec["stage_prompt"], root)
     data = build(run, out, personas, spec["build"])
     from_run = spec.get("from_run", [])
+    if from_run and not spec["build"]:
+        # the run's models are scored on the split they were trained with
+        for name in ("dialogues.jsonl", "pairs.jsonl"):
+            if (data / name).read_bytes() != (run / "data" / name).read_bytes():
+                raise SystemExit(f"the rebuilt {data / name} differs from the run's {run / 'data' / name}")
     if "sft" in from_run:
         sft_dir, sft_seconds = run / "sft", _step_seconds(run, "sft")
     elif spec.get("sft_from"):
@@ -277,6 +288,9 @@ def run_variant(run: Path, root: Path, name: str, spec: dict) -> dict:
     result = {
         "spec": spec,
         "seconds": {"sft": sft_seconds, "dpo": dpo_seconds},
+        "steps": {step: _max_steps(run, out, step) for step in ("sft", "dpo")},
+        # the pipeline's step time includes its probes during training (`eval.every_steps`)
+        "seconds_from_run": list(from_run),
         "held_out": {m: summary(held_out["models"][m]) for m in models},
         "training_twins": {m: summary(twins["models"][m])["twin_accuracy"] for m in models},
         "training_stage_effect": {m: summary(twins["models"][m])["stage_effect"] for m in models},
@@ -301,18 +315,18 @@ def table(results: dict) -> str:
         "|---|---|---:|" + "---|" * len(columns),
     ]
     for name, r in results.items():
-        steps = [
-            o.split("=")[1]
-            for o in r["spec"].get("sft", DEMO_RUN_SFT) + r["spec"].get("dpo", DEMO_RUN_DPO)
-            if o.startswith("train.max_steps")
-        ]
+        steps = [str(r.get("steps", {}).get(step, "-")) for step in ("sft", "dpo")]
         minutes = (r["seconds"]["sft"] + r["seconds"]["dpo"]) / 60
+        mark = " (pipeline)" if r.get("seconds_from_run") else ""
         cells = [
             " / ".join(f"{f(r, m):.2f}" if f(r, m) is not None else "-" for m in ("base", "sft", "dpo"))
             for _, f in columns
         ]
-        lines.append(f"| {name} | {' / '.join(steps)} | {minutes:.1f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n(each cell: base / SFT / DPO)\n"
+        lines.append(f"| {name} | {' / '.join(steps)} | {minutes:.1f}{mark} | " + " | ".join(cells) + " |")
+    return (
+        "\n".join(lines) + "\n\n(each cell: base / SFT / DPO; (pipeline): the demo run's step times, its "
+        "probes during training included)\n"
+    )
 
 
 def main() -> None:
