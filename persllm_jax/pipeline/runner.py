@@ -20,7 +20,6 @@ last checkpoint, eval from its per-model answer files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ from persllm_jax.configlib import ConfigError
 from persllm_jax.io import offline_models
 from persllm_jax.llm.endpoint import ENV_PREFIX
 from persllm_jax.personas.materials import PERSONA_FILE, STAGE_PROMPTS, load_personas
+from persllm_jax.pipeline import gguf_copy
 from persllm_jax.pipeline.config import PipelineConfig, StepSection
 
 log = logging.getLogger(__name__)
@@ -251,25 +251,15 @@ class Pipeline:
             self.server = TransformersServer(model, log_path=log_path, append_log=True).start()
 
     def _hf_dir_of(self, source: str, step: str) -> Path:
-        """A GGUF file converted to an HF directory once (by `step`), in `<out_dir>/hf_from_gguf/`;
-        other sources as they are. transformers dequantises a GGUF on every load (about 16 s for
-        SmolLM2-135M on two cores; an HF directory loads in about 1 s), and the demo starts its
-        annotator in the build-data and eval steps. The copy has no generation config, so that it
-        loads as the GGUF does (the same end-of-turn tokens)."""
-        path = Path(source)
-        if path.is_dir() or path.suffix != ".gguf":
-            return path
-        stat = path.resolve().stat()
-        # named by the file's place, size and time too: another or a replaced file is converted anew
-        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-        out = self.path("hf_from_gguf", f"{path.stem}-{key[:8]}")
-        if not out.is_dir():  # written beside it, then renamed: a killed conversion is redone
-            partial = out.with_name(out.name + ".partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            self._persllm(step, "export-hf", str(path), str(partial))
-            (partial / "generation_config.json").unlink(missing_ok=True)
-            partial.rename(out)
-        return out
+        """A GGUF file as its HF copy in `<out_dir>/hf_from_gguf/` (made by `step` if missing, see
+        gguf_copy.py); other sources as they are."""
+        if not gguf_copy.is_gguf(source):
+            return Path(source)
+
+        def export(out: Path) -> None:
+            self._persllm(step, "export-hf", str(source), str(out))
+
+        return gguf_copy.hf_copy(source, self.path("hf_from_gguf"), export)
 
     def stop_server(self) -> None:
         if self.server is not None:
@@ -283,7 +273,7 @@ class Pipeline:
 
         tokens = stage_tokens(load_personas(self.personas_dir()))
         source = self.base_source
-        if self.cfg.annotator.server != "external" and _same_file(source, self.annotator_model):
+        if self.cfg.annotator.server != "external" and gguf_copy.same_file(source, self.annotator_model):
             # by default the base model is the annotator's file: dequantised once, here
             source = str(self._hf_dir_of(source, "base"))
         self._persllm(
@@ -473,10 +463,6 @@ class Pipeline:
         print(f"  transcripts: {_shown(results['transcripts'])}")
         print(f"  HF answers:  {_shown(results['answers'])}")
         return results
-
-
-def _same_file(a: str, b: str) -> bool:
-    return Path(a).is_file() and Path(b).is_file() and Path(a).resolve() == Path(b).resolve()
 
 
 def _gib(mib: float) -> str:
