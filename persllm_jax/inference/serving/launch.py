@@ -145,8 +145,7 @@ class ServerProcess(LoopbackServer):
             client = openai.OpenAI(base_url=server.base_url, api_key="none")
 
     The server's output goes to `log_path` (a temporary file by default; if given, overwritten unless
-    `append_log`); `stop()`
-    sends SIGTERM to its process group, then SIGKILL.
+    `append_log`); `stop()` sends SIGTERM to its process group, then SIGKILL.
     """
 
     name = "persllm serve"
