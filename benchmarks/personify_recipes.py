@@ -79,6 +79,23 @@ VARIANTS = {
         "dpo": ["train.max_steps=40", "optim.lr=5.0e-5", "optim.warmup_steps=4", "dpo.reference=frozen"],
         "from_run": ["sft"],
     },
+    # DPO as above on the mirrored pairs, each cross-stage pair trained in the same step as its
+    # mirror (`dpo.mirrors_together`); rows of 768 tokens hold a pair and its mirror whole (3 rows
+    # of 768 = 2304 tokens a side per step, the demo's 8 x 256 = 2048)
+    "demo_run_dpo5e-5_mirrors_together_40": {
+        "stage_prompt": "token_and_when",
+        "build": [],
+        "dpo": [
+            "train.max_steps=40",
+            "optim.lr=5.0e-5",
+            "optim.warmup_steps=4",
+            "dpo.reference=frozen",
+            "dpo.mirrors_together=true",
+            "train.seq_len=768",
+            "train.batch_size=3",
+        ],
+        "from_run": ["sft"],
+    },
     # LoRA at a high rate: the adapters (rank 64) and the stage tokens' rows, nothing else, train in
     # SFT; DPO as the demo's.
     "lora64_when_lr2e-3": {

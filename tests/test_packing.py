@@ -160,7 +160,9 @@ def _pairs(n: int, seed: int):
     return pairs
 
 
-def _dpo_batches(pairs, max_pairs: int = 16):
+def _dpo_batches(pairs, max_pairs: int = 16, members: int = 1, row_len: int = T):
+    """The pairs one per row, and packed into rows of `row_len` (pairs 2i and 2i + 1 as one unit
+    when `members` is 2, as `dpo.mirrors_together` packs a pair and its mirror)."""
     groups = [(i % 3, i % 2) for i in range(len(pairs))]
     flat = [dpo.flat_pair(arrays) for arrays, _ in pairs]
     rows = {name: np.stack([f[name] for f in flat]) for name in flat[0]}
@@ -176,21 +178,38 @@ def _dpo_batches(pairs, max_pairs: int = 16):
         dpo_packing.packed_pair_features(arrays, (0, i), *groups[i], ref)
         for i, (arrays, ref) in enumerate(pairs)
     ]
-    options = pipeline.PipelineOptions(T, packing=True, packing_bins=4, max_segments=max_pairs)
+    if members == 2:
+        features = [
+            dpo_packing.unit_features(features[i : i + 2], row_len) for i in range(0, len(features), 2)
+        ]
+    options = pipeline.PipelineOptions(
+        row_len, packing=True, packing_bins=4, max_segments=max_pairs // members
+    )
     ds = pipeline.pack(
         grain.MapDataset.source(features).to_iter_dataset(), options, dpo_packing.PACKED_FEATURES
     )
     rows = list(ds)
-    packed, keys = dpo_packing.packed_batch({k: np.stack([r[k] for r in rows]) for k in rows[0]}, max_pairs)
+    stacked = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    packed, keys = dpo_packing.packed_batch(stacked, max_pairs, members)
     return unpacked, packed, keys
 
 
-def test_packed_dpo_equals_unpacked():
-    """The same 30 pairs, one per row and packed (chosen and rejected rows in lockstep): loss, the
-    TRL metrics, per-persona / per-stage slices, and each pair's log-probs agree."""
+@pytest.mark.parametrize("members", [1, 2], ids=["pairs", "units_of_two"])
+def test_packed_dpo_equals_unpacked(members):
+    """The same 30 pairs, one per row and packed (chosen and rejected rows in lockstep), alone or
+    as units of two (a pair and its mirror): loss, the TRL metrics, per-persona / per-stage
+    slices, and each pair's log-probs agree; a unit's two pairs share a row, each its own segment."""
     pairs = _pairs(30, 3)
-    unpacked, packed, keys = _dpo_batches(pairs)
+    unpacked, packed, keys = _dpo_batches(pairs, members=members, row_len=T * members)
     assert packed.valid.shape[0] <= 15 and int(packed.valid.sum()) == 30
+    if members == 2:
+        slot_rows, slots = np.nonzero(keys[..., 1] >= 0)
+        row_of = {int(keys[r, k, 1]): int(r) for r, k in zip(slot_rows, slots)}
+        assert all(row_of[i] == row_of[i + 1] for i in range(0, 30, 2)), row_of
+        segments = np.asarray(packed.chosen.segment_ids)
+        for r in range(segments.shape[0]):
+            used = sorted(set(segments[r].tolist()) - {0})
+            assert len(used) == int(packed.valid[r].sum()), "one segment per pair of a unit"
     assert sorted(int(i) for i in keys[..., 1][keys[..., 1] >= 0]) == list(range(30)), "every pair once"
     model = CausalLM(preset("tiny"), rngs=nnx.Rngs(0))
     settings = DPOSection(beta=0.2, loss_type="sigmoid", label_smoothing=0.1)
@@ -227,3 +246,16 @@ def test_packed_dpo_with_the_policy_as_reference_is_log2():
     np.testing.assert_allclose(float(total) / float(count), np.log(2), rtol=1e-6)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert float(sums[key]) == 0.0, key
+
+
+def test_a_unit_longer_than_a_row_is_an_error_naming_its_pairs():
+    features = [
+        dpo_packing.packed_pair_features(arrays, (0, i), 0, 0, ref)
+        for i, (arrays, ref) in enumerate(_pairs(2, 5))
+    ]
+    both = max(sum(len(f[f"{side}_input_ids"]) for f in features) for side in ("chosen", "rejected"))
+    assert max(len(v) for v in dpo_packing.unit_features(features, both).values()) == both
+    with pytest.raises(
+        ValueError, match=r"pairs \[\(0, 0\), \(0, 1\)\] .* (chosen|rejected) sides take \d+ tokens"
+    ):
+        dpo_packing.unit_features(features, both - 1)

@@ -140,3 +140,51 @@ def test_packed_dpo_resume_is_exact(tmp_path):
     train("dpo", resumed, env=EIGHT_DEVICES)
     assert losses(resumed) == losses(straight)
     assert_same_params(resumed, straight)
+
+
+def test_mirrored_pairs_train_in_one_row_of_one_step(tmp_path):
+    """`dpo.mirrors_together=true` on the tiny pairs (cached reference): in the reference pass and
+    every training step, a pair whose mirror is in the file (the same question and answers,
+    chosen and rejected swapped, under another system prompt) is in the same row of the same
+    batch as its mirror; every pair is seen; step 1's loss is log 2, so the cached reference was
+    computed in the layout the step reads."""
+    from persllm_jax import configlib
+    from persllm_jax.data import formats
+    from persllm_jax.data.readers import read_records
+    from persllm_jax.train import loop
+    from persllm_jax.train.config import RunConfig
+    from persllm_jax.train.tasks.dpo import DPOTask, mirror_key
+
+    seen = []
+
+    class Recording(DPOTask):
+        def _batch(self, rows):
+            batch, keys = super()._batch(rows)
+            seen.append(np.asarray(keys[..., 1]))
+            return batch, keys
+
+    run_dir = tmp_path / "run"
+    cfg = configlib.load(
+        RunConfig, DPO, [f"run_dir={run_dir}", "dpo.mirrors_together=true", "train.max_steps=3"]
+    )
+    loop.train(cfg, Recording)
+
+    records = read_records(ROOT / "tests" / "data" / "pairs.jsonl", split="train")
+    groups: dict = {}
+    for record in records:
+        groups.setdefault(mirror_key(formats.preference_example(record)), []).append(record["_index"])
+    mirror_of = {
+        a: b for members in groups.values() if len(members) == 2 for a, b in (members, members[::-1])
+    }
+    assert len(mirror_of) >= 16, "the tiny pairs hold mirrored cross-stage pairs"
+    together = 0
+    for indices in seen:
+        for row in indices:
+            in_row = set(row[row >= 0].tolist())
+            for index in in_row & set(mirror_of):
+                assert mirror_of[index] in in_row, (index, sorted(in_row))
+                together += 1
+    assert together >= len(mirror_of), "every mirrored pair was trained or scored at least once"
+    assert {i for indices in seen for i in indices[indices >= 0].tolist()} == {r["_index"] for r in records}
+    first = read_metrics(run_dir / "metrics.jsonl")[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-6

@@ -59,9 +59,23 @@ class RowShard:
 
     row: int
     examples: tuple[tuple[tuple[Key, Any], ...], ...]
+    # Per source, the units the row trains on: positions in `examples` that enter the pipeline as
+    # one element (a preference pair and its mirror); None: each example is its own unit.
+    units: tuple[tuple[tuple[int, ...], ...], ...] | None = None
+
+    def source_units(self, source: int) -> tuple[tuple[int, ...], ...]:
+        if self.units is None:
+            return tuple((i,) for i in range(len(self.examples[source])))
+        return self.units[source]
+
+    def unit(self, source: int, index: int) -> list[tuple[Key, Any]]:
+        """The (key, example) members of unit `index` of `source`."""
+        members = (index,) if self.units is None else self.units[source][index]
+        return [self.examples[source][i] for i in members]
 
     def mixture(self, repeats: Sequence[float], seed: int) -> Mixture:
-        return Mixture(tuple(len(s) for s in self.examples), tuple(repeats), seed, stream=self.row)
+        sizes = tuple(len(self.source_units(s)) for s in range(len(self.examples)))
+        return Mixture(sizes, tuple(repeats), seed, stream=self.row)
 
 
 def row_dataset(
@@ -71,15 +85,16 @@ def row_dataset(
     names: Sequence[str],
     options: PipelineOptions,
     pad: Callable[[Features, int], Features],
+    combine: Callable[[list[Features]], Features] | None = None,
 ) -> grain.IterDataset:
     """Row `shard.row`'s rows, forever: `features(key, example)` gives each example's unpadded
     per-token arrays `names` (equal lengths, <= row_len); packed rows add `segment_ids` and `positions`
-    and drop nothing; unpacked rows are `pad(features, row_len)`."""
+    and drop nothing; unpacked rows are `pad(features, row_len)`. A unit of several examples
+    (`shard.units`) is one element: `combine` of its members' features."""
 
     def example_at(position: int) -> Features:
         source, index = order.at([position])[0]
-        key, example = shard.examples[int(source)][int(index)]
-        return features(key, example)
+        return unit_features(shard.unit(int(source), int(index)), features, combine)
 
     ds = _rows(grain.MapDataset.range(0, _STREAM_LENGTH).map(example_at), names, options, pad)
     return grain_exp.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=options.prefetch)
@@ -91,11 +106,26 @@ def one_pass(
     names: Sequence[str],
     options: PipelineOptions,
     pad: Callable[[Features, int], Features],
+    combine: Callable[[list[Features]], Features] | None = None,
 ) -> grain.IterDataset:
-    """Every example of the shard once, in source order, as rows (packed or padded): for passes
-    over the data that are not training (the DPO reference log-probs, evaluation)."""
-    items = [item for source in shard.examples for item in source]
-    return _rows(grain.MapDataset.source(items).map(lambda item: features(*item)), names, options, pad)
+    """Every example of the shard once, in source order (by units, as training reads them), as
+    rows (packed or padded): for passes over the data that are not training (the DPO reference
+    log-probs, evaluation)."""
+    units = [
+        shard.unit(source, index)
+        for source in range(len(shard.examples))
+        for index in range(len(shard.source_units(source)))
+    ]
+    dataset = grain.MapDataset.source(units).map(lambda unit: unit_features(unit, features, combine))
+    return _rows(dataset, names, options, pad)
+
+
+def unit_features(unit: list[tuple[Key, Any]], features, combine) -> Features:
+    if len(unit) == 1:
+        return features(*unit[0])
+    if combine is None:
+        raise ValueError(f"a unit of {len(unit)} examples but no way to combine them was given")
+    return combine([features(*member) for member in unit])
 
 
 def _rows(examples: grain.MapDataset, names, options: PipelineOptions, pad) -> grain.IterDataset:

@@ -113,6 +113,11 @@ class DPOSection:
     # cached (log-probs computed once) | frozen (a second model in memory) | base (LoRA runs: the
     # policy with its adapters off, in the step, no second copy of the weights)
     reference: str = "cached"
+    # A pair and its mirror (the same question and answers, chosen and rejected swapped, under
+    # another prompt: a cross-stage pair at the other stage) in the same row of the same step, so
+    # that what the two pairs share cancels in the step's gradient and what tells their prompts
+    # apart remains (packed DPO only)
+    mirrors_together: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
@@ -29,22 +29,51 @@ def load_shards(
     held: set[int],
     seed: int,
     strict_split: bool = False,
+    group_key: Callable[[Any], Hashable | None] | None = None,
 ) -> tuple[list[list[tuple[tuple[int, int], Any]]], list[int], list[np.ndarray]]:
     """Each source's records that batch rows `held` read (see `pipeline.row_of_records`),
     converted, as ((source, _index), example) pairs; how many records each source has over all
     processes (a training source with none is an error); and the row of each record position.
-    `strict_split` drops records that name no split (held-out data must be marked so)."""
+    `strict_split` drops records that name no split (held-out data must be marked so).
+    `group_key(example)`: examples with the same key (not None) are read by one row, the row of
+    the first of them; every process then reads and converts every record to find them."""
     loaded, row_of = [], []
     for number, source in enumerate(sources):
         split = source.split or None
         rows = pipeline.row_of_records(count_records(source.path, split), batch_size, seed)
-        records = read_records(source.path, split=split, keep=lambda i, rows=rows: int(rows[i]) in held)
-        if strict_split:
-            records = [r for r in records if r.get("split") == split]
-        loaded.append([((number, record["_index"]), convert(record)) for record in records])
+        if group_key is None:
+            records = read_records(source.path, split=split, keep=lambda i, rows=rows: int(rows[i]) in held)
+            if strict_split:
+                records = [r for r in records if r.get("split") == split]
+            pairs = [((number, record["_index"]), convert(record)) for record in records]
+        else:
+            records = read_records(source.path, split=split)
+            if strict_split:
+                records = [r for r in records if r.get("split") == split]
+            everything = [((number, record["_index"]), convert(record)) for record in records]
+            rows = rows.copy()
+            first: dict[Hashable, int] = {}
+            for (_, index), example in everything:
+                key = group_key(example)
+                if key is not None:
+                    rows[index] = rows[first.setdefault(key, index)]
+            pairs = [(key, example) for key, example in everything if int(rows[key[1]]) in held]
+        loaded.append(pairs)
         row_of.append(rows)
     totals = [sum(counts) for counts in zip(*distributed.allgather_json([len(s) for s in loaded]))]
     return loaded, totals, row_of
+
+
+def row_units(
+    source: Sequence[tuple[tuple[int, int], Any]], group_key: Callable[[Any], Hashable | None] | None
+) -> tuple[tuple[int, ...], ...]:
+    """A row's examples of one source as units of training: each example alone, or with the
+    others of its group (`group_key`), in source order."""
+    units: dict[Hashable, list[int]] = {}
+    for position, (key, example) in enumerate(source):
+        group = None if group_key is None else group_key(example)
+        units.setdefault(("group", group) if group is not None else ("one", key), []).append(position)
+    return tuple(sorted(tuple(u) for u in units.values()))
 
 
 def eval_sources(cfg: RunConfig) -> tuple[tuple[DataSource, ...], bool]:
@@ -118,8 +147,16 @@ class TaskData:
     """A task's examples (this process's shards), metric groups, row streams and fingerprint,
     from `data.sources` (see data/pipeline.py for which rows read what)."""
 
-    def __init__(self, cfg: RunConfig, convert: Callable[[dict], Any], mesh, held_out: bool = False):
-        """`held_out`: the evaluation sources instead (`eval_sources`), read once per evaluation."""
+    def __init__(
+        self,
+        cfg: RunConfig,
+        convert: Callable[[dict], Any],
+        mesh,
+        held_out: bool = False,
+        group_key: Callable[[Any], Hashable | None] | None = None,
+    ):
+        """`held_out`: the evaluation sources instead (`eval_sources`), read once per evaluation.
+        `group_key`: examples that share a key train together, as one unit (see `load_shards`)."""
         self.cfg = cfg
         batch = cfg.train.batch_size
         self.rows = process_rows(batch_sharding(mesh), batch)
@@ -127,7 +164,9 @@ class TaskData:
         sources, strict = eval_sources(cfg) if held_out else (cfg.data.sources, False)
         if not sources:
             raise ValueError("data.sources is empty: give at least one {path, repeats, split}")
-        local, self.totals, row_of = load_shards(sources, convert, batch, held, cfg.data.shuffle_seed, strict)
+        local, self.totals, row_of = load_shards(
+            sources, convert, batch, held, cfg.data.shuffle_seed, strict, group_key
+        )
         for source, total in zip(sources, self.totals):
             if not total and not held_out:
                 raise ValueError(f"data source {source.path} has no records for split {source.split!r}")
@@ -140,16 +179,13 @@ class TaskData:
         self.examples = [[example for _, example in source] for source in local]
         self.groups = GroupNames(self.examples)
         self.repeats = [s.repeats for s in sources]
-        self.shards = {
-            int(row): pipeline.RowShard(
-                int(row),
-                tuple(
-                    tuple(item for item in source if row_of[item[0][0]][item[0][1]] == row)
-                    for source in local
-                ),
+        self.shards = {}
+        for row in self.rows:
+            examples = tuple(
+                tuple(item for item in source if row_of[item[0][0]][item[0][1]] == row) for source in local
             )
-            for row in self.rows
-        }
+            units = None if group_key is None else tuple(row_units(s, group_key) for s in examples)
+            self.shards[int(row)] = pipeline.RowShard(int(row), examples, units)
         for row, shard in self.shards.items():
             if not held_out and not any(len(s) * r for s, r in zip(shard.examples, self.repeats)):
                 raise ValueError(
@@ -168,12 +204,15 @@ class TaskData:
             row: shard.mixture(self.repeats, self.cfg.data.shuffle_seed) for row, shard in self.shards.items()
         }
 
-    def host_rows(self, features, names, options: pipeline.PipelineOptions, pad) -> pipeline.HostRows:
-        """This process's row streams over `features(key, example)` (see data/pipeline.py)."""
+    def host_rows(
+        self, features, names, options: pipeline.PipelineOptions, pad, combine=None
+    ) -> pipeline.HostRows:
+        """This process's row streams over `features(key, example)` (see data/pipeline.py);
+        `combine` joins the features of a unit's examples into one element."""
         orders = self.orders()
         return pipeline.HostRows(
             {
-                row: pipeline.row_dataset(shard, orders[row], features, names, options, pad)
+                row: pipeline.row_dataset(shard, orders[row], features, names, options, pad, combine)
                 for row, shard in self.shards.items()
             }
         )

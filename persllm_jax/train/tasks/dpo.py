@@ -9,6 +9,8 @@ policy's own weights with the adapters off.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from flax import nnx
 from persllm_jax import losses
 from persllm_jax.data import chat_tokenize, formats, pipeline
 from persllm_jax.model.lora import adapters_off
+from persllm_jax.train import distributed
 from persllm_jax.train.batches import DPOBatch, PackedDPOBatch, SFTBatch
 from persllm_jax.train.config import RunConfig
 from persllm_jax.train.tasks import common, reference_pass, sft
@@ -33,6 +36,7 @@ from persllm_jax.train.tasks.dpo_packing import (
     packed_batch,
     packed_pair_features,
     packed_pair_logps,
+    unit_features,
 )
 from persllm_jax.train.tasks.reference_cache import SIDES, ReferenceCache, tokenizer_fingerprint
 from persllm_jax.train.tasks.sft import pad_id
@@ -83,8 +87,27 @@ def check_settings(cfg: RunConfig) -> None:
         raise ValueError(
             "dpo.reference=base needs LoRA adapters (lora.rank > 0): the base is the adapters-off policy"
         )
+    if cfg.dpo.mirrors_together and not cfg.train.packing:
+        raise ValueError(
+            "dpo.mirrors_together needs packed DPO (train.packing=true): a pair and its mirror are "
+            "packed into one row"
+        )
     zero = jnp.zeros((1,))
     losses.dpo_loss(zero, zero, zero, zero, loss_type=cfg.dpo.loss_type)
+
+
+def _text(messages) -> str:
+    return messages if isinstance(messages, str) else json.dumps(list(messages), sort_keys=True)
+
+
+def mirror_key(example) -> tuple[str, tuple[str, str]]:
+    """What a pair shares with its mirror: the prompt without its system messages and the two
+    answers as a set (the mirror prefers the one the pair rejects)."""
+    prompt = example.prompt_messages
+    if not isinstance(prompt, str):
+        prompt = [m for m in prompt if m.get("role") != "system"]
+    answers = sorted((_text(example.chosen_messages), _text(example.rejected_messages)))
+    return _text(prompt), (answers[0], answers[1])
 
 
 def batch_shardings(mesh, packed: bool = False) -> DPOBatch | PackedDPOBatch:
@@ -169,7 +192,16 @@ class DPOTask:
         self.cfg, self.tokenizer, self.graphdef, self.mesh = cfg, tokenizer, graphdef, mesh
         self.model_cfg = model_cfg
         self.packed, self.max_pairs = cfg.train.packing, cfg.train.max_segments
-        self.data = common.TaskData(cfg, formats.preference_example, mesh)
+        self.group_key = mirror_key if cfg.dpo.mirrors_together else None
+        self.data = common.TaskData(cfg, formats.preference_example, mesh, group_key=self.group_key)
+        # pairs per unit (1, or 2 with mirrors together), the same on every process
+        local = [len(u) for shard in self.data.shards.values() for s in shard.units or () for u in s]
+        self.members = max([1, *(m for part in distributed.allgather_json(local) for m in part)])
+        if self.members > 1:
+            log.info(
+                "DPO data: %d units of %d pairs with their mirrors in this process's rows",
+                sum(1 for m in local if m > 1), self.members,
+            )  # fmt: skip
         self.examples, self.groups = self.data.examples, self.data.groups
         self.batch_shardings = batch_shardings(mesh, self.packed)
         g = self.groups
@@ -202,10 +234,14 @@ class DPOTask:
                 ),
                 self.data,
             )
-        self.rows = self.data.host_rows(self._features, self._names, self._options(), self._pad)
+        self.rows = self.data.host_rows(
+            self._features, self._names, self._options(), self._pad, self._combine
+        )
         self.eval_data, self.eval_reference = None, None
         if cfg.eval.every_steps > 0:
-            self.eval_data = common.TaskData(cfg, formats.preference_example, mesh, held_out=True)
+            self.eval_data = common.TaskData(
+                cfg, formats.preference_example, mesh, held_out=True, group_key=self.group_key
+            )
             if cfg.dpo.reference == "cached":
                 cache = ReferenceCache(
                     run_dir / "reference_logps" / "held_out",
@@ -228,6 +264,7 @@ class DPOTask:
             "attention": self.model_cfg.attention_impl,
             "logits_chunk": self.cfg.train.logits_chunk,
             "packing": self.packed,
+            "mirrors_together": self.cfg.dpo.mirrors_together,
         }
 
     # -- data ------------------------------------------------------------------------------
@@ -237,7 +274,12 @@ class DPOTask:
         return PACKED_FEATURES if self.packed else ()
 
     def _options(self):
-        return common.pipeline_options(self.cfg, self.cfg.train.seq_len)
+        options = common.pipeline_options(self.cfg, self.cfg.train.seq_len)
+        # a unit of M pairs takes M pair slots of the row
+        return dataclasses.replace(options, max_segments=self.max_pairs // self.members)
+
+    def _combine(self, pairs: list[dict]) -> dict:
+        return unit_features(pairs, self.cfg.train.seq_len)
 
     @staticmethod
     def _pad(features, row_len):
@@ -272,7 +314,7 @@ class DPOTask:
     def _batch(self, rows: dict) -> tuple[DPOBatch | PackedDPOBatch, np.ndarray]:
         """Stacked pipeline rows -> the batch and each pair's (source, index), -1 where empty."""
         if self.packed:
-            batch, keys = packed_batch(rows, self.max_pairs)
+            batch, keys = packed_batch(rows, self.max_pairs, self.members)
             self.longest_seen = max(self.longest_seen, int(rows["chosen_length"].max()))
             return batch, keys
         self.longest_seen = max(
@@ -309,7 +351,9 @@ class DPOTask:
             return self._pair_features(key, example, reference, tokens)
 
         return [
-            pipeline.one_pass(data.shards[int(row)], features, self._names, self._options(), self._pad)
+            pipeline.one_pass(
+                data.shards[int(row)], features, self._names, self._options(), self._pad, self._combine
+            )
             for row in data.rows
         ]
 

@@ -7,6 +7,11 @@ chosen row and a rejected row whose segment k is the same pair; a pair never str
 a step. Attention then runs over rows of `seq_len` (2B of them), as unpacked DPO's does, not over
 rows twice as long. Sequence log-probs are summed per segment into pair slots; per-pair arrays
 (reference log-probs, metric groups) are [rows, P] with a validity mask, P = `train.max_segments`.
+
+A unit of M pairs (a cross-stage pair and its mirror, `dpo.mirrors_together`) is one element: its
+pairs' sides laid end to end, each token marked with its pair's number in the unit (`member`) and
+its position in that pair's sequence. Packed, the element's segment s becomes the segments
+(s - 1) * M + member, so the pairs of a unit share a row and a step but attend only to themselves.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from persllm_jax.train.batches import PackedDPOBatch, SFTBatch
 from persllm_jax.train.tasks import sft
 from persllm_jax.train.tasks.sft import token_logps
 
-SIDE_FEATURES = ("input_ids", "targets", "loss_mask", "length", "ref_logp")
+SIDE_FEATURES = ("input_ids", "targets", "loss_mask", "length", "ref_logp", "member", "member_position")
 # Per-pair values, stored on every token of the chosen side (+1 where 0 must mean "none").
 PAIR_FEATURES = ("persona", "stage", "pair_source", "key_source", "key_index")
 PACKED_FEATURES = tuple(
@@ -41,6 +46,8 @@ def packed_pair_features(
         if ref is not None:
             ref_logp[0] = ref[number]
         features["ref_logp"] = ref_logp
+        features["member"] = np.ones(n, np.int32)
+        features["member_position"] = np.arange(n, dtype=np.int32)
         for name in SIDE_FEATURES:
             out[f"{side}_{name}"] = features[name]
     n = len(out["chosen_input_ids"])
@@ -54,8 +61,34 @@ def packed_pair_features(
     return out
 
 
-def _side(rows: dict, side: str) -> SFTBatch:
-    segments = rows[f"{side}_input_ids_segment_ids"].astype(np.int32)
+def unit_features(pairs: list[dict], row_len: int) -> dict:
+    """The packed elements of a unit's pairs as one element (see the module's docstring); a unit
+    longer than a row is an error naming its pairs' keys."""
+    out = {name: np.concatenate([pair[name] for pair in pairs]) for name in pairs[0]}
+    for side in ("chosen", "rejected"):
+        out[f"{side}_member"] = np.concatenate(
+            [np.full(len(pair[f"{side}_input_ids"]), m + 1, np.int32) for m, pair in enumerate(pairs)]
+        )
+        if len(out[f"{side}_input_ids"]) > row_len:
+            keys = [(int(p["chosen_key_source"][0]) - 1, int(p["chosen_key_index"][0]) - 1) for p in pairs]
+            raise ValueError(
+                f"the preference pairs {keys} (source, record) train together (dpo.mirrors_together) "
+                f"and their {side} sides take {len(out[f'{side}_input_ids'])} tokens, more than a row "
+                f"(train.seq_len={row_len}); raise train.seq_len or set dpo.mirrors_together=false"
+            )
+    return out
+
+
+def packed_segments(rows: dict, side: str, members: int) -> tuple[np.ndarray, np.ndarray]:
+    """(segment ids, positions) of one side's packed rows: each pair of a packed unit its own
+    segment, (packer's segment - 1) * members + member; 0 is padding."""
+    packed = rows[f"{side}_input_ids_segment_ids"].astype(np.int32)
+    segments = np.where(packed > 0, (packed - 1) * members + rows[f"{side}_member"], 0).astype(np.int32)
+    return segments, np.where(packed > 0, rows[f"{side}_member_position"], 0).astype(np.int32)
+
+
+def _side(rows: dict, side: str, members: int) -> SFTBatch:
+    segments, positions = packed_segments(rows, side, members)
     no_group = np.full_like(segments, -1)
     return SFTBatch(
         input_ids=rows[f"{side}_input_ids"],
@@ -66,14 +99,14 @@ def _side(rows: dict, side: str) -> SFTBatch:
         stage_ids=no_group,
         length=rows[f"{side}_length"],
         segment_ids=segments,
-        positions=rows[f"{side}_input_ids_positions"].astype(np.int32),
+        positions=positions,
     )
 
 
-def packed_batch(rows: dict, max_pairs: int) -> tuple[PackedDPOBatch, np.ndarray]:
-    """Stacked packed rows -> a PackedDPOBatch, and the [B, P, 2] (source, index) of each slot
-    (-1 on empty slots)."""
-    segments = rows["chosen_input_ids_segment_ids"]
+def packed_batch(rows: dict, max_pairs: int, members: int = 1) -> tuple[PackedDPOBatch, np.ndarray]:
+    """Stacked packed rows (units of at most `members` pairs) -> a PackedDPOBatch, and the
+    [B, P, 2] (source, index) of each slot (-1 on empty slots)."""
+    segments = packed_segments(rows, "chosen", members)[0]
     b = segments.shape[0]
     slot = np.where(segments > 0, segments - 1, max_pairs)  # max_pairs: padding's bin, dropped
     row = np.broadcast_to(np.arange(b)[:, None], slot.shape)
@@ -85,7 +118,7 @@ def packed_batch(rows: dict, max_pairs: int) -> tuple[PackedDPOBatch, np.ndarray
         return out[:, :max_pairs]
 
     def summed(values, side):  # a value at each side's first token, summed per slot
-        side_segments = rows[f"{side}_input_ids_segment_ids"]
+        side_segments = packed_segments(rows, side, members)[0]
         out = np.zeros((b, max_pairs + 1), np.float32)
         where = side_segments > 0
         side_slot = np.where(where, side_segments - 1, max_pairs)
@@ -94,8 +127,8 @@ def packed_batch(rows: dict, max_pairs: int) -> tuple[PackedDPOBatch, np.ndarray
 
     ids = {name: per_slot(rows[f"chosen_{name}"], 0, np.int64) - 1 for name in PAIR_FEATURES}
     batch = PackedDPOBatch(
-        chosen=_side(rows, "chosen"),
-        rejected=_side(rows, "rejected"),
+        chosen=_side(rows, "chosen", members),
+        rejected=_side(rows, "rejected", members),
         ref_chosen_logps=summed(rows["chosen_ref_logp"], "chosen"),
         ref_rejected_logps=summed(rows["rejected_ref_logp"], "rejected"),
         valid=per_slot(np.ones_like(real), False, bool),
