@@ -206,10 +206,12 @@ def test_packed_dpo_equals_unpacked(members):
         slot_rows, slots = np.nonzero(keys[..., 1] >= 0)
         row_of = {int(keys[r, k, 1]): int(r) for r, k in zip(slot_rows, slots)}
         assert all(row_of[i] == row_of[i + 1] for i in range(0, 30, 2)), row_of
-        segments = np.asarray(packed.chosen.segment_ids)
-        for r in range(segments.shape[0]):
-            used = sorted(set(segments[r].tolist()) - {0})
-            assert len(used) == int(packed.valid[r].sum()), "one segment per pair of a unit"
+        for side in (packed.chosen, packed.rejected):  # each pair its own segment, positions from 0
+            segments, positions = np.asarray(side.segment_ids), np.asarray(side.positions)
+            for r in range(segments.shape[0]):
+                for segment in set(segments[r].tolist()) - {0}:
+                    where = segments[r] == segment
+                    np.testing.assert_array_equal(positions[r][where], np.arange(where.sum()))
     assert sorted(int(i) for i in keys[..., 1][keys[..., 1] >= 0]) == list(range(30)), "every pair once"
     model = CausalLM(preset("tiny"), rngs=nnx.Rngs(0))
     settings = DPOSection(beta=0.2, loss_type="sigmoid", label_smoothing=0.1)

@@ -172,9 +172,13 @@ def test_mirrored_pairs_train_in_one_row_of_one_step(tmp_path):
     records = read_records(ROOT / "tests" / "data" / "pairs.jsonl", split="train")
     groups: dict = {}
     for record in records:
-        groups.setdefault(mirror_key(formats.preference_example(record)), []).append(record["_index"])
+        key, side = mirror_key(formats.preference_example(record))
+        groups.setdefault(key, []).append((side, record["_index"]))
     mirror_of = {
-        a: b for members in groups.values() if len(members) == 2 for a, b in (members, members[::-1])
+        a: b
+        for members in groups.values()
+        if sorted(side for side, _ in members) == [0, 1]
+        for (_, a), (_, b) in (members, members[::-1])
     }
     assert len(mirror_of) >= 16, "the tiny pairs hold mirrored cross-stage pairs"
     together = 0

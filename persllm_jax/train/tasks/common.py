@@ -22,6 +22,9 @@ from persllm_jax.train.config import DataSource, RunConfig
 log = logging.getLogger(__name__)
 
 
+PairKey = Callable[[Any], tuple[Hashable, int] | None]
+
+
 def load_shards(
     sources: Sequence[DataSource],
     convert: Callable[[dict], Any],
@@ -29,51 +32,53 @@ def load_shards(
     held: set[int],
     seed: int,
     strict_split: bool = False,
-    group_key: Callable[[Any], Hashable | None] | None = None,
-) -> tuple[list[list[tuple[tuple[int, int], Any]]], list[int], list[np.ndarray]]:
+    pair_key: PairKey | None = None,
+) -> tuple[list[list[tuple[tuple[int, int], Any]]], list[int], list[np.ndarray], dict]:
     """Each source's records that batch rows `held` read (see `pipeline.row_of_records`),
     converted, as ((source, _index), example) pairs; how many records each source has over all
-    processes (a training source with none is an error); and the row of each record position.
+    processes (a training source with none is an error); the row of each record position; and
+    {(source, _index): its partner's} for the examples that train with a partner.
     `strict_split` drops records that name no split (held-out data must be marked so).
-    `group_key(example)`: examples with the same key (not None) are read by one row, the row of
-    the first of them; every process then reads and converts every record to find them."""
-    loaded, row_of = [], []
+    `pair_key(example)` = (key, side) or None: of a source's examples, one of side 0 and one of
+    side 1 with the same key (and no third) are partners, read by one row (the first one's); every
+    process then reads and converts every record to find them."""
+    loaded, row_of, partners = [], [], {}
     for number, source in enumerate(sources):
         split = source.split or None
         rows = pipeline.row_of_records(count_records(source.path, split), batch_size, seed)
-        if group_key is None:
-            records = read_records(source.path, split=split, keep=lambda i, rows=rows: int(rows[i]) in held)
-            if strict_split:
-                records = [r for r in records if r.get("split") == split]
-            pairs = [((number, record["_index"]), convert(record)) for record in records]
-        else:
-            records = read_records(source.path, split=split)
-            if strict_split:
-                records = [r for r in records if r.get("split") == split]
-            everything = [((number, record["_index"]), convert(record)) for record in records]
+        keep = None if pair_key else (lambda i, rows=rows: int(rows[i]) in held)
+        records = read_records(source.path, split=split, keep=keep)
+        if strict_split:
+            records = [r for r in records if r.get("split") == split]
+        pairs = [((number, record["_index"]), convert(record)) for record in records]
+        if pair_key:
             rows = rows.copy()
-            first: dict[Hashable, int] = {}
-            for (_, index), example in everything:
-                key = group_key(example)
-                if key is not None:
-                    rows[index] = rows[first.setdefault(key, index)]
-            pairs = [(key, example) for key, example in everything if int(rows[key[1]]) in held]
+            found: dict[Hashable, list[tuple[int, tuple[int, int]]]] = {}
+            for key, example in pairs:
+                keyed = pair_key(example)
+                if keyed is not None:
+                    found.setdefault(keyed[0], []).append((keyed[1], key))
+            for members in found.values():
+                if sorted(side for side, _ in members) == [0, 1]:
+                    (_, a), (_, b) = sorted(members, key=lambda m: m[1])
+                    partners[a], partners[b] = b, a
+                    rows[b[1]] = rows[a[1]]
+            pairs = [(key, example) for key, example in pairs if int(rows[key[1]]) in held]
         loaded.append(pairs)
         row_of.append(rows)
     totals = [sum(counts) for counts in zip(*distributed.allgather_json([len(s) for s in loaded]))]
-    return loaded, totals, row_of
+    return loaded, totals, row_of, partners
 
 
-def row_units(
-    source: Sequence[tuple[tuple[int, int], Any]], group_key: Callable[[Any], Hashable | None] | None
-) -> tuple[tuple[int, ...], ...]:
-    """A row's examples of one source as units of training: each example alone, or with the
-    others of its group (`group_key`), in source order."""
-    units: dict[Hashable, list[int]] = {}
-    for position, (key, example) in enumerate(source):
-        group = None if group_key is None else group_key(example)
-        units.setdefault(("group", group) if group is not None else ("one", key), []).append(position)
-    return tuple(sorted(tuple(u) for u in units.values()))
+def row_units(source: Sequence[tuple[tuple[int, int], Any]], partners: dict) -> tuple[tuple[int, ...], ...]:
+    """A row's examples of one source as units of training, in source order: each example
+    alone, or with its partner (`load_shards`), which the same row reads."""
+    position = {key: n for n, (key, _) in enumerate(source)}
+    return tuple(
+        (n,) if key not in partners else (n, position[partners[key]])
+        for n, (key, _) in enumerate(source)
+        if key not in partners or n < position[partners[key]]
+    )
 
 
 def eval_sources(cfg: RunConfig) -> tuple[tuple[DataSource, ...], bool]:
@@ -153,10 +158,10 @@ class TaskData:
         convert: Callable[[dict], Any],
         mesh,
         held_out: bool = False,
-        group_key: Callable[[Any], Hashable | None] | None = None,
+        pair_key: PairKey | None = None,
     ):
         """`held_out`: the evaluation sources instead (`eval_sources`), read once per evaluation.
-        `group_key`: examples that share a key train together, as one unit (see `load_shards`)."""
+        `pair_key`: partners train together, as one unit (see `load_shards`)."""
         self.cfg = cfg
         batch = cfg.train.batch_size
         self.rows = process_rows(batch_sharding(mesh), batch)
@@ -164,8 +169,8 @@ class TaskData:
         sources, strict = eval_sources(cfg) if held_out else (cfg.data.sources, False)
         if not sources:
             raise ValueError("data.sources is empty: give at least one {path, repeats, split}")
-        local, self.totals, row_of = load_shards(
-            sources, convert, batch, held, cfg.data.shuffle_seed, strict, group_key
+        local, self.totals, row_of, partners = load_shards(
+            sources, convert, batch, held, cfg.data.shuffle_seed, strict, pair_key
         )
         for source, total in zip(sources, self.totals):
             if not total and not held_out:
@@ -184,7 +189,7 @@ class TaskData:
             examples = tuple(
                 tuple(item for item in source if row_of[item[0][0]][item[0][1]] == row) for source in local
             )
-            units = None if group_key is None else tuple(row_units(s, group_key) for s in examples)
+            units = None if pair_key is None else tuple(row_units(s, partners) for s in examples)
             self.shards[int(row)] = pipeline.RowShard(int(row), examples, units)
         for row, shard in self.shards.items():
             if not held_out and not any(len(s) * r for s, r in zip(shard.examples, self.repeats)):
@@ -192,7 +197,9 @@ class TaskData:
                     f"batch row {row} has no examples: the sources hold {self.totals} records, each "
                     f"read by one of {batch} rows; lower train.batch_size well below the number of records"
                 )
-        self.fingerprint = fingerprint(local, {"seq_len": cfg.train.seq_len, "repeats": self.repeats})
+        # partners change which row reads what: another data order
+        extra = {"seq_len": cfg.train.seq_len, "repeats": self.repeats}
+        self.fingerprint = fingerprint(local, extra | ({"partners": True} if pair_key else {}))
         log.info(
             "process %d read %d of %d %srecords (the shards of its %d batch rows)",
             jax.process_index(), self.records_read, sum(self.totals), "held-out " if held_out else "",

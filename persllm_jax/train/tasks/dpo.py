@@ -22,7 +22,6 @@ from flax import nnx
 from persllm_jax import losses
 from persllm_jax.data import chat_tokenize, formats, pipeline
 from persllm_jax.model.lora import adapters_off
-from persllm_jax.train import distributed
 from persllm_jax.train.batches import DPOBatch, PackedDPOBatch, SFTBatch
 from persllm_jax.train.config import RunConfig
 from persllm_jax.train.tasks import common, reference_pass, sft
@@ -87,10 +86,11 @@ def check_settings(cfg: RunConfig) -> None:
         raise ValueError(
             "dpo.reference=base needs LoRA adapters (lora.rank > 0): the base is the adapters-off policy"
         )
-    if cfg.dpo.mirrors_together and not cfg.train.packing:
+    if cfg.dpo.mirrors_together and not (cfg.train.packing and cfg.train.max_segments >= 2):
         raise ValueError(
-            "dpo.mirrors_together needs packed DPO (train.packing=true): a pair and its mirror are "
-            "packed into one row"
+            "dpo.mirrors_together needs packed DPO with room for two pairs in a row (train.packing=true, "
+            f"train.max_segments >= 2; got {cfg.train.packing}, {cfg.train.max_segments}): a pair and "
+            "its mirror are packed into one row"
         )
     zero = jnp.zeros((1,))
     losses.dpo_loss(zero, zero, zero, zero, loss_type=cfg.dpo.loss_type)
@@ -100,14 +100,16 @@ def _text(messages) -> str:
     return messages if isinstance(messages, str) else json.dumps(list(messages), sort_keys=True)
 
 
-def mirror_key(example) -> tuple[str, tuple[str, str]]:
-    """What a pair shares with its mirror: the prompt without its system messages and the two
-    answers as a set (the mirror prefers the one the pair rejects)."""
+def mirror_key(example) -> tuple[tuple[str, str, str], int]:
+    """(what a pair shares with its mirror, which of the two it is): the prompt without its
+    system messages and the two answers, in a fixed order; side 0 prefers the first answer, side 1
+    (the mirror) the second."""
     prompt = example.prompt_messages
     if not isinstance(prompt, str):
         prompt = [m for m in prompt if m.get("role") != "system"]
-    answers = sorted((_text(example.chosen_messages), _text(example.rejected_messages)))
-    return _text(prompt), (answers[0], answers[1])
+    chosen, rejected = _text(example.chosen_messages), _text(example.rejected_messages)
+    first, second = sorted((chosen, rejected))
+    return (_text(prompt), first, second), int(chosen != first)
 
 
 def batch_shardings(mesh, packed: bool = False) -> DPOBatch | PackedDPOBatch:
@@ -192,22 +194,17 @@ class DPOTask:
         self.cfg, self.tokenizer, self.graphdef, self.mesh = cfg, tokenizer, graphdef, mesh
         self.model_cfg = model_cfg
         self.packed, self.max_pairs = cfg.train.packing, cfg.train.max_segments
-        self.group_key = mirror_key if cfg.dpo.mirrors_together else None
-        self.data = common.TaskData(cfg, formats.preference_example, mesh, group_key=self.group_key)
-        # pairs per unit (1, or 2 with mirrors together), the same on every process
-        local = [len(u) for shard in self.data.shards.values() for s in shard.units or () for u in s]
-        self.members = max([1, *(m for part in distributed.allgather_json(local) for m in part)])
-        if self.members > 1:
-            log.info(
-                "DPO data: %d units of %d pairs with their mirrors in this process's rows",
-                sum(1 for m in local if m > 1), self.members,
-            )  # fmt: skip
+        self.pair_key = mirror_key if cfg.dpo.mirrors_together else None
+        self.members = 2 if cfg.dpo.mirrors_together else 1  # pairs in one packed unit, at most
+        self.data = common.TaskData(cfg, formats.preference_example, mesh, pair_key=self.pair_key)
         self.examples, self.groups = self.data.examples, self.data.groups
         self.batch_shardings = batch_shardings(mesh, self.packed)
         g = self.groups
         self.loss_fn = make_loss_fn(cfg, graphdef, len(g.personas), len(g.stages), len(g.pair_sources))
         self._tokens = TokenCache(lambda example: chat_tokenize.tokenize_pair_sides(tokenizer, example))
         self._eval_tokens = TokenCache(lambda example: chat_tokenize.tokenize_pair_sides(tokenizer, example))
+        if self.members > 1:
+            self._check_units(self.data, self._tokens)
         self.longest_seen = 0  # tokens of the longest side this host has loaded, before cutting
         self.reference = None  # {(source, index): (chosen, rejected)} of this process's pairs
         if cfg.dpo.reference == "frozen":
@@ -240,8 +237,10 @@ class DPOTask:
         self.eval_data, self.eval_reference = None, None
         if cfg.eval.every_steps > 0:
             self.eval_data = common.TaskData(
-                cfg, formats.preference_example, mesh, held_out=True, group_key=self.group_key
+                cfg, formats.preference_example, mesh, held_out=True, pair_key=self.pair_key
             )
+            if self.members > 1:
+                self._check_units(self.eval_data, self._eval_tokens)
             if cfg.dpo.reference == "cached":
                 cache = ReferenceCache(
                     run_dir / "reference_logps" / "held_out",
@@ -277,6 +276,19 @@ class DPOTask:
         options = common.pipeline_options(self.cfg, self.cfg.train.seq_len)
         # a unit of M pairs takes M pair slots of the row
         return dataclasses.replace(options, max_segments=self.max_pairs // self.members)
+
+    def _check_units(self, data: common.TaskData, tokens) -> None:
+        """Every unit of this process's rows fits a row (before any step: a unit is first packed
+        when a row stream reaches it)."""
+        units = 0
+        for shard in data.shards.values():
+            for source in range(len(shard.examples)):
+                for index, members in enumerate(shard.source_units(source)):
+                    if len(members) > 1:
+                        unit = shard.unit(source, index)
+                        self._combine([self._pair_features(key, ex, None, tokens) for key, ex in unit])
+                        units += 1
+        log.info("DPO data: %d pairs train with their mirrors (this process's rows)", 2 * units)
 
     def _combine(self, pairs: list[dict]) -> dict:
         return unit_features(pairs, self.cfg.train.seq_len)
