@@ -1,6 +1,7 @@
 """`persllm dpo` end to end: starting from an SFT run, step 0, TRL metric names, the reference
 cache and the frozen reference."""
 
+import json
 import math
 
 import numpy as np
@@ -192,3 +193,59 @@ def test_mirrored_pairs_train_in_one_row_of_one_step(tmp_path):
     assert {i for indices in seen for i in indices[indices >= 0].tolist()} == {r["_index"] for r in records}
     first = read_metrics(run_dir / "metrics.jsonl")[0]
     assert abs(first["loss"] - math.log(2)) < 1e-6
+
+
+def test_mirror_partners_are_one_pair_and_its_swapped_twin(tmp_path):
+    """Partners (`dpo.mirrors_together`): a pair and the pair with its answers swapped under
+    another system prompt share a row, whatever the file's order; a duplicate in the same
+    direction, a third pair on the same answers, and pairs of other answers stay single; and DPO
+    refuses the option where two pairs cannot share a packed row."""
+    from persllm_jax import configlib
+    from persllm_jax.data import formats
+    from persllm_jax.train.config import DataSource, RunConfig
+    from persllm_jax.train.tasks import common
+    from persllm_jax.train.tasks.dpo import check_settings, mirror_key
+
+    def pair(system, question, chosen, rejected):
+        return {
+            "prompt": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        }
+
+    records = [
+        pair("<TIME-I>", "Where do you live?", "Baker Street.", "Sussex."),  # 0, partner of 5
+        pair("<TIME-I>", "Who are you?", "A detective.", "A farmer."),  # 1, duplicated by 2: single
+        pair("<TIME-I>", "Who are you?", "A detective.", "A farmer."),  # 2
+        pair("<TIME-I>", "Your work?", "Chemistry.", "Bees."),  # 3, two mirrors (4, 6): all single
+        pair("<TIME-II>", "Your work?", "Bees.", "Chemistry."),  # 4
+        pair("<TIME-II>", "Where do you live?", "Sussex.", "Baker Street."),  # 5
+        pair("<TIME-III>", "Your work?", "Bees.", "Chemistry."),  # 6
+        pair("<TIME-II>", "Where do you live?", "Sussex.", "Dartmoor."),  # 7, other answers: single
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    for batch in (2, 8):
+        local, _, rows, partners = common.load_shards(
+            [DataSource(path=str(path))],
+            formats.preference_example,
+            batch,
+            set(range(batch)),
+            0,
+            False,
+            mirror_key,
+        )
+        assert partners == {(0, 0): (0, 5), (0, 5): (0, 0)}
+        assert rows[0][0] == rows[0][5]
+        assert len(local[0]) == len(records)
+        units = [
+            u
+            for row in range(batch)
+            for u in common.row_units([i for i in local[0] if rows[0][i[0][1]] == row], partners)
+        ]
+        assert sorted(len(u) for u in units) == [1] * 6 + [2]
+
+    for bad in (["train.packing=false"], ["train.max_segments=1"]):
+        cfg = configlib.load(RunConfig, DPO, ["dpo.mirrors_together=true", *bad])
+        with pytest.raises(ValueError, match="dpo.mirrors_together needs packed DPO"):
+            check_settings(cfg)
