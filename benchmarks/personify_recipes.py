@@ -96,6 +96,22 @@ VARIANTS = {
         ],
         "from_run": ["sft"],
     },
+    # The same on the cross-stage pairs alone (mirrored, 106 in train), 27 steps: about three
+    # passes over them, as many pair visits as 40 steps of 8
+    "demo_run_stage_pairs_dpo5e-5_mirrors_together_27": {
+        "stage_prompt": "token_and_when",
+        "build": ["pairs.cross_persona.enabled=false"],
+        "dpo": [
+            "train.max_steps=27",
+            "optim.lr=5.0e-5",
+            "optim.warmup_steps=4",
+            "dpo.reference=frozen",
+            "dpo.mirrors_together=true",
+            "train.seq_len=768",
+            "train.batch_size=3",
+        ],
+        "from_run": ["sft"],
+    },
     # LoRA at a high rate: the adapters (rank 64) and the stage tokens' rows, nothing else, train in
     # SFT; DPO as the demo's.
     "lora64_when_lr2e-3": {
