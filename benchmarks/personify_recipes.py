@@ -45,6 +45,22 @@ DEMO_SFT = ["train.max_steps=10", "optim.lr=1.0e-4", "optim.warmup_steps=2"]
 DEMO_DPO = ["train.max_steps=14", "optim.lr=5.0e-6", "optim.warmup_steps=2", "dpo.reference=frozen"]
 DPO_5E5 = ["train.max_steps=14", "optim.lr=5.0e-5", "optim.warmup_steps=2", "dpo.reference=frozen"]
 LONG_SFT = ["train.max_steps=40", "optim.lr=3.0e-4", "optim.warmup_steps=4"]
+
+
+def mirrors_together_dpo(steps: int) -> list[str]:
+    """DPO at lr 5e-5 with each pair and its mirror in one step; rows of 768 tokens hold both
+    whole (3 rows of 768 = 2304 tokens a side per step, the demo's 8 x 256 = 2048)."""
+    return [
+        f"train.max_steps={steps}",
+        "optim.lr=5.0e-5",
+        "optim.warmup_steps=4",
+        "dpo.reference=frozen",
+        "dpo.mirrors_together=true",
+        "train.seq_len=768",
+        "train.batch_size=3",
+    ]
+
+
 VARIANTS = {
     "demo": {"stage_prompt": "token", "build": [], "sft": DEMO_SFT, "dpo": DEMO_DPO},
     "lr3e-4": {"stage_prompt": "token", "build": [], "sft": LONG_SFT, "dpo": DEMO_DPO},
@@ -80,20 +96,11 @@ VARIANTS = {
         "from_run": ["sft"],
     },
     # DPO as above on the mirrored pairs, each cross-stage pair trained in the same step as its
-    # mirror (`dpo.mirrors_together`); rows of 768 tokens hold a pair and its mirror whole (3 rows
-    # of 768 = 2304 tokens a side per step, the demo's 8 x 256 = 2048)
+    # mirror (`dpo.mirrors_together`)
     "demo_run_dpo5e-5_mirrors_together_40": {
         "stage_prompt": "token_and_when",
         "build": [],
-        "dpo": [
-            "train.max_steps=40",
-            "optim.lr=5.0e-5",
-            "optim.warmup_steps=4",
-            "dpo.reference=frozen",
-            "dpo.mirrors_together=true",
-            "train.seq_len=768",
-            "train.batch_size=3",
-        ],
+        "dpo": mirrors_together_dpo(40),
         "from_run": ["sft"],
     },
     # The same on the cross-stage pairs alone (mirrored, 106 in train), 27 steps: about three
@@ -101,15 +108,7 @@ VARIANTS = {
     "demo_run_stage_pairs_dpo5e-5_mirrors_together_27": {
         "stage_prompt": "token_and_when",
         "build": ["pairs.cross_persona.enabled=false"],
-        "dpo": [
-            "train.max_steps=27",
-            "optim.lr=5.0e-5",
-            "optim.warmup_steps=4",
-            "dpo.reference=frozen",
-            "dpo.mirrors_together=true",
-            "train.seq_len=768",
-            "train.batch_size=3",
-        ],
+        "dpo": mirrors_together_dpo(27),
         "from_run": ["sft"],
     },
     # LoRA at a high rate: the adapters (rank 64) and the stage tokens' rows, nothing else, train in
