@@ -179,9 +179,7 @@ def _dpo_batches(pairs, max_pairs: int = 16, members: int = 1, row_len: int = T)
         for i, (arrays, ref) in enumerate(pairs)
     ]
     if members == 2:
-        features = [
-            dpo_packing.unit_features(features[i : i + 2], row_len) for i in range(0, len(features), 2)
-        ]
+        features = [dpo_packing.packed_unit(features[i : i + 2], row_len) for i in range(0, len(features), 2)]
     options = pipeline.PipelineOptions(
         row_len, packing=True, packing_bins=4, max_segments=max_pairs // members
     )
@@ -256,8 +254,8 @@ def test_a_unit_longer_than_a_row_is_an_error_naming_its_pairs():
         for i, (arrays, ref) in enumerate(_pairs(2, 5))
     ]
     both = max(sum(len(f[f"{side}_input_ids"]) for f in features) for side in ("chosen", "rejected"))
-    assert max(len(v) for v in dpo_packing.unit_features(features, both).values()) == both
+    assert max(len(v) for v in dpo_packing.packed_unit(features, both).values()) == both
     with pytest.raises(
         ValueError, match=r"pairs \[\(0, 0\), \(0, 1\)\] .* (chosen|rejected) sides take \d+ tokens"
     ):
-        dpo_packing.unit_features(features, both - 1)
+        dpo_packing.packed_unit(features, both - 1)

@@ -35,7 +35,7 @@ from persllm_jax.train.tasks.dpo_packing import (
     packed_batch,
     packed_pair_features,
     packed_pair_logps,
-    unit_features,
+    packed_unit,
 )
 from persllm_jax.train.tasks.reference_cache import SIDES, ReferenceCache, tokenizer_fingerprint
 from persllm_jax.train.tasks.sft import pad_id
@@ -280,18 +280,19 @@ class DPOTask:
     def _check_units(self, data: common.TaskData, tokens) -> None:
         """Every unit of this process's rows fits a row (before any step: a unit is first packed
         when a row stream reaches it)."""
-        units = 0
-        for shard in data.shards.values():
-            for source in range(len(shard.examples)):
-                for index, members in enumerate(shard.source_units(source)):
-                    if len(members) > 1:
-                        unit = shard.unit(source, index)
-                        self._combine([self._pair_features(key, ex, None, tokens) for key, ex in unit])
-                        units += 1
-        log.info("DPO data: %d pairs train with their mirrors (this process's rows)", 2 * units)
+        units = [
+            shard.unit(source, index)
+            for shard in data.shards.values()
+            for source in range(len(shard.examples))
+            for index in range(len(shard.source_units(source)))
+        ]
+        units = [unit for unit in units if len(unit) > 1]
+        for unit in units:
+            self._combine([self._pair_features(key, example, None, tokens) for key, example in unit])
+        log.info("DPO data: %d pairs train with their mirrors (this process's rows)", 2 * len(units))
 
     def _combine(self, pairs: list[dict]) -> dict:
-        return unit_features(pairs, self.cfg.train.seq_len)
+        return packed_unit(pairs, self.cfg.train.seq_len)
 
     @staticmethod
     def _pad(features, row_len):

@@ -61,7 +61,7 @@ def packed_pair_features(
     return out
 
 
-def unit_features(pairs: list[dict], row_len: int) -> dict:
+def packed_unit(pairs: list[dict], row_len: int) -> dict:
     """The packed elements of a unit's pairs as one element (see the module's docstring); a unit
     longer than a row is an error naming its pairs' keys."""
     out = {name: np.concatenate([pair[name] for pair in pairs]) for name in pairs[0]}
