@@ -24,7 +24,13 @@ import pytest
 from persllm_jax import load_pretrained
 from persllm_jax.losses import dpo_loss
 from persllm_jax.train.batches import SFTBatch
-from persllm_jax.train.tasks.dpo_loss import DPO_METRICS, metric_sums, pair_logps, preference_loss
+from persllm_jax.train.tasks.dpo_loss import (
+    DPO_METRICS,
+    chosen_nll,
+    metric_sums,
+    pair_logps,
+    preference_loss,
+)
 
 GOLDEN_DIR = Path(__file__).parent / "assets" / "dpo_golden"
 TOLERANCE = 1e-4
@@ -113,12 +119,13 @@ def _our_metrics(run, our_logps):
         len_c,
         len_r,
         beta=run["beta"],
-        loss_type=run["loss_type"],
+        loss_type=run["loss_type"].removesuffix("+sft"),  # the SFT term is dpo.sft_weight
         label_smoothing=_our_label_smoothing(run),
     )
     pairs = loss_B.shape[0]
     sums = metric_sums(chosen_B, rejected_B, policy_c, policy_r)
-    return {"loss": float(loss_B.sum()) / pairs, **{k: float(v) / pairs for k, v in sums.items()}}
+    loss = float(loss_B.sum()) / pairs + run["sft_weight"] * float(chosen_nll(policy_c, len_c))
+    return {"loss": loss, **{k: float(v) / pairs for k, v in sums.items()}}
 
 
 def _run_id(run):
@@ -133,10 +140,13 @@ def test_golden_has_the_expected_runs(golden):
         "ipo-ls0.0",
         "hinge-ls0.0",
         "robust-ls0.1",
+        "sigmoid+sft-ls0.0",
     ]
+    # the answers' lengths differ, so a per-answer mean of the SFT term would not match a token mean
+    assert len({len(p["chosen_ids"]) for p in golden["pairs"]}) > 1
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(6))
 def test_metrics_match_trl(index, golden, our_logps):
     run = golden["runs"][index]
     ours = _our_metrics(run, our_logps)
@@ -216,3 +226,37 @@ def test_trl_batch_is_prompt_plus_completion(golden, tokenizer):
     }
     assert ours == theirs
     assert np.asarray(trl["input_ids"]).shape == ids_BT.shape
+
+
+def test_trainer_loss_with_sft_weight_matches_trl(golden, tokenizer, our_logps):
+    """The train step's own loss function (`dpo_batch_loss`, reference log-probs carried by the batch
+    as a cached reference gives them) with dpo.sft_weight, against TRL's loss_type=[sigmoid, sft]."""
+    from persllm_jax.train.batches import DPOBatch
+    from persllm_jax.train.config import DPOSection
+    from persllm_jax.train.tasks.dpo_loss import dpo_batch_loss
+
+    run = next(r for r in golden["runs"] if _run_id(r) == "sigmoid+sft-ls0.0")
+    ids_BT, attention_BT, completion_BT = _batch(golden["pairs"], tokenizer.pad_token_id)
+    half = ids_BT.shape[0] // 2
+    ref_c, ref_r, _, _ = our_logps["reference"]
+    batch = DPOBatch(
+        chosen=_side(ids_BT[:half], attention_BT[:half], completion_BT[:half]),
+        rejected=_side(ids_BT[half:], attention_BT[half:], completion_BT[half:]),
+        ref_chosen_logps=jnp.asarray(ref_c, jnp.float32),
+        ref_rejected_logps=jnp.asarray(ref_r, jnp.float32),
+    )
+    model, _ = load_pretrained(GOLDEN_DIR / "policy")
+    weight = run["sft_weight"]
+    losses, nll = {}, {}
+    for w in (0.0, weight):
+        loss_sum, pairs, sums = dpo_batch_loss(
+            model, batch, None, dpo=DPOSection(beta=run["beta"], sft_weight=w), chunk_size=8
+        )
+        losses[w] = float(loss_sum) / float(pairs)
+        nll[w] = float(sums.get("nll_loss", np.nan)) / float(pairs)
+    assert abs(losses[weight] - run["metrics"]["loss"]) <= TOLERANCE
+    assert abs(losses[0.0] - golden["runs"][0]["metrics"]["loss"]) <= TOLERANCE
+    # the term is large enough here that leaving it out would fail the first check
+    assert losses[weight] - losses[0.0] > 1.0
+    # the logged nll_loss is the term before its weight
+    assert abs(nll[weight] * weight - (losses[weight] - losses[0.0])) <= TOLERANCE

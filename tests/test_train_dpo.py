@@ -249,3 +249,13 @@ def test_mirror_partners_are_one_pair_and_its_swapped_twin(tmp_path):
         cfg = configlib.load(RunConfig, DPO, ["dpo.mirrors_together=true", *bad])
         with pytest.raises(ValueError, match="dpo.mirrors_together needs packed DPO"):
             check_settings(cfg)
+
+
+def test_a_negative_sft_weight_is_refused():
+    from persllm_jax import configlib
+    from persllm_jax.train.config import RunConfig
+    from persllm_jax.train.tasks.dpo import check_settings
+
+    check_settings(configlib.load(RunConfig, DPO, ["dpo.sft_weight=0.5"]))
+    with pytest.raises(ValueError, match=r"dpo.sft_weight=-0.5"):
+        check_settings(configlib.load(RunConfig, DPO, ["dpo.sft_weight=-0.5"]))

@@ -118,6 +118,11 @@ class DPOSection:
     # that what the two pairs share cancels in the step's gradient and what tells their prompts
     # apart remains (packed DPO only)
     mirrors_together: bool = False
+    # The chosen answers' negative log-likelihood (mean over their tokens) added to the preference
+    # loss with this weight: TRL's `loss_type: [sigmoid, sft]` with `loss_weights: [1, w]` (once
+    # `rpo_alpha`). DPO alone tends to lower the chosen answers' likelihood with the rejected ones';
+    # this keeps them likely under their own prompt.
+    sft_weight: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,8 +26,17 @@ from persllm_jax.train.tasks.dpo_loss import DPO_METRICS  # noqa: E402  (after t
 
 OUT = Path(__file__).resolve().parent / "dpo_golden"
 BETA = 0.1
-# (loss_type, label_smoothing) runs; each is one TRL step on the same four pairs.
-RUNS = [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.1)]
+# (loss_type, label_smoothing) runs; each is one TRL step on the same four pairs. "sigmoid+sft" is
+# TRL's loss_type=[sigmoid, sft] with loss_weights=[1, SFT_WEIGHT] (our dpo.sft_weight).
+RUNS = [
+    ("sigmoid", 0.0),
+    ("sigmoid", 0.1),
+    ("ipo", 0.0),
+    ("hinge", 0.0),
+    ("robust", 0.1),
+    ("sigmoid+sft", 0.0),
+]
+SFT_WEIGHT = 0.5
 METRICS = ("loss", *DPO_METRICS)
 
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
@@ -175,7 +184,8 @@ def run_trl(loss_type, label_smoothing, tokenizer, policy_dir, reference_dir):
         args = DPOConfig(
             output_dir=out_dir,
             beta=BETA,
-            loss_type=[loss_type],
+            loss_type=loss_type.split("+"),
+            loss_weights=[1.0, SFT_WEIGHT] if "+" in loss_type else None,
             label_smoothing=label_smoothing,
             per_device_train_batch_size=len(PAIRS),
             max_steps=1,
@@ -259,6 +269,7 @@ def main():
                 "loss_type": loss_type,
                 "label_smoothing": label_smoothing,
                 "beta": BETA,
+                "sft_weight": SFT_WEIGHT if loss_type.endswith("+sft") else 0.0,
                 "metrics": metrics,
                 "loss_unlogged": captured["loss"],
             }

@@ -92,6 +92,8 @@ def check_settings(cfg: RunConfig) -> None:
             f"train.max_segments >= 2; got {cfg.train.packing}, {cfg.train.max_segments}): a pair and "
             "its mirror are packed into one row"
         )
+    if not cfg.dpo.sft_weight >= 0:
+        raise ValueError(f"dpo.sft_weight={cfg.dpo.sft_weight}; it weighs a loss and must be >= 0")
     zero = jnp.zeros((1,))
     losses.dpo_loss(zero, zero, zero, zero, loss_type=cfg.dpo.loss_type)
 
@@ -446,6 +448,8 @@ class DPOTask:
         )
         for key in DPO_METRICS:
             record[key] = float(values[key]) / pairs
+        if "nll_loss" in values:  # the chosen answers' NLL per token (dpo.sft_weight)
+            record["nll_loss"] = float(values["nll_loss"]) / pairs
         groups = self.groups
         for kind, names in (
             ("persona", groups.personas),

@@ -37,6 +37,12 @@ def preference_loss(policy_c, policy_r, ref_c, ref_r, len_c, len_r, *, beta, los
     return loss_B, chosen_B, rejected_B
 
 
+def chosen_nll(policy_c, len_c):
+    """The chosen answers' negative log-likelihood per token, over all chosen tokens of the batch
+    (TRL's `sft` loss term: a token mean, so a long answer counts by its length)."""
+    return -policy_c.sum() / jnp.maximum(len_c.sum(), 1.0)
+
+
 # The per-step DPO metrics besides the loss, under the names TRL logs them, so that runs of either
 # trainer can be read by the same tools.
 DPO_METRICS = (
@@ -122,6 +128,12 @@ def dpo_batch_loss(
         "truncated": cut.astype(jnp.float32),
         **metric_sums(chosen_B, rejected_B, policy_c * weight, policy_r * weight),
     }
+    total = loss_B.sum()
+    if dpo.sft_weight:
+        nll = chosen_nll(policy_c * weight, len_c * weight)
+        # the step divides by the number of pairs: a token mean times the pairs stays a token mean
+        total = total + dpo.sft_weight * nll * weight.sum()
+        sums["nll_loss"] = jax.lax.stop_gradient(nll) * weight.sum()
     correct_B = ((chosen_B > rejected_B) & valid).astype(jnp.float32)
     margin_B = chosen_B - rejected_B
     groups = (
@@ -135,4 +147,4 @@ def dpo_batch_loss(
         sums[f"{kind}_accuracies"] = common.segment_sums(correct_B, ids, count)
         sums[f"{kind}_margins"] = common.segment_sums(margin_B, ids, count)
         sums[f"{kind}_loss"] = common.segment_sums(jax.lax.stop_gradient(loss_B), ids, count)
-    return loss_B.sum(), weight.sum(), sums
+    return total, weight.sum(), sums
