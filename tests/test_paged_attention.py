@@ -26,8 +26,9 @@ def _reference(q, k, v, positions, valid, k_pool, v_pool, table, firsts, starts,
         first, start = firsts[row], starts[row]
         cached_pos = np.arange(first, start)
         where = [(table[row, (p - first) // PAGE], (p - first) % PAGE) for p in cached_pos]
-        cached_k = np.stack([k_pool[page, slot] for page, slot in where]) if len(where) else None
-        cached_v = np.stack([v_pool[page, slot] for page, slot in where]) if len(where) else None
+        # a page is [K, page, H]: each head's keys in position order
+        cached_k = np.stack([k_pool[page, :, slot] for page, slot in where]) if len(where) else None
+        cached_v = np.stack([v_pool[page, :, slot] for page, slot in where]) if len(where) else None
         for i in range(t):
             keys, values, key_pos = [], [], []
             if len(where):
@@ -54,8 +55,8 @@ def test_tiled_attention_over_pages_equals_attention_written_out(window):
     n = 3 * PAGES_PER_TILE  # pages read: 192 positions, more than the longest row has cached
     starts = np.array([0, 37, 150])  # a first chunk, a short cached prefix, a long one
     lengths = np.array([t, 200, 131])  # real tokens in the chunk: the others are padding
-    k_pool = rng.standard_normal((num_pages, PAGE, KV_HEADS, HEAD_DIM)).astype(np.float32)
-    v_pool = rng.standard_normal((num_pages, PAGE, KV_HEADS, HEAD_DIM)).astype(np.float32)
+    k_pool = rng.standard_normal((num_pages, KV_HEADS, PAGE, HEAD_DIM)).astype(np.float32)
+    v_pool = rng.standard_normal((num_pages, KV_HEADS, PAGE, HEAD_DIM)).astype(np.float32)
     # a sliding-window layer reads from the window's first block on (the ring's view)
     firsts = np.zeros(b, np.int64) if window is None else np.maximum(starts - window, 0) // PAGE * PAGE
     table = np.zeros((b, n), np.int32)  # unheld pages: the scratch page 0, masked

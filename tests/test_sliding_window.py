@@ -132,7 +132,7 @@ def test_the_generator_past_the_window_equals_transformers_in_a_fixed_ring(varia
             assert done[row].token_ids == reference, (variant, budget, row)
     window_pages = -(-model.cfg.sliding_window // 16)
     local = sum(model.cfg.sliding_layers)
-    # [sliding layers, 2 slots x (window + 1) pages + scratch, 16, K, H] (the window is longer than
+    # [sliding layers, 2 slots x (window + 1) pages + scratch, K, 16, H] (the window is longer than
     # a 16-token prefill chunk), under either budget
-    ring = (local, 2 * (window_pages + 1) + 1, 16, model.cfg.num_kv_heads, model.cfg.head_dim)
+    ring = (local, 2 * (window_pages + 1) + 1, model.cfg.num_kv_heads, 16, model.cfg.head_dim)
     assert rings[0] == rings[1] == ring

@@ -32,7 +32,7 @@ def tiled(t: int, cached_pages: int) -> bool:
 def attend_tiled(q_BTNH, k_BTKH, v_BTKH, positions_BT, valid_BT, k_pool, v_pool, cached, window, scale):
     """Attention output [B, T, N, H] of a chunk's queries.
 
-    `k_pool`, `v_pool`: one layer's pages [pages, page, K, H]; `cached`: (table_BN, first_B,
+    `k_pool`, `v_pool`: one layer's pages [pages, K, page, H]; `cached`: (table_BN, first_B,
     start_B): each row's pages to read, the position of the first key in its first page, and
     its number of cached positions (keys at or past it in the pages are stale or someone else's);
     `window`: a sliding-window layer's window (traced) or None."""
@@ -40,7 +40,7 @@ def attend_tiled(q_BTNH, k_BTKH, v_BTKH, positions_BT, valid_BT, k_pool, v_pool,
     kv = k_BTKH.shape[2]
     g = n // kv
     table_BN, first_B, start_B = cached
-    page = k_pool.shape[1]
+    page = k_pool.shape[2]
     tile = PAGES_PER_TILE * page
     q_BKGTH = q_BTNH.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4)
     k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
@@ -67,13 +67,14 @@ def attend_tiled(q_BTNH, k_BTKH, v_BTKH, positions_BT, valid_BT, k_pool, v_pool,
 
         def cached_tile(c, state):
             pages_BP = jax.lax.dynamic_slice_in_dim(table_BN, c * PAGES_PER_TILE, PAGES_PER_TILE, axis=1)
-            k_BSKH = k_pool[pages_BP].reshape(b, tile, kv, h)
-            v_BSKH = v_pool[pages_BP].reshape(b, tile, kv, h)
+            # [B, pages, K, page, H] -> [B, K, tile, H]
+            k_BKSH = k_pool[pages_BP].transpose(0, 2, 1, 3, 4).reshape(b, kv, tile, h)
+            v_BKSH = v_pool[pages_BP].transpose(0, 2, 1, 3, 4).reshape(b, kv, tile, h)
             k_pos = first_B[:, None] + c * tile + jnp.arange(tile, dtype=jnp.int32)[None]
             seen = visible(
                 q_pos, k_pos, jnp.broadcast_to((k_pos < start_B[:, None])[:, None, :], (b, QUERY_BLOCK, tile))
             )
-            return add_tile(state, q_i, k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3), seen)
+            return add_tile(state, q_i, k_BKSH, v_BKSH, seen)
 
         def new_tile(j, state):
             k_j = jax.lax.dynamic_slice_in_dim(k_BKTH, j * QUERY_BLOCK, QUERY_BLOCK, axis=2)

@@ -1,7 +1,9 @@
 """The model's forward pass over a paged KV cache, for the continuous-batching generator.
 
-The cache is a pool of fixed-size pages, (k, v) each [layers, pages, page_size, kv_heads,
-head_dim]. A row owns a list of pages (its page table); the token at position p lives in page
+The cache is a pool of fixed-size pages, (k, v) each [layers, pages, kv_heads, page_size,
+head_dim]: within a page each head's keys are contiguous, so a decode step's attention reads a
+row's pages head by head as they lie, with no copy into another order (on CPU that halved the
+time a decode step spends on the cached keys: benchmarks/generate_throughput.py). A row owns a list of pages (its page table); the token at position p lives in page
 `table[p // page_size]` at offset `p % page_size`. Rows of one call may be at any positions: each
 writes its new tokens into its own pages and attends over the pages in its table, so a row joining
 mid-stream, a row prefilling a chunk of its prompt and a row decoding its 200th token run in the
@@ -51,10 +53,10 @@ def ring_pages(cfg, page_size: int, prefill_chunk: int) -> int:
 
 
 def empty_pool(cfg, num_pages: int, page_size: int, ring_pages_total: int = 0):
-    """(k, v) of the global layers [global layers, pages, page, K, H]; with sliding-window layers
-    also (k, v) of theirs [sliding layers, ring pages in all, page, K, H]."""
+    """(k, v) of the global layers [global layers, pages, K, page, H]; with sliding-window layers
+    also (k, v) of theirs [sliding layers, ring pages in all, K, page, H]."""
     global_layers, local_layers = layer_kinds(cfg)
-    tail = (page_size, cfg.num_kv_heads, cfg.head_dim)
+    tail = (cfg.num_kv_heads, page_size, cfg.head_dim)
     shapes = [(len(global_layers), num_pages, *tail)] * 2
     if len(local_layers):
         shapes += [(len(local_layers), ring_pages_total, *tail)] * 2
@@ -81,7 +83,7 @@ def paged_hidden_states(model, ids_BT, positions_BT, valid_BT, pool, pages_BN, r
     outputs (donated) runs markedly slower on CPU than one that reads it and leaves the writing
     to a separate small call."""
     cfg = model.cfg
-    page_size = pool[0].shape[2]
+    page_size = pool[0].shape[3]
     b, n = pages_BN.shape
     t = ids_BT.shape[1]
     start_B = positions_BT[:, 0]
@@ -117,11 +119,9 @@ def paged_hidden_states(model, ids_BT, positions_BT, valid_BT, pool, pages_BN, r
         if window is not None:
             seen_cached = seen_cached & (behind_BTS < window)
             seen_new = seen_new & (behind_new_BTT < window)
-        parts = [(k, v, seen_new)]
+        parts = [(k.transpose(0, 2, 1, 3)[:, None], v.transpose(0, 2, 1, 3)[:, None], seen_new)]
         if table.shape[1]:  # (nothing is cached before a prompt's first chunk)
-            cached_k = k_layer[table].reshape(b, -1, *k_layer.shape[2:])
-            cached_v = v_layer[table].reshape(b, -1, *v_layer.shape[2:])
-            parts.append((cached_k, cached_v, seen_cached))
+            parts.append((k_layer[table], v_layer[table], seen_cached))
         return _attend(q, parts, scale)
 
     def in_pool(k_pool, v_pool, index):
@@ -174,28 +174,40 @@ def _cached_view(first_block_B, table_BN, start_B, positions_BT, page_size):
 
 
 def _attend(q_BTNH, parts, scale):
-    """Grouped-query attention of q over several blocks of keys [(k_BSKH, v_BSKH, mask_BTS)] as
-    one softmax, without concatenating them. The weights stay unnormalised until after the
-    products with the values: on CPU each pass over the [T, S] scores costs more than the matmuls
-    of a prefill chunk, so the scores are written once, exponentiated once, and never divided."""
+    """Grouped-query attention of q over several blocks of keys [(k_BPKLH, v_BPKLH, mask_BTS)],
+    each in pages as the pool holds them (P pages of L positions, S = P * L, a page's positions in
+    order), as one softmax, without concatenating them. The weights stay unnormalised until after
+    the products with the values: on CPU each pass over the [T, S] scores costs more than the
+    matmuls of a prefill chunk, so the scores are written once, exponentiated once, and never
+    divided."""
     b, t, n, h = q_BTNH.shape
     kv = parts[0][0].shape[2]
+    # A decode step's single query is contracted without its length-1 axis: with it, XLA on CPU
+    # lays the products out another way and the step's cached-key reads took half again as long.
     q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
-    scores = [
-        jnp.where(
-            mask_BTS[:, None, None],
-            jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale,
-            _MASKED,
-        )
-        for k_BSKH, _, mask_BTS in parts
-    ]
+    q_or_decode = q_BTKGH[:, 0] if t == 1 else q_BTKGH
+    spec = "bkgh,bpklh->bkgpl" if t == 1 else "btkgh,bpklh->bkgtpl"
+
+    def part_scores(k_BPKLH, mask_BTS):
+        s = jnp.einsum(spec, q_or_decode, k_BPKLH, preferred_element_type=jnp.float32)
+        s = s.reshape(b, kv, n // kv, t, -1)
+        return jnp.where(mask_BTS[:, None, None], s * scale, _MASKED)
+
+    scores = [part_scores(k_BPKLH, mask_BTS) for k_BPKLH, _, mask_BTS in parts]
     top = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
     weights = [jnp.exp(s - top) for s in scores]
     total_BKGT = sum(w.sum(-1) for w in weights)
-    out_BTKGH = sum(
-        jnp.einsum("bkgts,bskh->btkgh", w.astype(v_BSKH.dtype), v_BSKH, preferred_element_type=jnp.float32)
-        for w, (_, v_BSKH, _) in zip(weights, parts)
-    )
+
+    def part_values(w_BKGTS, v_BPKLH):
+        pages = (v_BPKLH.shape[1], v_BPKLH.shape[3])
+        if t == 1:
+            w = w_BKGTS[:, :, :, 0].reshape(b, kv, n // kv, *pages).astype(v_BPKLH.dtype)
+            out = jnp.einsum("bkgpl,bpklh->bkgh", w, v_BPKLH, preferred_element_type=jnp.float32)
+            return out[:, None]
+        w = w_BKGTS.reshape(b, kv, n // kv, t, *pages).astype(v_BPKLH.dtype)
+        return jnp.einsum("bkgtpl,bpklh->btkgh", w, v_BPKLH, preferred_element_type=jnp.float32)
+
+    out_BTKGH = sum(part_values(w, v_BPKLH) for w, (_, v_BPKLH, _) in zip(weights, parts))
     out_BTKGH = out_BTKGH / total_BKGT.transpose(0, 3, 1, 2)[..., None]
     return out_BTKGH.reshape(q_BTNH.shape).astype(q_BTNH.dtype)
 
@@ -206,20 +218,22 @@ def write_pages(pool, new_kv, positions_BT, valid_BT, pages_BW, ring_BR=None, la
     (`pages_BW`: each row's pages from the block of its first position on, as far as the call
     writes), the
     sliding-window layers' in their rings. `layers`: (global, sliding) layer indices."""
-    page_size = pool[0].shape[2]
+    page_size = pool[0].shape[3]
     block_BT = positions_BT // page_size
     offset_BT = positions_BT % page_size
     within_BT = jnp.clip(block_BT - block_BT[:, :1], 0, pages_BW.shape[1] - 1)
     page_of_BT = jnp.where(valid_BT, jnp.take_along_axis(pages_BW, within_BT, axis=1), SCRATCH_PAGE)
+    # p[:, page_BT, :, offset_BT] is [B, T, layers, K, H]: the indexed axes first
+    new_kv = tuple(new.transpose(1, 2, 0, 3, 4) for new in new_kv)
     if len(pool) == 2:
-        return tuple(p.at[:, page_of_BT, offset_BT].set(new) for p, new in zip(pool, new_kv))
+        return tuple(p.at[:, page_of_BT, :, offset_BT].set(new) for p, new in zip(pool, new_kv))
     global_ids, local_ids = layers
     ring_of_BT = jnp.take_along_axis(ring_BR, block_BT % ring_BR.shape[1], axis=1)
     ring_of_BT = jnp.where(valid_BT, ring_of_BT, SCRATCH_PAGE)
     k_new, v_new = new_kv
     return (
-        pool[0].at[:, page_of_BT, offset_BT].set(k_new[global_ids]),
-        pool[1].at[:, page_of_BT, offset_BT].set(v_new[global_ids]),
-        pool[2].at[:, ring_of_BT, offset_BT].set(k_new[local_ids]),
-        pool[3].at[:, ring_of_BT, offset_BT].set(v_new[local_ids]),
+        pool[0].at[:, page_of_BT, :, offset_BT].set(k_new[:, :, global_ids]),
+        pool[1].at[:, page_of_BT, :, offset_BT].set(v_new[:, :, global_ids]),
+        pool[2].at[:, ring_of_BT, :, offset_BT].set(k_new[:, :, local_ids]),
+        pool[3].at[:, ring_of_BT, :, offset_BT].set(v_new[:, :, local_ids]),
     )
