@@ -47,12 +47,12 @@ DPO_5E5 = ["train.max_steps=14", "optim.lr=5.0e-5", "optim.warmup_steps=2", "dpo
 LONG_SFT = ["train.max_steps=40", "optim.lr=3.0e-4", "optim.warmup_steps=4"]
 
 
-def mirrors_together_dpo(steps: int) -> list[str]:
-    """DPO at lr 5e-5 with each pair and its mirror in one step; rows of 768 tokens hold both
-    whole (3 rows of 768 = 2304 tokens a side per step, the demo's 8 x 256 = 2048)."""
+def mirrors_together_dpo(steps: int, lr: str = "5.0e-5") -> list[str]:
+    """DPO with each pair and its mirror in one step; rows of 768 tokens hold both whole (3 rows
+    of 768 = 2304 tokens a side per step, the demo's 8 x 256 = 2048)."""
     return [
         f"train.max_steps={steps}",
-        "optim.lr=5.0e-5",
+        f"optim.lr={lr}",
         "optim.warmup_steps=4",
         "dpo.reference=frozen",
         "dpo.mirrors_together=true",
@@ -109,6 +109,21 @@ VARIANTS = {
         "stage_prompt": "token_and_when",
         "build": ["pairs.cross_persona.enabled=false"],
         "dpo": mirrors_together_dpo(27),
+        "from_run": ["sft"],
+    },
+    # The same with the chosen answers' NLL in the loss (`dpo.sft_weight=1`): does it keep the
+    # persona SFT taught while the stage is learned?
+    "demo_run_stage_pairs_dpo5e-5_sft1_mirrors_together_27": {
+        "stage_prompt": "token_and_when",
+        "build": ["pairs.cross_persona.enabled=false"],
+        "dpo": [*mirrors_together_dpo(27), "dpo.sft_weight=1.0"],
+        "from_run": ["sft"],
+    },
+    # Twice the rate for half the steps: the demo's DPO time
+    "demo_run_stage_pairs_dpo1e-4_mirrors_together_14": {
+        "stage_prompt": "token_and_when",
+        "build": ["pairs.cross_persona.enabled=false"],
+        "dpo": mirrors_together_dpo(14, lr="1.0e-4"),
         "from_run": ["sft"],
     },
     # LoRA at a high rate: the adapters (rank 64) and the stage tokens' rows, nothing else, train in
