@@ -38,18 +38,35 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# name -> the persona prompt style, build-data overrides, SFT overrides, DPO overrides
+# name -> the persona prompt style, build-data overrides, SFT overrides, DPO overrides. The step
+# configs come from the `--run` demo run; the variants measured before the demo's DPO became
+# mirrored cross-stage pairs pin what they were measured with (all pairs; DPO rows of 8 x 256, one
+# pair per slot), so that a later demo run reproduces them.
+ALL_PAIRS = ["pairs.cross_persona.enabled=true"]
+PAIR_ROWS = ["dpo.mirrors_together=false", "train.batch_size=8", "train.seq_len=256"]
 DEMO_SFT = ["train.max_steps=10", "optim.lr=1.0e-4", "optim.warmup_steps=2"]
 # The reference model runs beside the policy (`frozen`): a cached reference would first score every
 # training pair (470 with the reference dialogues, about 9 minutes here) for the 112 a run uses.
-DEMO_DPO = ["train.max_steps=14", "optim.lr=5.0e-6", "optim.warmup_steps=2", "dpo.reference=frozen"]
-DPO_5E5 = ["train.max_steps=14", "optim.lr=5.0e-5", "optim.warmup_steps=2", "dpo.reference=frozen"]
+DEMO_DPO = [
+    *PAIR_ROWS,
+    "train.max_steps=14",
+    "optim.lr=5.0e-6",
+    "optim.warmup_steps=2",
+    "dpo.reference=frozen",
+]
+DPO_5E5 = [
+    *PAIR_ROWS,
+    "train.max_steps=14",
+    "optim.lr=5.0e-5",
+    "optim.warmup_steps=2",
+    "dpo.reference=frozen",
+]
 LONG_SFT = ["train.max_steps=40", "optim.lr=3.0e-4", "optim.warmup_steps=4"]
 
 
 def mirrors_together_dpo(steps: int, lr: str = "5.0e-5") -> list[str]:
     """DPO with each pair and its mirror in one step; rows of 768 tokens hold both whole (3 rows
-    of 768 = 2304 tokens a side per step, the demo's 8 x 256 = 2048)."""
+    of 768 = 2304 tokens a side per step, the former demo's 8 x 256 = 2048)."""
     return [
         f"train.max_steps={steps}",
         f"optim.lr={lr}",
@@ -62,19 +79,19 @@ def mirrors_together_dpo(steps: int, lr: str = "5.0e-5") -> list[str]:
 
 
 VARIANTS = {
-    "demo": {"stage_prompt": "token", "build": [], "sft": DEMO_SFT, "dpo": DEMO_DPO},
-    "lr3e-4": {"stage_prompt": "token", "build": [], "sft": LONG_SFT, "dpo": DEMO_DPO},
-    "when_lr3e-4": {"stage_prompt": "token_and_when", "build": [], "sft": LONG_SFT, "dpo": DEMO_DPO},
+    "demo": {"stage_prompt": "token", "build": ALL_PAIRS, "sft": DEMO_SFT, "dpo": DEMO_DPO},
+    "lr3e-4": {"stage_prompt": "token", "build": ALL_PAIRS, "sft": LONG_SFT, "dpo": DEMO_DPO},
+    "when_lr3e-4": {"stage_prompt": "token_and_when", "build": ALL_PAIRS, "sft": LONG_SFT, "dpo": DEMO_DPO},
     "when_lr3e-4_dpo5e-5": {
         "stage_prompt": "token_and_when",
-        "build": [],
+        "build": ALL_PAIRS,
         "sft": LONG_SFT,
         "dpo": DPO_5E5,
         "sft_from": "when_lr3e-4",
     },
     "when_lr3e-4_dpo5e-5_one_way": {
         "stage_prompt": "token_and_when",
-        "build": ["pairs.cross_stage_mirrored=false"],
+        "build": [*ALL_PAIRS, "pairs.cross_stage_mirrored=false"],
         "sft": LONG_SFT,
         "dpo": DPO_5E5,
         "sft_from": "when_lr3e-4",
@@ -86,20 +103,27 @@ VARIANTS = {
         "dpo": DPO_5E5,
         "sft_from": "when_lr3e-4",
     },
-    # The demo run's own models (configs/demo.yaml trains `when_lr3e-4`'s SFT and DPO), scored on
-    # the demo's build: the baseline of the variants below, which start from its SFT run.
+    # The demo run's own models, scored on the demo's build: the baseline of the variants below,
+    # which start from its SFT run (`when_lr3e-4`'s SFT; measured with the then demo's DPO,
+    # `when_lr3e-4`'s).
     "demo_run": {"stage_prompt": "token_and_when", "build": [], "from_run": ["sft", "dpo"]},
     "demo_run_dpo5e-5_one_way_40": {
         "stage_prompt": "token_and_when",
-        "build": ["pairs.cross_stage_mirrored=false"],
-        "dpo": ["train.max_steps=40", "optim.lr=5.0e-5", "optim.warmup_steps=4", "dpo.reference=frozen"],
+        "build": [*ALL_PAIRS, "pairs.cross_stage_mirrored=false"],
+        "dpo": [
+            *PAIR_ROWS,
+            "train.max_steps=40",
+            "optim.lr=5.0e-5",
+            "optim.warmup_steps=4",
+            "dpo.reference=frozen",
+        ],
         "from_run": ["sft"],
     },
     # DPO as above on the mirrored pairs, each cross-stage pair trained in the same step as its
     # mirror (`dpo.mirrors_together`)
     "demo_run_dpo5e-5_mirrors_together_40": {
         "stage_prompt": "token_and_when",
-        "build": [],
+        "build": ALL_PAIRS,
         "dpo": mirrors_together_dpo(40),
         "from_run": ["sft"],
     },
@@ -127,10 +151,10 @@ VARIANTS = {
         "from_run": ["sft"],
     },
     # LoRA at a high rate: the adapters (rank 64) and the stage tokens' rows, nothing else, train in
-    # SFT; DPO as the demo's.
+    # SFT; DPO as the then demo's.
     "lora64_when_lr2e-3": {
         "stage_prompt": "token_and_when",
-        "build": [],
+        "build": ALL_PAIRS,
         "sft": [
             "train.max_steps=40",
             "optim.lr=2.0e-3",
@@ -142,7 +166,7 @@ VARIANTS = {
     },
     "rows30_lr3e-4": {
         "stage_prompt": "token",
-        "build": [],
+        "build": ALL_PAIRS,
         "sft": [*LONG_SFT, "optim.token_lr_multiplier=30", "optim.token_lr_tokens=[<TIME-I>,<TIME-II>]"],
         "dpo": DEMO_DPO,
     },

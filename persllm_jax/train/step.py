@@ -3,7 +3,7 @@
 A loss function returns (loss_sum, count, sums): the summed loss over the batch, what it is a
 sum over (tokens for SFT, pairs for DPO) and a dict of summed metrics. The step sums these over
 gradient-accumulation micro-batches and divides once at the end, so accumulation gives the same
-update as one large batch.
+update as one large batch (DPO's `dpo.sft_weight` term apart: a token mean per micro-batch).
 """
 
 from __future__ import annotations
