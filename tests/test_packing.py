@@ -212,7 +212,8 @@ def test_packed_dpo_equals_unpacked(members):
                     np.testing.assert_array_equal(positions[r][where], np.arange(where.sum()))
     assert sorted(int(i) for i in keys[..., 1][keys[..., 1] >= 0]) == list(range(30)), "every pair once"
     model = CausalLM(preset("tiny"), rngs=nnx.Rngs(0))
-    settings = DPOSection(beta=0.2, loss_type="sigmoid", label_smoothing=0.1)
+    # with the SFT term (a token mean over the batch's chosen answers): empty slots add nothing
+    settings = DPOSection(beta=0.2, loss_type="sigmoid", label_smoothing=0.1, sft_weight=0.5)
 
     def run(batch):
         return dpo_loss.dpo_batch_loss(
@@ -228,6 +229,7 @@ def test_packed_dpo_equals_unpacked(members):
             np.asarray(sums_p[key]), np.asarray(value), rtol=LOSS_TOL, atol=1e-6, err_msg=key
         )
     assert float(sums_u["persona_count"].min()) > 0
+    assert float(sums_u["nll_loss"]) > 0
 
     chosen_u, rejected_u, _, _ = dpo_loss.pair_logps(model, unpacked.chosen, unpacked.rejected, 16)
     chosen_p, rejected_p, _, _ = dpo_packing.packed_pair_logps(model, packed.chosen, packed.rejected, 16, 16)
