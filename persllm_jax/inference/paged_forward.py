@@ -4,7 +4,8 @@ The cache is a pool of fixed-size pages, (k, v) each [layers, pages, kv_heads, p
 head_dim]: within a page each head's keys are contiguous, so a decode step's attention reads a
 row's pages head by head as they lie, with no copy into another order (on CPU, with the single
 query contracted without its length-1 axis, about 40% less time on the cached keys than pages
-[page, K, H], measured in isolation: benchmarks/results/cpu_generate_smollm2.md). A row owns a list of pages (its page table); the token at position p lives in page
+[page, K, H] in isolation on a busy CPU, 1-2% of a whole decode step on an idle one:
+benchmarks/results/cpu_generate_smollm2.md). A row owns a list of pages (its page table); the token at position p lives in page
 `table[p // page_size]` at offset `p % page_size`. Rows of one call may be at any positions: each
 writes its new tokens into its own pages and attends over the pages in its table, so a row joining
 mid-stream, a row prefilling a chunk of its prompt and a row decoding its 200th token run in the
