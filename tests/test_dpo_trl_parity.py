@@ -84,13 +84,21 @@ def _side(ids_BT, attention_BT, completion_BT) -> SFTBatch:
 
 
 @pytest.fixture(scope="module")
-def our_logps(golden, tokenizer):
-    """{policy, reference} -> (chosen, rejected, chosen lengths, rejected lengths), computed by the
-    trainer's own `pair_logps` (chunked head, one forward for both answers)."""
+def sides(golden, tokenizer) -> tuple[SFTBatch, SFTBatch]:
+    """TRL's chosen rows and rejected rows of the golden pairs, in our batch layout."""
     ids_BT, attention_BT, completion_BT = _batch(golden["pairs"], tokenizer.pad_token_id)
     half = ids_BT.shape[0] // 2
-    chosen = _side(ids_BT[:half], attention_BT[:half], completion_BT[:half])
-    rejected = _side(ids_BT[half:], attention_BT[half:], completion_BT[half:])
+    return (
+        _side(ids_BT[:half], attention_BT[:half], completion_BT[:half]),
+        _side(ids_BT[half:], attention_BT[half:], completion_BT[half:]),
+    )
+
+
+@pytest.fixture(scope="module")
+def our_logps(sides):
+    """{policy, reference} -> (chosen, rejected, chosen lengths, rejected lengths), computed by the
+    trainer's own `pair_logps` (chunked head, one forward for both answers)."""
+    chosen, rejected = sides
     out = {}
     for name in ("policy", "reference"):
         model, model_tokenizer = load_pretrained(GOLDEN_DIR / name)
@@ -228,7 +236,7 @@ def test_trl_batch_is_prompt_plus_completion(golden, tokenizer):
     assert np.asarray(trl["input_ids"]).shape == ids_BT.shape
 
 
-def test_trainer_loss_with_sft_weight_matches_trl(golden, tokenizer, our_logps):
+def test_trainer_loss_with_sft_weight_matches_trl(golden, sides, our_logps):
     """The train step's own loss function (`dpo_batch_loss`, reference log-probs carried by the batch
     as a cached reference gives them) with dpo.sft_weight, against TRL's loss_type=[sigmoid, sft]."""
     from persllm_jax.train.batches import DPOBatch
@@ -236,12 +244,10 @@ def test_trainer_loss_with_sft_weight_matches_trl(golden, tokenizer, our_logps):
     from persllm_jax.train.tasks.dpo_loss import dpo_batch_loss
 
     run = next(r for r in golden["runs"] if _run_id(r) == "sigmoid+sft-ls0.0")
-    ids_BT, attention_BT, completion_BT = _batch(golden["pairs"], tokenizer.pad_token_id)
-    half = ids_BT.shape[0] // 2
     ref_c, ref_r, _, _ = our_logps["reference"]
     batch = DPOBatch(
-        chosen=_side(ids_BT[:half], attention_BT[:half], completion_BT[:half]),
-        rejected=_side(ids_BT[half:], attention_BT[half:], completion_BT[half:]),
+        chosen=sides[0],
+        rejected=sides[1],
         ref_chosen_logps=jnp.asarray(ref_c, jnp.float32),
         ref_rejected_logps=jnp.asarray(ref_r, jnp.float32),
     )

@@ -188,10 +188,14 @@ def _attend(q_BTNH, parts, scale):
     # lays the products out another way and the step's cached-key reads took half again as long.
     q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
     q_or_decode = q_BTKGH[:, 0] if t == 1 else q_BTKGH
-    spec = "bkgh,bpklh->bkgpl" if t == 1 else "btkgh,bpklh->bkgtpl"
+    scores_spec, values_spec = (
+        ("bkgh,bpklh->bkgpl", "bkgpl,bpklh->bkgh")
+        if t == 1
+        else ("btkgh,bpklh->bkgtpl", "bkgtpl,bpklh->btkgh")
+    )
 
     def part_scores(k_BPKLH, mask_BTS):
-        s = jnp.einsum(spec, q_or_decode, k_BPKLH, preferred_element_type=jnp.float32)
+        s = jnp.einsum(scores_spec, q_or_decode, k_BPKLH, preferred_element_type=jnp.float32)
         s = s.reshape(b, kv, n // kv, t, -1)
         return jnp.where(mask_BTS[:, None, None], s * scale, _MASKED)
 
@@ -201,13 +205,10 @@ def _attend(q_BTNH, parts, scale):
     total_BKGT = sum(w.sum(-1) for w in weights)
 
     def part_values(w_BKGTS, v_BPKLH):
-        pages = (v_BPKLH.shape[1], v_BPKLH.shape[3])
-        if t == 1:
-            w = w_BKGTS[:, :, :, 0].reshape(b, kv, n // kv, *pages).astype(v_BPKLH.dtype)
-            out = jnp.einsum("bkgpl,bpklh->bkgh", w, v_BPKLH, preferred_element_type=jnp.float32)
-            return out[:, None]
-        w = w_BKGTS.reshape(b, kv, n // kv, t, *pages).astype(v_BPKLH.dtype)
-        return jnp.einsum("bkgtpl,bpklh->btkgh", w, v_BPKLH, preferred_element_type=jnp.float32)
+        w = w_BKGTS[:, :, :, 0] if t == 1 else w_BKGTS
+        w = w.reshape(*w.shape[:-1], v_BPKLH.shape[1], v_BPKLH.shape[3]).astype(v_BPKLH.dtype)
+        out = jnp.einsum(values_spec, w, v_BPKLH, preferred_element_type=jnp.float32)
+        return out[:, None] if t == 1 else out
 
     out_BTKGH = sum(part_values(w, v_BPKLH) for w, (_, v_BPKLH, _) in zip(weights, parts))
     out_BTKGH = out_BTKGH / total_BKGT.transpose(0, 3, 1, 2)[..., None]
