@@ -150,6 +150,29 @@ VARIANTS = {
         "dpo": mirrors_together_dpo(14, lr="1.0e-4"),
         "from_run": ["sft"],
     },
+    # The adopted stage DPO, then a second, short DPO on cross-persona pairs alone (8 x 256, one pair
+    # a slot), its reference the stage-DPO model: does the persona come back without the stage
+    # going?
+    "demo_run_stage_then_persona_dpo5e-5_8": {
+        "stage_prompt": "token_and_when",
+        "build": ["pairs.cross_stage=false"],
+        "dpo": [
+            *PAIR_ROWS,
+            "train.max_steps=8",
+            "optim.lr=5.0e-5",
+            "optim.warmup_steps=2",
+            "dpo.reference=frozen",
+        ],
+        "from_run": ["sft"],
+        "dpo_from": "demo_run_stage_pairs_dpo1e-4_mirrors_together_14",
+    },
+    # The stage DPO for longer (about 2.9 passes over the 106 training pairs with their mirrors)
+    "demo_run_stage_pairs_dpo1e-4_mirrors_together_40": {
+        "stage_prompt": "token_and_when",
+        "build": ["pairs.cross_persona.enabled=false"],
+        "dpo": mirrors_together_dpo(40, lr="1.0e-4"),
+        "from_run": ["sft"],
+    },
     # LoRA at a high rate: the adapters (rank 64) and the stage tokens' rows, nothing else, train in
     # SFT; DPO as the then demo's.
     "lora64_when_lr2e-3": {
@@ -346,6 +369,12 @@ def run_variant(run: Path, root: Path, name: str, spec: dict) -> dict:
         sft_seconds = train(run, "sft", out, run / "base_model", data / "dialogues.jsonl", spec["sft"])
     if "dpo" in from_run:
         dpo_dir, dpo_seconds = run / "dpo", _step_seconds(run, "dpo")
+    elif spec.get("dpo_from"):
+        # a second DPO from another variant's DPO model (its reference that model)
+        first = run_variant(run, root, spec["dpo_from"], VARIANTS[spec["dpo_from"]])
+        dpo_dir = out / "dpo"
+        second = train(run, "dpo", out, root / spec["dpo_from"] / "dpo", data / "pairs.jsonl", spec["dpo"])
+        dpo_seconds = first["seconds"]["dpo"] + second
     else:
         dpo_dir = out / "dpo"
         dpo_seconds = train(run, "dpo", out, sft_dir, data / "pairs.jsonl", spec["dpo"])
@@ -360,6 +389,7 @@ def run_variant(run: Path, root: Path, name: str, spec: dict) -> dict:
         "spec": spec,
         "seconds": {"sft": sft_seconds, "dpo": dpo_seconds},
         "steps": {step: _max_steps(run, out, step) for step in ("sft", "dpo")},
+        **({"first_dpo": spec["dpo_from"]} if spec.get("dpo_from") else {}),
         # the pipeline's step time includes its probes during training (`eval.every_steps`)
         "seconds_from_run": list(from_run),
         "held_out": {m: summary(held_out["models"][m]) for m in models},
@@ -387,6 +417,8 @@ def table(results: dict) -> str:
     ]
     for name, r in results.items():
         steps = [str(r.get("steps", {}).get(step, "-")) for step in ("sft", "dpo")]
+        if r.get("first_dpo"):
+            steps[1] = f"{results.get(r['first_dpo'], {}).get('steps', {}).get('dpo', '?')} + {steps[1]}"
         minutes = (r["seconds"]["sft"] + r["seconds"]["dpo"]) / 60
         mark = " (pipeline)" if r.get("seconds_from_run") else ""
         cells = [

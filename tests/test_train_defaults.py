@@ -145,3 +145,56 @@ def test_every_dpo_loss_type_through_the_trainers_loss(loss_type):
     expected, _, _ = losses.dpo_loss(pc, pr, rc, rr, beta=0.2, loss_type=loss_type, label_smoothing=smoothing)
     assert float(count) == B
     np.testing.assert_allclose(float(total) / B, float(expected.mean()), rtol=1e-5)
+
+
+def _answer_logps(model: CausalLM, side: SFTBatch):
+    """Each row's summed answer log-prob and its answer token count, from the full logits."""
+    hidden = model.hidden_states(side.input_ids, side.attention_mask)
+    logits = jnp.einsum("btd,dv->btv", hidden.astype(jnp.float32), model.output_kernel().astype(jnp.float32))
+    picked = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), side.targets[..., None], axis=-1)[
+        ..., 0
+    ]
+    return (picked * side.loss_mask).sum(-1), side.loss_mask.sum(-1).astype(jnp.float32)
+
+
+def test_dpo_sft_term_under_gradient_accumulation_is_a_token_mean_per_micro_batch():
+    """`dpo.sft_weight` with 2 micro-batches: the step's loss is the pairs' mean DPO loss plus, for
+    each micro-batch, the weight times its chosen answers' NLL per token, weighted by its pairs
+    (each micro-batch's own token mean, as the README says), against a formula computed here from
+    separately computed log-probs. A token mean over the whole batch gives another loss: the
+    micro-batches train different numbers of tokens at different NLLs."""
+    model = _model()
+    # sharper logits than a fresh init's near-uniform ones, so that rows' NLLs per token differ
+    if model.lm_head is not None:
+        model.lm_head[...] = model.lm_head[...] * 40
+    else:
+        model.embed[...] = model.embed[...] * 40
+    graphdef, params = nnx.split(model)
+    chosen, rejected = _batch(2), _batch(3)
+    rng = np.random.default_rng(4)
+    ref_c, ref_r = (jnp.asarray(rng.normal(-120, 5, size=B), jnp.float32) for _ in range(2))
+    batch = DPOBatch(chosen=chosen, rejected=rejected, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
+    weight, accum = 0.5, 2
+    cfg = RunConfig(train=TrainSection(logits_chunk=16), dpo=DPOSection(beta=0.2, sft_weight=weight))
+    optimizer, schedule = (
+        make_optimizer(OptimSection(lr=1e-3), 10),
+        learning_rate_schedule(OptimSection(lr=1e-3), 10),
+    )
+    step = jax.jit(
+        make_train_step(graphdef, dpo.make_loss_fn(cfg, graphdef, 0, 0), optimizer, schedule, accum)
+    )
+    _, metrics = step(init_state(params, optimizer), batch)
+
+    (pc, nc), (pr, _) = _answer_logps(model, chosen), _answer_logps(model, rejected)
+    pairs, _, _ = losses.dpo_loss(pc, pr, ref_c, ref_r, beta=0.2, loss_type="sigmoid")
+    micro = [np.arange(B)[m::accum] for m in range(accum)]  # the step's split: every accum-th row
+    nll = [float(-pc[rows].sum() / nc[rows].sum()) for rows in micro]
+    assert abs(nll[0] - nll[1]) > 1e-3 * nll[0], "the micro-batches' NLLs must differ for the check to bite"
+    expected = float(pairs.mean()) + weight * sum(n * len(rows) for n, rows in zip(nll, micro)) / B
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+    # the step returns sums; the logged nll_loss is their mean over pairs
+    logged = float(metrics["nll_loss"]) / float(metrics["count"])
+    np.testing.assert_allclose(logged, sum(n * len(r) for n, r in zip(nll, micro)) / B, rtol=1e-5)
+    whole = float(pairs.mean()) + weight * float(-pc.sum() / nc.sum())
+    # 3e-4 apart here: 30 times the tolerance above
+    assert abs(whole - expected) > 1e-4 * expected, "a whole-batch token mean would pass as well"
