@@ -173,6 +173,15 @@ VARIANTS = {
         "dpo": mirrors_together_dpo(40, lr="1.0e-4"),
         "from_run": ["sft"],
     },
+    # IPO instead of the sigmoid loss: it pushes each pair's log-ratio difference per answer token
+    # (the probes' unit: mean log-prob per token) towards 1 / (2 beta) = 1 nat, where the sigmoid
+    # loss's pull fades as the summed margin grows
+    "demo_run_stage_pairs_ipo0.5_mirrors_together_14": {
+        "stage_prompt": "token_and_when",
+        "build": ["pairs.cross_persona.enabled=false"],
+        "dpo": [*mirrors_together_dpo(14, lr="1.0e-4"), "dpo.loss_type=ipo", "dpo.beta=0.5"],
+        "from_run": ["sft"],
+    },
     # LoRA at a high rate: the adapters (rank 64) and the stage tokens' rows, nothing else, train in
     # SFT; DPO as the then demo's.
     "lora64_when_lr2e-3": {
