@@ -9,7 +9,7 @@ import pytest
 
 from persllm_jax import configlib
 from persllm_jax.builder import build as build_module
-from persllm_jax.builder import cleaning, pairs, parsing
+from persllm_jax.builder import cleaning, outputs, pairs, parsing
 from persllm_jax.builder.build import Builder, Item, _check_kinds
 from persllm_jax.builder.config import BuildConfig
 from persllm_jax.builder.references import reference_items
@@ -268,6 +268,45 @@ def test_cross_persona_skips_top_and_never_identical(monkeypatch):
         rejected_from = row["id"].rsplit("/", 1)[1]  # ids end with the persona the rejected answer is from
         assert rejected_from in PERSONAS and rejected_from != row["persona"]
         assert row["source"] == "cross_persona" and row["split"] == "train"
+
+
+def test_mirrored_cross_persona_pairs_ask_whose_prompt_an_answer_fits():
+    """`pairs.cross_persona.mirrored`: each pair is followed by its mirror, the same question under
+    the rejected answer's persona (at that answer's stage), the two answers swapped; the DPO loader
+    takes the two as one unit (the same `mirror_key`, one each side)."""
+    from persllm_jax.train.tasks.dpo import mirror_key
+
+    items = []
+    for k in range(6):
+        for persona, stage in (("a", "early"), ("b", "late"), ("c", "early")):
+            item = _item(persona, stage, k, f"topic{k} question about things", f"{persona} answer {k}")
+            item.split = "train"
+            items.append(item)
+    one_way = pairs.cross_persona_pairs(items, FakeEmbedder(), PERSONAS, STAGES, skip_top=1)
+    rows = pairs.cross_persona_pairs(items, FakeEmbedder(), PERSONAS, STAGES, skip_top=1, mirrored=True)
+    assert len(one_way) == len(items) and rows[0::2] == one_way
+    for pair, mirror in zip(rows[0::2], rows[1::2]):
+        other = pair["id"].rsplit("/", 1)[1]
+        assert mirror["id"] == f"{pair['id']}-chosen" and mirror["persona"] == other != pair["persona"]
+        rejected_item = next(
+            i for i in items if i.answers[i.stage]["response"] == pair["rejected"][0]["content"]
+        )
+        assert mirror["stage"] == rejected_item.stage
+        assert (
+            mirror["prompt"][0]["content"]
+            == outputs.system_message(other, mirror["stage"], PERSONAS, STAGES)["content"]
+        )
+        assert mirror["prompt"][1] == pair["prompt"][1]  # the same question
+        assert (mirror["chosen"], mirror["rejected"]) == (pair["rejected"], pair["chosen"])
+        assert mirror["split"] == pair["split"] and mirror["source"] == "cross_persona"
+
+        class Example:
+            def __init__(self, row):
+                self.prompt_messages, self.chosen_messages = row["prompt"], row["chosen"]
+                self.rejected_messages = row["rejected"]
+
+        (key, side), (mirror_key_, mirror_side) = mirror_key(Example(pair)), mirror_key(Example(mirror))
+        assert key == mirror_key_ and {side, mirror_side} == {0, 1}
 
 
 class _HeldAnnotator:

@@ -290,7 +290,12 @@ class Builder:
             )
         if self.cfg.pairs.cross_persona.enabled:
             pair_rows += pairs.cross_persona_pairs(
-                kept, self.embedder, self.personas, self.stages, self.cfg.pairs.cross_persona.skip_top
+                kept,
+                self.embedder,
+                self.personas,
+                self.stages,
+                self.cfg.pairs.cross_persona.skip_top,
+                self.cfg.pairs.cross_persona.mirrored,
             )
         general_rows = outputs.general_rows(self.cfg.general_data, len(dialogue_rows), self.cfg.split.seed)
         stats = outputs.stats(

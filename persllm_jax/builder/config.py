@@ -56,6 +56,9 @@ class SplitSection:
 class CrossPersonaSection:
     enabled: bool = True
     skip_top: int = 5  # the most similar questions are skipped: their answers may be right too
+    # each pair also under the other persona's prompt (same question), chosen and rejected swapped:
+    # trained together (dpo.mirrors_together), the two ask whose prompt each answer belongs to
+    mirrored: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,10 @@ cross_persona: the rejected answer is another persona's answer to a similar ques
 other personas' questions by embedding similarity, skip the `skip_top` most similar (their
 answers may fit too), take the first whose answer differs from the chosen one. Candidates come
 from the same split, so test answers never appear in training pairs; a pair inherits its
-question's split.
+question's split. Mirrored, each also gives the pair under the other persona's prompt (at the
+stage of its answer) with the same question, that persona's answer chosen: the two together
+compare each answer under its own persona's prompt and the other's, which one-way pairs never
+do (they compare two answers under one prompt).
 """
 
 from __future__ import annotations
@@ -20,14 +23,15 @@ def _same(a: str, b: str) -> bool:
     return " ".join(a.lower().split()) == " ".join(b.lower().split())
 
 
-def _pair(item, stage_id, source, chosen, rejected, personas, stages, suffix):
+def _pair(item, stage_id, source, chosen, rejected, personas, stages, suffix, persona_id=None):
+    persona_id = persona_id or item.persona
     return {
         "id": f"{item.id}/{source}/{suffix}",
-        "persona": item.persona,
+        "persona": persona_id,
         "stage": stage_id,
         "source": source,
         "prompt": [
-            system_message(item.persona, stage_id, personas, stages),
+            system_message(persona_id, stage_id, personas, stages),
             {"role": "user", "content": item.question},
         ],
         "chosen": [{"role": "assistant", "content": chosen}],
@@ -52,7 +56,9 @@ def cross_stage_pairs(items, personas, stages, mirrored: bool = True) -> list[di
     return rows
 
 
-def cross_persona_pairs(items, embedder, personas, stages, skip_top: int) -> list[dict]:
+def cross_persona_pairs(
+    items, embedder, personas, stages, skip_top: int, mirrored: bool = False
+) -> list[dict]:
     rows = []
     if not items:
         return rows
@@ -69,19 +75,27 @@ def cross_persona_pairs(items, embedder, personas, stages, skip_top: int) -> lis
         skip = min(skip_top, len(ranked) - 1)
         chosen = item.answers[item.stage]["response"]
         for j in ranked[skip:]:
-            rejected = items[j].answers[items[j].stage]["response"]
+            other = items[j]
+            rejected = other.answers[other.stage]["response"]
             if not _same(chosen, rejected):
                 rows.append(
                     _pair(
-                        item,
-                        item.stage,
-                        "cross_persona",
-                        chosen,
-                        rejected,
-                        personas,
-                        stages,
-                        items[j].persona,
+                        item, item.stage, "cross_persona", chosen, rejected, personas, stages, other.persona
                     )
                 )
+                if mirrored:
+                    rows.append(
+                        _pair(
+                            item,
+                            other.stage,
+                            "cross_persona",
+                            rejected,
+                            chosen,
+                            personas,
+                            stages,
+                            f"{other.persona}-chosen",
+                            persona_id=other.persona,
+                        )
+                    )
                 break
     return rows
