@@ -175,6 +175,14 @@ VARIANTS = {
         "from_run": ["sft"],
         "dpo_from": "demo_run_stage_pairs_dpo1e-4_mirrors_together_14",
     },
+    # The mirrored cross-persona DPO after the 40-step stage DPO below
+    "demo_run_stage40_then_mirrored_persona_dpo5e-5_8": {
+        "stage_prompt": "token_and_when",
+        "build": ["pairs.cross_stage=false", "pairs.cross_persona.mirrored=true"],
+        "dpo": [*mirrors_together_dpo(8), "optim.warmup_steps=2"],
+        "from_run": ["sft"],
+        "dpo_from": "demo_run_stage_pairs_dpo1e-4_mirrors_together_40",
+    },
     # The stage DPO for longer (about 2.9 passes over the 106 training pairs with their mirrors)
     "demo_run_stage_pairs_dpo1e-4_mirrors_together_40": {
         "stage_prompt": "token_and_when",
