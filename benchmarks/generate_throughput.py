@@ -125,7 +125,9 @@ def weights_only_step(gen, batch: int) -> float:
     return float(np.median(times[2:]))
 
 
-def run_transformers(model_path: str, batch: int, new_tokens: int) -> dict:
+def transformers_batch(model_path: str, batch: int):
+    """transformers' tokenizer and fp32 model, the batch's prompts encoded left-padded as
+    `generate` takes them, and the ids that end a reply."""
     import torch
     import transformers
 
@@ -138,6 +140,13 @@ def run_transformers(model_path: str, batch: int, new_tokens: int) -> dict:
     ]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     end = {tokenizer.eos_token_id, tokenizer.pad_token_id, *tokenizer.convert_tokens_to_ids(["<|im_end|>"])}
+    return tokenizer, model, enc, end
+
+
+def run_transformers(model_path: str, batch: int, new_tokens: int) -> dict:
+    import torch
+
+    tokenizer, model, enc, end = transformers_batch(model_path, batch)
 
     def generate():
         with torch.no_grad():

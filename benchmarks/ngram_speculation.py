@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from generate_throughput import conversations  # noqa: E402
+from generate_throughput import transformers_batch  # noqa: E402
 
 
 def draft(context: list[int], k: int, longest: int = 3) -> list[int]:
@@ -56,21 +56,12 @@ def calls_with_speculation(prompt: list[int], reply: list[int], k: int) -> tuple
 def greedy_replies(model_dir: str, batch: int, new_tokens: int) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, reply ids up to and with its end-of-turn token) per row, as the benchmark runs."""
     import torch
-    import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.padding_side = "left"
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    texts = [
-        tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-        for c in conversations(batch, run=3)
-    ]
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    tokenizer, model, enc, end = transformers_batch(model_dir, batch)
     with torch.no_grad():
         out = model.generate(
             **enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
-    end = {tokenizer.eos_token_id, tokenizer.pad_token_id, *tokenizer.convert_tokens_to_ids(["<|im_end|>"])}
     rows = []
     for i in range(batch):
         prompt = [t for t, m in zip(enc["input_ids"][i].tolist(), enc["attention_mask"][i].tolist()) if m]
