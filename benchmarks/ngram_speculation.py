@@ -87,7 +87,7 @@ def main() -> None:
 
             model_dir = str(gguf_to_hf_dir(smollm2_gguf(), Path(tmp) / "smollm2"))
         print(
-            "| batch | drafts k | tokens a call, mean over rows | decode calls plain | with speculation | bound |"
+            "| batch | drafts k | tokens a call, all rows | decode calls plain | with speculation | bound |"
         )
         print("|---|---|---|---|---|---|")
         for batch in args.batches:

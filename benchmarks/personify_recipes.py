@@ -183,7 +183,7 @@ VARIANTS = {
         "from_run": ["sft"],
         "dpo_from": "demo_run_stage_pairs_dpo1e-4_mirrors_together_40",
     },
-    # The stage DPO for longer (about 2.9 passes over the 106 training pairs with their mirrors)
+    # The stage DPO for longer (about four passes over the 106 training pairs with their mirrors)
     "demo_run_stage_pairs_dpo1e-4_mirrors_together_40": {
         "stage_prompt": "token_and_when",
         "build": ["pairs.cross_persona.enabled=false"],

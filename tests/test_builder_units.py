@@ -1,6 +1,7 @@
 """Parsing, cleaning, splitting, retrieval budgets and pair mining on known inputs."""
 
 import asyncio
+import collections
 import zlib
 from pathlib import Path
 
@@ -270,18 +271,37 @@ def test_cross_persona_skips_top_and_never_identical(monkeypatch):
         assert row["source"] == "cross_persona" and row["split"] == "train"
 
 
+class _Example:
+    """A pairs.jsonl row as the DPO loader's examples carry it."""
+
+    def __init__(self, row):
+        self.prompt_messages, self.chosen_messages = row["prompt"], row["chosen"]
+        self.rejected_messages = row["rejected"]
+
+
 def test_mirrored_cross_persona_pairs_ask_whose_prompt_an_answer_fits():
     """`pairs.cross_persona.mirrored`: each pair is followed by its mirror, the same question under
     the rejected answer's persona (at that answer's stage), the two answers swapped; the DPO loader
     takes the two as one unit (the same `mirror_key`, one each side)."""
     from persllm_jax.train.tasks.dpo import mirror_key
 
-    items = []
-    for k in range(6):
-        for persona, stage in (("a", "early"), ("b", "late"), ("c", "early")):
-            item = _item(persona, stage, k, f"topic{k} question about things", f"{persona} answer {k}")
-            item.split = "train"
-            items.append(item)
+    def items_asking(question):
+        items = []
+        for k in range(6):
+            for persona, stage in (("a", "early"), ("b", "late"), ("c", "early")):
+                item = _item(persona, stage, k, question(k, persona), f"{persona} answer {k}")
+                item.split = "train"
+                items.append(item)
+        return items
+
+    # the same question asked of every persona: two that draw each other's answer make one unit
+    shared = items_asking(lambda k, persona: f"topic{k} question about things")
+    rows = pairs.cross_persona_pairs(shared, FakeEmbedder(), PERSONAS, STAGES, skip_top=1, mirrored=True)
+    keys = collections.Counter(mirror_key(_Example(row)) for row in rows)
+    assert len(rows) < 2 * len(shared) and all(n == 1 for n in keys.values())
+    assert {(key, 1 - side) for key, side in keys} == set(keys), "every pair has its mirror"
+
+    items = items_asking(lambda k, persona: f"topic{k} question about things, for {persona}")
     one_way = pairs.cross_persona_pairs(items, FakeEmbedder(), PERSONAS, STAGES, skip_top=1)
     rows = pairs.cross_persona_pairs(items, FakeEmbedder(), PERSONAS, STAGES, skip_top=1, mirrored=True)
     assert len(one_way) == len(items) and rows[0::2] == one_way
@@ -299,13 +319,7 @@ def test_mirrored_cross_persona_pairs_ask_whose_prompt_an_answer_fits():
         assert mirror["prompt"][1] == pair["prompt"][1]  # the same question
         assert (mirror["chosen"], mirror["rejected"]) == (pair["rejected"], pair["chosen"])
         assert mirror["split"] == pair["split"] and mirror["source"] == "cross_persona"
-
-        class Example:
-            def __init__(self, row):
-                self.prompt_messages, self.chosen_messages = row["prompt"], row["chosen"]
-                self.rejected_messages = row["rejected"]
-
-        (key, side), (mirror_key_, mirror_side) = mirror_key(Example(pair)), mirror_key(Example(mirror))
+        (key, side), (mirror_key_, mirror_side) = mirror_key(_Example(pair)), mirror_key(_Example(mirror))
         assert key == mirror_key_ and {side, mirror_side} == {0, 1}
 
 

@@ -14,6 +14,8 @@ do (they compare two answers under one prompt).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from persllm_jax.builder.outputs import system_message
@@ -98,4 +100,23 @@ def cross_persona_pairs(
                         )
                     )
                 break
-    return rows
+    return _unique_units(rows) if mirrored else rows
+
+
+def _content(row: dict) -> str:
+    return json.dumps([row["prompt"], row["chosen"], row["rejected"]], sort_keys=True)
+
+
+def _unique_units(rows: list[dict]) -> list[dict]:
+    """Mirrored rows (pair, mirror, pair, mirror, ...) without repeats: two personas asked the same
+    question who drew each other's answer give one pair and its mirror, not that unit twice (the
+    DPO loader trains a pair with its mirror only when exactly two pairs share their question and
+    answers)."""
+    seen, kept = set(), []
+    for pair, mirror in zip(rows[0::2], rows[1::2]):
+        keys = {_content(pair), _content(mirror)}
+        if keys & seen:
+            continue
+        seen |= keys
+        kept += [pair, mirror]
+    return kept
