@@ -195,11 +195,11 @@ def test_mirrored_pairs_train_in_one_row_of_one_step(tmp_path):
     assert abs(first["loss"] - math.log(2)) < 1e-6
 
 
-def test_mirror_partners_are_one_pair_and_its_swapped_twin(tmp_path):
+def test_mirror_partners_are_one_pair_and_its_swapped_twin(tmp_path, caplog):
     """Partners (`dpo.mirrors_together`): a pair and the pair with its answers swapped under
     another system prompt share a row, whatever the file's order; a duplicate in the same
-    direction, a third pair on the same answers, and pairs of other answers stay single; and DPO
-    refuses the option where two pairs cannot share a packed row."""
+    direction, a third pair on the same answers, and pairs of other answers stay single, and the
+    loader says how many; and DPO refuses the option where two pairs cannot share a packed row."""
     from persllm_jax import configlib
     from persllm_jax.data import formats
     from persllm_jax.train.config import DataSource, RunConfig
@@ -226,6 +226,7 @@ def test_mirror_partners_are_one_pair_and_its_swapped_twin(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     for batch in (2, 8):
+        caplog.clear()
         local, _, rows, partners = common.load_shards(
             [DataSource(path=str(path))],
             formats.preference_example,
@@ -236,6 +237,7 @@ def test_mirror_partners_are_one_pair_and_its_swapped_twin(tmp_path):
             mirror_key,
         )
         assert partners == {(0, 0): (0, 5), (0, 5): (0, 0)}
+        assert f"{path}: 6 records have no partner to train with" in caplog.text
         assert rows[0][0] == rows[0][5]
         assert len(local[0]) == len(records)
         units = [

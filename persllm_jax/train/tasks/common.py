@@ -58,11 +58,21 @@ def load_shards(
                 keyed = pair_key(example)
                 if keyed is not None:
                     found.setdefault(keyed[0], []).append((keyed[1], key))
+            unpaired = 0
             for members in found.values():
                 if sorted(side for side, _ in members) == [0, 1]:
                     (_, a), (_, b) = sorted(members, key=lambda m: m[1])
                     partners[a], partners[b] = b, a
                     rows[b[1]] = rows[a[1]]
+                else:
+                    unpaired += len(members)
+            if unpaired:
+                log.warning(
+                    "%s: %d records have no partner to train with (no mirror, or more than one record "
+                    "with the same prompt and answers); each trains alone",
+                    source.path,
+                    unpaired,
+                )
             pairs = [(key, example) for key, example in pairs if int(rows[key[1]]) in held]
         loaded.append(pairs)
         row_of.append(rows)
