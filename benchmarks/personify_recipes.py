@@ -78,6 +78,18 @@ def mirrors_together_dpo(steps: int, lr: str = "5.0e-5") -> list[str]:
     ]
 
 
+def mirrored_persona_after(stage_variant: str) -> dict:
+    """A second DPO, 8 steps at lr 5e-5, on mirrored cross-persona pairs (each with its mirror in
+    one step), from `stage_variant`'s DPO model."""
+    return {
+        "stage_prompt": "token_and_when",
+        "build": ["pairs.cross_stage=false", "pairs.cross_persona.mirrored=true"],
+        "dpo": [*mirrors_together_dpo(8), "optim.warmup_steps=2"],
+        "from_run": ["sft"],
+        "dpo_from": stage_variant,
+    }
+
+
 VARIANTS = {
     "demo": {"stage_prompt": "token", "build": ALL_PAIRS, "sft": DEMO_SFT, "dpo": DEMO_DPO},
     "lr3e-4": {"stage_prompt": "token", "build": ALL_PAIRS, "sft": LONG_SFT, "dpo": DEMO_DPO},
@@ -168,21 +180,13 @@ VARIANTS = {
     },
     # The same second DPO on mirrored cross-persona pairs (`pairs.cross_persona.mirrored`), each
     # with its mirror in one step: each answer compared under its own persona's prompt and another's
-    "demo_run_stage_then_mirrored_persona_dpo5e-5_8": {
-        "stage_prompt": "token_and_when",
-        "build": ["pairs.cross_stage=false", "pairs.cross_persona.mirrored=true"],
-        "dpo": [*mirrors_together_dpo(8), "optim.warmup_steps=2"],
-        "from_run": ["sft"],
-        "dpo_from": "demo_run_stage_pairs_dpo1e-4_mirrors_together_14",
-    },
+    "demo_run_stage_then_mirrored_persona_dpo5e-5_8": mirrored_persona_after(
+        "demo_run_stage_pairs_dpo1e-4_mirrors_together_14"
+    ),
     # The mirrored cross-persona DPO after the 40-step stage DPO below
-    "demo_run_stage40_then_mirrored_persona_dpo5e-5_8": {
-        "stage_prompt": "token_and_when",
-        "build": ["pairs.cross_stage=false", "pairs.cross_persona.mirrored=true"],
-        "dpo": [*mirrors_together_dpo(8), "optim.warmup_steps=2"],
-        "from_run": ["sft"],
-        "dpo_from": "demo_run_stage_pairs_dpo1e-4_mirrors_together_40",
-    },
+    "demo_run_stage40_then_mirrored_persona_dpo5e-5_8": mirrored_persona_after(
+        "demo_run_stage_pairs_dpo1e-4_mirrors_together_40"
+    ),
     # The stage DPO for longer (about four passes over the 106 training pairs with their mirrors)
     "demo_run_stage_pairs_dpo1e-4_mirrors_together_40": {
         "stage_prompt": "token_and_when",
