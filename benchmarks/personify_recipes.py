@@ -194,6 +194,40 @@ VARIANTS = {
         "dpo": mirrors_together_dpo(40, lr="1.0e-4"),
         "from_run": ["sft"],
     },
+    # A second DPO from the 40-step stage DPO on both pair kinds in one run: the cross-stage pairs
+    # again (106 units of a pair and its mirror) and three in ten of the mirrored cross-persona
+    # pairs' 342 units, drawn anew each epoch: can the persona come back while the stage is kept?
+    "demo_run_stage40_then_mixed_dpo1e-4_16": {
+        "stage_prompt": "token_and_when",
+        "data_from": "demo_run_stage_pairs_dpo1e-4_mirrors_together_40",
+        "pairs_from": {
+            "demo_run_stage_pairs_dpo1e-4_mirrors_together_40": 1.0,
+            "demo_run_stage40_then_mirrored_persona_dpo5e-5_8": 0.3,
+        },
+        "dpo": mirrors_together_dpo(16, lr="1.0e-4"),
+        "from_run": ["sft"],
+        "dpo_from": "demo_run_stage_pairs_dpo1e-4_mirrors_together_40",
+    },
+    # Forty more steps of the stage DPO from the 40-step model (its reference that model): does a
+    # model that separates more of its training twins separate more new ones?
+    "demo_run_stage40_then_stage_dpo1e-4_40": {
+        "stage_prompt": "token_and_when",
+        "data_from": "demo_run_stage_pairs_dpo1e-4_mirrors_together_40",
+        "dpo": mirrors_together_dpo(40, lr="1.0e-4"),
+        "from_run": ["sft"],
+        "dpo_from": "demo_run_stage_pairs_dpo1e-4_mirrors_together_40",
+    },
+    # The demo's SFT with the persona materials themselves in the mixture (each paragraph after its
+    # stage's system prompt, six copies an epoch beside the dialogues' five), 60 steps so that the
+    # dialogues are seen about as often as in the demo's 40; then the 40-step stage DPO. Knowledge
+    # probes ask what the materials say, and the demo's SFT leaves them where the base model was.
+    "materials6_sft60_stage_dpo1e-4_40": {
+        "stage_prompt": "token_and_when",
+        "data_from": "demo_run_stage_pairs_dpo1e-4_mirrors_together_40",
+        "sft": ["train.max_steps=60", "optim.lr=3.0e-4", "optim.warmup_steps=4"],
+        "materials_repeats": 6.0,
+        "dpo": mirrors_together_dpo(40, lr="1.0e-4"),
+    },
     # IPO instead of the sigmoid loss: it pushes each pair's log-ratio difference per answer token
     # (the probes' unit: mean log-prob per token) towards 1 / (2 beta) = 1 nat, where the sigmoid
     # loss's pull fades as the summed margin grows
@@ -266,7 +300,16 @@ def build(run: Path, out: Path, personas: Path, overrides: list[str]) -> Path:
     return data
 
 
-def train(run: Path, step: str, out: Path, model: Path, source: Path, overrides: list[str]) -> float:
+def train(
+    run: Path,
+    step: str,
+    out: Path,
+    model: Path,
+    sources: list[tuple[Path, float | None]],
+    overrides: list[str],
+) -> float:
+    """`persllm <step>` from `model` on `sources` ((file, repeats) each, the train split; repeats
+    None: the run's config's)."""
     run_dir = out / step
     if (run_dir / "done.json").is_file():
         return json.loads((run_dir / "done.json").read_text())["seconds"]
@@ -274,12 +317,39 @@ def train(run: Path, step: str, out: Path, model: Path, source: Path, overrides:
     config = yaml.safe_load((run / "configs" / f"{step}.yaml").read_text())
     config["run_dir"] = str(run_dir)
     config["model"]["path"] = str(model)
-    config["data"]["sources"][0]["path"] = str(source)
+    config["data"]["sources"] = [
+        {**config["data"]["sources"][0], "path": str(path), **({"repeats": r} if r is not None else {})}
+        for path, r in sources
+    ]
     config["eval"] = {"every_steps": 0}
     (out / f"{step}.yaml").write_text(yaml.safe_dump(config))
     seconds = persllm(step, "--config", str(out / f"{step}.yaml"), *overrides, log=out / f"{step}.log")
     (run_dir / "done.json").write_text(json.dumps({"seconds": seconds}))
     return seconds
+
+
+def materials_source(personas: Path, out: Path) -> Path:
+    """Every materials paragraph of every persona and stage as a string prompt/completion record:
+    the stage's system prompt, then the paragraph (the loss on the paragraph alone). Plain text,
+    not a chat turn: the knowledge and experiences files speak of the person in the third person,
+    and the model is not to answer so."""
+    from persllm_jax.personas.materials import load_personas
+    from persllm_jax.personas.prompts import system_prompt
+
+    path = out / "materials.jsonl"
+    with open(path, "w") as f:
+        for persona in load_personas(personas):
+            for stage in persona.stages:
+                prompt = system_prompt(persona, stage) + "\n\n"
+                for paragraph in stage.paragraphs:
+                    record = {
+                        "id": paragraph.id,
+                        "prompt": prompt,
+                        "completion": paragraph.text,
+                        "split": "train",
+                    }
+                    f.write(json.dumps(record) + "\n")
+    return path
 
 
 def _max_steps(run: Path, out: Path, step: str) -> int:
@@ -363,28 +433,49 @@ def probe(models: dict[str, Path], personas: Path, out: Path, name: str, extra: 
     return json.loads(path.read_text())
 
 
-def probe_with_base(
+def probe_shared(
     models: dict[str, Path], personas: Path, out: Path, root: Path, name: str, extra: list[str]
 ) -> dict:
-    """`probe` of the tuned models; the base model's figures are shared by the variants that ask it
-    with the same persona prompt and the same probes and held-out data (scored once)."""
+    """`probe` of the variant's own models (under `out`); a model from elsewhere (the base model,
+    the demo run's SFT, another variant's) is scored once for every variant that asks it with the
+    same persona prompt and the same probes and held-out data."""
     found = out / f"probes_{name}.json"
-    if found.is_file() and "base" in json.loads(found.read_text())["models"]:
+    if found.is_file() and set(models) <= set(json.loads(found.read_text())["models"]):
         return json.loads(found.read_text())
-    tuned = probe({k: v for k, v in models.items() if k != "base"}, personas, out, name, extra)
+    own = {k: v for k, v in models.items() if v.resolve().is_relative_to(out.resolve())}
+    scored = probe(own, personas, out, name, extra)["models"] if own else {}
     inputs = [str(personas), *(Path(e).read_text() if Path(e).is_file() else e for e in extra)]
     key = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:12]
-    base = probe({"base": models["base"]}, personas, root, f"base_{name}_{key}", extra)
-    return {"models": {"base": base["models"]["base"], **tuned["models"]}}
+    for label, path in models.items():
+        if label in own:
+            continue
+        # the base model's file name as before; another model's names its directory too
+        shared = (
+            f"{label}_{name}_{key}"
+            if label == "base"
+            else f"{label}_{name}_{key}_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+        )
+        scored[label] = probe({label: path}, personas, root, shared, extra)["models"][label]
+    return {"models": {label: scored[label] for label in models}}
 
 
 def run_variant(run: Path, root: Path, name: str, spec: dict) -> dict:
     out = root / name
     out.mkdir(parents=True, exist_ok=True)
     personas = personas_in(spec["stage_prompt"], root)
-    data = build(run, out, personas, spec["build"])
+    if spec.get("data_from"):
+        # another variant's build (the same dialogues and split; its pairs may differ)
+        run_variant(run, root, spec["data_from"], VARIANTS[spec["data_from"]])
+        data = root / spec["data_from"] / "data"
+    else:
+        data = build(run, out, personas, spec["build"])
+    # DPO on other variants' pair files, each `repeats` times an epoch, or on this build's
+    pair_sources = [(root / v / "data" / "pairs.jsonl", r) for v, r in spec.get("pairs_from", {}).items()]
+    for v in spec.get("pairs_from", {}):
+        run_variant(run, root, v, VARIANTS[v])
+    pair_sources = pair_sources or [(data / "pairs.jsonl", None)]
     from_run = spec.get("from_run", [])
-    if from_run and not spec["build"]:
+    if from_run and not spec.get("build", True):
         # the run's models are scored on the split they were trained with
         for name in ("dialogues.jsonl", "pairs.jsonl"):
             if (data / name).read_bytes() != (run / "data" / name).read_bytes():
@@ -396,23 +487,26 @@ def run_variant(run: Path, root: Path, name: str, spec: dict) -> dict:
         sft_dir = root / spec["sft_from"] / "sft"
     else:
         sft_dir = out / "sft"
-        sft_seconds = train(run, "sft", out, run / "base_model", data / "dialogues.jsonl", spec["sft"])
+        sources = [(data / "dialogues.jsonl", None)]
+        if spec.get("materials_repeats"):
+            sources.append((materials_source(personas, out), spec["materials_repeats"]))
+        sft_seconds = train(run, "sft", out, run / "base_model", sources, spec["sft"])
     if "dpo" in from_run:
         dpo_dir, dpo_seconds = run / "dpo", _step_seconds(run, "dpo")
     elif spec.get("dpo_from"):
         # a second DPO from another variant's DPO model (its reference that model)
         first = run_variant(run, root, spec["dpo_from"], VARIANTS[spec["dpo_from"]])
         dpo_dir = out / "dpo"
-        second = train(run, "dpo", out, root / spec["dpo_from"] / "dpo", data / "pairs.jsonl", spec["dpo"])
+        second = train(run, "dpo", out, root / spec["dpo_from"] / "dpo", pair_sources, spec["dpo"])
         dpo_seconds = first["seconds"]["dpo"] + second
     else:
         dpo_dir = out / "dpo"
-        dpo_seconds = train(run, "dpo", out, sft_dir, data / "pairs.jsonl", spec["dpo"])
+        dpo_seconds = train(run, "dpo", out, sft_dir, pair_sources, spec["dpo"])
     models = {"base": run / "base_model", "sft": sft_dir, "dpo": dpo_dir}
-    held_out = probe_with_base(
+    held_out = probe_shared(
         models, personas, out, root, "held_out", ["--dialogues", str(data / "dialogues.jsonl")]
     )
-    twins = probe_with_base(
+    twins = probe_shared(
         models, personas, out, root, "training_twins", ["--probes", str(training_twins(data, out))]
     )
     result = {
