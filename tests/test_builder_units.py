@@ -2,6 +2,7 @@
 
 import asyncio
 import collections
+import json
 import zlib
 from pathlib import Path
 
@@ -10,10 +11,10 @@ import pytest
 
 from persllm_jax import configlib
 from persllm_jax.builder import build as build_module
-from persllm_jax.builder import cleaning, outputs, pairs, parsing
+from persllm_jax.builder import cleaning, outputs, pairs, parsing, prompts
 from persllm_jax.builder.build import Builder, Item, _check_kinds
 from persllm_jax.builder.config import BuildConfig
-from persllm_jax.builder.references import reference_items
+from persllm_jax.builder.references import FewShot, reference_items
 from persllm_jax.builder.retrieval import fill_budget, nearest
 from persllm_jax.llm.client import Completion
 from persllm_jax.personas.materials import load_personas
@@ -220,6 +221,41 @@ def test_reference_dialogues_split_by_question_group():
     assert [i.split for i in _references(seed=1)[1]] != [i.split for i in items]
 
 
+def test_few_shot_examples_are_the_nearest_train_split_answers_of_that_persona_and_stage():
+    personas, items = _references()
+    embedder = FakeEmbedder()
+    few_shot = FewShot(items, embedder, 3)
+    train = {(i.persona, s, i.question): a for i in items if i.split == "train" for s, a in i.answers.items()}
+    test_answers = {a["response"] for i in items if i.split == "test" for a in i.answers.values()}
+    assert test_answers and train
+    for item in items[::7]:
+        for stage in item.answers:
+            shown = few_shot(item.persona, stage, item.question)
+            assert len(shown) == 3
+            for question, analysis, response in shown:
+                # a train-split answer of this persona at this stage, never the question itself
+                assert train[(item.persona, stage, question)] == {"analysis": analysis, "response": response}
+                assert response not in test_answers and question != item.question
+            # the nearest of all that persona's train-split questions at that stage, nearest last
+            candidates = [q for (p, s, q) in train if p == item.persona and s == stage and q != item.question]
+            similarity = embedder.encode(candidates) @ embedder.encode([item.question])[0]
+            expected = sorted(similarity, reverse=True)[:3][::-1]
+            got = [float(embedder.encode([q])[0] @ embedder.encode([item.question])[0]) for q, _, _ in shown]
+            np.testing.assert_allclose(got, expected, atol=1e-6)
+    # in the answer request: the generic example, then these as earlier turns, then the question
+    shown = few_shot(items[0].persona, items[0].stage, items[0].question)
+    messages = prompts.response_messages(
+        name="N", description="D", when="W", objective=[], subjective=[], question="Q?", examples=shown
+    )
+    assert messages[1:3] == prompts.FEW_SHOT and messages[-1] == {"role": "user", "content": "Q?"}
+    assert [m["content"] for m in messages[3:-1:2]] == [q for q, _, _ in shown]
+    assert [m["content"] for m in messages[4:-1:2]] == [
+        f"[Analysis] {a}\n[Response] {r}" for _, a, r in shown
+    ]
+    assert parsing.parse_response(messages[4]["content"], 250, True)[0] == shown[0][1:]
+    assert FewShot(items, embedder, 0)(items[0].persona, items[0].stage, "Q?") == []
+
+
 def test_reference_dialogues_give_both_pair_kinds():
     personas, items = _references()
     by_id = {p.id: p for p in personas}
@@ -392,3 +428,67 @@ def test_each_seed_is_annotated_without_waiting_for_the_others(tmp_path, monkeyp
         assert list(item.answers) == [item.stage, *({"early", "late"} - {item.stage})]
         for stage, record in item.answers.items():
             assert record["response"] == f"Reply response:{item.id}:{stage}:0."
+
+
+class _RecordingAnnotator:
+    """Stands in for the LLM client: records every request's messages; answers every input with
+    a question and every answer request with a parsable reply."""
+
+    def __init__(self):
+        self.requests = []
+
+    async def complete(self, messages, *, tag, seed, **params):
+        self.requests.append(messages)
+        text = (
+            "What do you make of a stranger's boots?"
+            if tag.startswith("question:")
+            else (f"[Analysis] In character.\n[Response] Reply {tag}.")
+        )
+        return Completion(text, "stop", {"prompt_tokens": 1, "completion_tokens": 1}, cached=False)
+
+    def stats(self):
+        return {"prompt_tokens": 0, "completion_tokens": 0, "cache_hits": 0, "failures": 0}
+
+    async def aclose(self):
+        pass
+
+
+def test_answer_requests_show_train_split_reference_answers_of_their_persona_and_stage(tmp_path, monkeypatch):
+    """A whole build with `reference.few_shot=2`: every answer request holds the generic example,
+    then two reference dialogues of the persona at the stage it answers in, from the train split of
+    the dialogues the build writes, then the seed's question; no held-out reference answer is shown."""
+    monkeypatch.setattr(build_module, "Embedder", _HashEmbedder)
+    cfg = configlib.load(
+        BuildConfig,
+        ROOT / "configs" / "data_demo.yaml",
+        [
+            f"out_dir={tmp_path}",
+            f"personas_dir={EXAMPLES}",
+            "personas=[holmes,darwin]",
+            "limits.seeds_per_stage=2",
+            "reference.few_shot=2",
+            "general_data.path=",
+        ],
+    )
+    builder = Builder(cfg)
+    builder.client = annotator = _RecordingAnnotator()
+    asyncio.run(builder.run_async())
+    rows = [json.loads(line) for line in (tmp_path / "dialogues.jsonl").read_text().splitlines()]
+    references = {r["messages"][2]["content"]: r for r in rows if "/ref/" in r["id"]}
+    held_out = {answer for answer, r in references.items() if r["split"] == "test"}
+    assert held_out
+    personas = {p.id: p for p in load_personas(EXAMPLES)}
+    answer_requests = [m for m in annotator.requests if m[0]["content"].startswith("You are ")]
+    assert len(answer_requests) == 2 * 2 * 2 * 2  # 2 personas x 2 stages x 2 seeds, each at both stages
+    for messages in answer_requests:
+        assert messages[1:3] == prompts.FEW_SHOT and len(messages) == 8, [m["role"] for m in messages]
+        assert not any(answer in m["content"] for m in messages for answer in held_out)
+        for question, example in zip(messages[3:7:2], messages[4:7:2]):
+            analysis, response = example["content"].removeprefix("[Analysis] ").split("\n[Response] ")
+            source = references[response]
+            assert source["split"] == "train" and source["messages"][1]["content"] == question["content"]
+            assert source["analysis"] == analysis
+            # of the request's persona, at the stage it answers in (its `when` line)
+            persona = personas[source["persona"]]
+            assert messages[0]["content"].startswith(f"You are {persona.name}. {persona.description}")
+            assert f"Now it's {persona.stage(source['stage']).when}." in messages[0]["content"]

@@ -25,7 +25,7 @@ import numpy as np
 
 from persllm_jax.builder import cleaning, outputs, pairs, parsing, prompts
 from persllm_jax.builder.config import BuildConfig
-from persllm_jax.builder.references import reference_items
+from persllm_jax.builder.references import FewShot, reference_items
 from persllm_jax.builder.retrieval import Embedder, fill_budget, nearest
 from persllm_jax.llm.client import LLMClient
 from persllm_jax.personas.materials import load_personas
@@ -92,6 +92,7 @@ class Builder:
             seed=cfg.llm.seed,
         )
         self.drops: Counter = Counter()
+        self.few_shot: FewShot | None = None
 
     # -- seeds and inputs ------------------------------------------------------------------
 
@@ -229,6 +230,7 @@ class Builder:
             objective=[p.text for p in objective],
             subjective=[p.text for p in subjective],
             question=item.question,
+            examples=self.few_shot(item.persona, stage_id, item.question) if self.few_shot else (),
         )
         record: dict = {}
         for attempt in range(self._attempts()):
@@ -265,14 +267,8 @@ class Builder:
     async def run_async(self) -> dict:
         items = self.seed_items()
         log.info("%d seed paragraphs over %d persona stages", len(items), len(self.stages))
-        await self.annotate(items)
-        kept = [i for i in items if i.drop_reason is None]
-        kept, duplicates = cleaning.drop_near_duplicates(kept, self.embedder, self.cfg.dedup.threshold)
-        for item in duplicates:
-            item.drop_reason = "near-duplicate question"
-        cleaning.assign_splits(kept, self.cfg.split.test_fraction, self.cfg.split.seed)
         references = []
-        if self.cfg.reference.include:
+        if self.cfg.reference.include or self.cfg.reference.few_shot:
             references = reference_items(
                 self.personas.values(),
                 self.cfg.personas_dir,
@@ -280,7 +276,22 @@ class Builder:
                 self.cfg.split.seed,
                 Item,
             )
-            log.info("%d reference dialogues", len(references))
+        if self.cfg.reference.few_shot:
+            self.few_shot = FewShot(references, self.embedder, self.cfg.reference.few_shot)
+            log.info(
+                "answer requests show up to %d of the persona's %d train-split reference answers",
+                self.cfg.reference.few_shot,
+                sum(len(e) for e in self.few_shot.examples.values()),
+            )
+        await self.annotate(items)
+        kept = [i for i in items if i.drop_reason is None]
+        kept, duplicates = cleaning.drop_near_duplicates(kept, self.embedder, self.cfg.dedup.threshold)
+        for item in duplicates:
+            item.drop_reason = "near-duplicate question"
+        cleaning.assign_splits(kept, self.cfg.split.test_fraction, self.cfg.split.seed)
+        if not self.cfg.reference.include:
+            references = []
+        log.info("%d reference dialogues", len(references))
         kept += references
         dialogue_rows = [outputs.dialogue_row(i, self.personas, self.stages) for i in kept]
         pair_rows = []

@@ -82,6 +82,9 @@ class ReferenceSection:
     # each persona's reference.jsonl (hand-written dialogues), where it ships one, joins the
     # annotated dialogues and the pair mining
     include: bool = True
+    # worked examples in every answer request: the persona's train-split reference dialogues at
+    # the answering stage whose questions are nearest the seed's (0 = none)
+    few_shot: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

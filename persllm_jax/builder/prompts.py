@@ -7,6 +7,8 @@ seed, then answer it in the persona's voice with retrieved materials and Chain-o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 QUESTION_SYSTEM = (
     "You write inputs for a conversation with a specific person. You are given one paragraph of "
     "material about that person. Write exactly one input of the requested kind, addressed to the "
@@ -102,8 +104,17 @@ def question_messages(*, name: str, description: str, when: str, seed: str, kind
 
 
 def response_messages(
-    *, name: str, description: str, when: str, objective: list[str], subjective: list[str], question: str
+    *,
+    name: str,
+    description: str,
+    when: str,
+    objective: list[str],
+    subjective: list[str],
+    question: str,
+    examples: Sequence[tuple[str, str, str]] = (),
 ):
+    """The answer request; `examples` ((question, analysis, response) each, the persona's own
+    answers at this stage) follow the generic example as earlier turns of the conversation."""
     system = RESPONSE_SYSTEM.format(
         name=name,
         description=description,
@@ -111,4 +122,10 @@ def response_messages(
         objective="\n\n".join(objective) or "(nothing retrieved)",
         subjective="\n\n".join(subjective) or "(no records)",
     )
-    return [{"role": "system", "content": system}, *FEW_SHOT, {"role": "user", "content": question}]
+    worked = []
+    for asked, analysis, response in examples:
+        worked += [
+            {"role": "user", "content": asked},
+            {"role": "assistant", "content": f"[Analysis] {analysis}\n[Response] {response}"},
+        ]
+    return [{"role": "system", "content": system}, *FEW_SHOT, *worked, {"role": "user", "content": question}]

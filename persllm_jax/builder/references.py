@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from persllm_jax.builder.cleaning import held_out_keys
+from persllm_jax.builder.retrieval import nearest
 from persllm_jax.personas.reference_dialogues import read_reference_dialogues, reference_file
 
 
@@ -56,3 +57,37 @@ def reference_items(personas, personas_dir, test_fraction: float, seed: int, mak
             first_of_group[group] = item
         items.append(item)
     return items
+
+
+class FewShot:
+    """Worked examples for the annotator: for a question to `persona` at `stage`, the `count`
+    train-split reference answers of that persona at that stage whose questions are nearest it (an
+    identical question is skipped). Test-split answers never serve: what the annotator sees may
+    end up in training data, and the held-out answers are evaluation data."""
+
+    def __init__(self, items, embedder, count: int):
+        self.count, self.embedder = count, embedder
+        self.examples: dict[tuple[str, str], list[tuple[str, str, str]]] = defaultdict(list)
+        seen = set()
+        for item in items:
+            if item.split != "train":
+                continue
+            for stage, answer in item.answers.items():
+                key = (item.persona, stage, item.question)
+                if key not in seen:
+                    seen.add(key)
+                    self.examples[(item.persona, stage)].append(
+                        (item.question, answer["analysis"], answer["response"])
+                    )
+        self.vectors = {
+            key: embedder.encode([question for question, _, _ in found])
+            for key, found in self.examples.items()
+        }
+
+    def __call__(self, persona: str, stage: str, question: str) -> list[tuple[str, str, str]]:
+        found = self.examples.get((persona, stage), [])
+        if not self.count or not found:
+            return []
+        order = nearest(self.embedder.encode([question])[0], self.vectors[(persona, stage)])
+        picked = [found[i] for i in order if found[i][0].strip() != question.strip()][: self.count]
+        return picked[::-1]  # the nearest last, next to the question
