@@ -121,7 +121,7 @@ def measure(run: Path, out: Path, data: Path, scorer: Path, few_shot: int, secon
         )
     attribution = json.loads(probes.read_text())["models"]["scorer"]["attribution"]
     annotations = [json.loads(line) for line in (data / "annotations.jsonl").read_text().splitlines() if line]
-    drops = Counter(a["drop_reason"] for a in annotations if a.get("drop_reason"))
+    drops = Counter(a["dropped"] for a in annotations if a.get("dropped"))
     shown = shown_examples(data)
     raws = {
         a["answers"][a["stage"]].get("response"): a["answers"][a["stage"]].get("raw")
