@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -29,17 +27,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def persllm(*args: str, log: Path) -> float:
-    started = time.time()
-    with open(log, "w") as f:
-        done = subprocess.run(
-            [sys.executable, "-m", "persllm_jax.cli", *args], stdout=f, stderr=subprocess.STDOUT
-        )
-    if done.returncode:
-        raise SystemExit(f"persllm {args[0]} failed ({done.returncode}); see {log}")
-    return round(time.time() - started, 1)
+from personify_recipes import persllm  # noqa: E402  (a persllm step, its output to a log)
 
 
 def build(run: Path, out: Path, base_url: str, model: str, few_shot: int, seeds: int) -> tuple[Path, float]:

@@ -398,23 +398,23 @@ class _HashEmbedder:
         return np.stack([v / np.linalg.norm(v) for v in vectors])
 
 
-def test_each_seed_is_annotated_without_waiting_for_the_others(tmp_path, monkeypatch):
-    """Inputs and answers of different seeds interleave: the other seeds' answers go out while one
-    seed's input is still pending (and retried); each item keeps its answers in stage order, its
-    own stage first."""
+def _offline_builder(tmp_path, monkeypatch, *overrides) -> Builder:
+    """The demo's build config, two seeds per stage, hashed embeddings (no retrieval model)."""
     monkeypatch.setattr(build_module, "Embedder", _HashEmbedder)
     cfg = configlib.load(
         BuildConfig,
         ROOT / "configs" / "data_demo.yaml",
-        [
-            f"out_dir={tmp_path}",
-            f"personas_dir={ROOT}/examples/personas",
-            "personas=[holmes]",
-            "limits.seeds_per_stage=2",
-            "llm.temperature=0.7",
-        ],
+        [f"out_dir={tmp_path}", f"personas_dir={EXAMPLES}", "limits.seeds_per_stage=2", *overrides],
     )
-    builder = Builder(cfg)
+    return Builder(cfg)
+
+
+def test_each_seed_is_annotated_without_waiting_for_the_others(tmp_path, monkeypatch):
+    """Inputs and answers of different seeds interleave: the other seeds' answers go out while one
+    seed's input is still pending (and retried); each item keeps its answers in stage order, its
+    own stage first."""
+    builder = _offline_builder(tmp_path, monkeypatch, "personas=[holmes]", "llm.temperature=0.7")
+    cfg = builder.cfg
     items = builder.seed_items()
     builder.client = annotator = _HeldAnnotator(items)
     asyncio.run(builder.annotate(items))
@@ -457,20 +457,9 @@ def test_answer_requests_show_train_split_reference_answers_of_their_persona_and
     """A whole build with `reference.few_shot=2`: every answer request holds the generic example,
     then two reference dialogues of the persona at the stage it answers in, from the train split of
     the dialogues the build writes, then the seed's question; no held-out reference answer is shown."""
-    monkeypatch.setattr(build_module, "Embedder", _HashEmbedder)
-    cfg = configlib.load(
-        BuildConfig,
-        ROOT / "configs" / "data_demo.yaml",
-        [
-            f"out_dir={tmp_path}",
-            f"personas_dir={EXAMPLES}",
-            "personas=[holmes,darwin]",
-            "limits.seeds_per_stage=2",
-            "reference.few_shot=2",
-            "general_data.path=",
-        ],
+    builder = _offline_builder(
+        tmp_path, monkeypatch, "personas=[holmes,darwin]", "reference.few_shot=2", "general_data.path="
     )
-    builder = Builder(cfg)
     builder.client = annotator = _RecordingAnnotator()
     asyncio.run(builder.run_async())
     rows = [json.loads(line) for line in (tmp_path / "dialogues.jsonl").read_text().splitlines()]
