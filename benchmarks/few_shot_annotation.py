@@ -79,13 +79,14 @@ def longest_shared_run(answer: str, examples: list[str]) -> float:
     return best / max(len(words), 1)
 
 
-def shown_examples(data: Path) -> dict[str, list[str]]:
-    """Answer text -> the example answers its request showed (from the build's LLM-call cache)."""
+def shown_examples(data: Path, few_shot: int) -> dict[str, list[str]]:
+    """Answer text -> the example answers its request showed (from the build's LLM-call cache,
+    which also holds the requests of the counts before, copied with it)."""
     shown = {}
     for line in (data / "cache" / "cache.jsonl").read_text().splitlines():
         record = json.loads(line)
         messages = record["request"]["messages"]
-        if messages[0]["content"].startswith("You are ") and len(messages) > 4:
+        if messages[0]["content"].startswith("You are ") and len(messages) == 4 + 2 * few_shot > 4:
             examples = [m["content"].split("[Response] ", 1)[-1] for m in messages[4:-1:2]]
             shown[record.get("text", "")] = examples
     return shown
@@ -102,7 +103,7 @@ def measure(run: Path, out: Path, data: Path, scorer: Path, few_shot: int, secon
             "probe",
             f"scorer={scorer}",
             "--personas-dir",
-            str(run / "personas"),
+            yaml.safe_load((run / "configs" / "build-data.yaml").read_text())["personas_dir"],
             "--dialogues",
             str(scored),
             "--json",
@@ -112,7 +113,7 @@ def measure(run: Path, out: Path, data: Path, scorer: Path, few_shot: int, secon
     attribution = json.loads(probes.read_text())["models"]["scorer"]["attribution"]
     annotations = [json.loads(line) for line in (data / "annotations.jsonl").read_text().splitlines() if line]
     drops = Counter(a["dropped"] for a in annotations if a.get("dropped"))
-    shown = shown_examples(data)
+    shown = shown_examples(data, few_shot)
     raws = {
         a["answers"][a["stage"]].get("response"): a["answers"][a["stage"]].get("raw")
         for a in annotations

@@ -38,7 +38,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# name -> the persona prompt style, build-data overrides, SFT overrides, DPO overrides. The step
+# name -> the persona prompt style, build-data overrides, SFT overrides, DPO overrides; optionally
+# `data_from` (another variant's build instead of its own), `pairs_from` ({variant: repeats}: DPO on
+# those builds' pair files), `materials_repeats` (the materials paragraphs in SFT), `sft_from`,
+# `dpo_from` (another variant's model to start from), `from_run` (the demo run's models). The step
 # configs come from the `--run` demo run; the variants measured before the demo's DPO became
 # mirrored cross-stage pairs pin what they were measured with (all pairs; DPO rows of 8 x 256, one
 # pair per slot), so that a later demo run reproduces them.
@@ -449,30 +452,41 @@ def probe_shared(
     for label, path in models.items():
         if label in own:
             continue
-        # the base model's file name as before; another model's names its directory too
-        shared = (
-            f"{label}_{name}_{key}"
-            if label == "base"
-            else f"{label}_{name}_{key}_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
-        )
+        # the model's directory and its files' times: a model trained again there is scored again
+        identity = [str(path.resolve()), *(f"{f}:{f.stat().st_mtime_ns}" for f in sorted(path.rglob("*")))]
+        shared = f"{label}_{name}_{key}_" + hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:8]
         scored[label] = probe({label: path}, personas, root, shared, extra)["models"][label]
     return {"models": {label: scored[label] for label in models}}
+
+
+def data_of(run: Path, root: Path, name: str, spec: dict) -> Path:
+    """Variant `name`'s build (made if missing, nothing trained), for `spec`, which must ask with
+    the same persona prompt."""
+    other = VARIANTS[name]
+    if other["stage_prompt"] != spec["stage_prompt"]:
+        raise SystemExit(
+            f"{name} builds with stage_prompt {other['stage_prompt']}, not {spec['stage_prompt']}"
+        )
+    if other.get("data_from"):
+        return data_of(run, root, other["data_from"], spec)
+    (root / name).mkdir(parents=True, exist_ok=True)
+    return build(run, root / name, personas_in(other["stage_prompt"], root), other["build"])
 
 
 def run_variant(run: Path, root: Path, name: str, spec: dict) -> dict:
     out = root / name
     out.mkdir(parents=True, exist_ok=True)
     personas = personas_in(spec["stage_prompt"], root)
-    if spec.get("data_from"):
-        # another variant's build (the same dialogues and split; its pairs may differ)
-        run_variant(run, root, spec["data_from"], VARIANTS[spec["data_from"]])
-        data = root / spec["data_from"] / "data"
-    else:
-        data = build(run, out, personas, spec["build"])
+    # another variant's build (the same dialogues and split; its pairs may differ), or its own
+    data = (
+        data_of(run, root, spec["data_from"], spec)
+        if spec.get("data_from")
+        else build(run, out, personas, spec["build"])
+    )
     # DPO on other variants' pair files, each `repeats` times an epoch, or on this build's
-    pair_sources = [(root / v / "data" / "pairs.jsonl", r) for v, r in spec.get("pairs_from", {}).items()]
-    for v in spec.get("pairs_from", {}):
-        run_variant(run, root, v, VARIANTS[v])
+    pair_sources = [
+        (data_of(run, root, v, spec) / "pairs.jsonl", r) for v, r in spec.get("pairs_from", {}).items()
+    ]
     pair_sources = pair_sources or [(data / "pairs.jsonl", None)]
     from_run = spec.get("from_run", [])
     if from_run and not spec.get("build", True):

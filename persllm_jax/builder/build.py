@@ -25,7 +25,7 @@ import numpy as np
 
 from persllm_jax.builder import cleaning, outputs, pairs, parsing, prompts
 from persllm_jax.builder.config import BuildConfig
-from persllm_jax.builder.references import FewShot, reference_items
+from persllm_jax.builder.references import ReferenceExamples, reference_items
 from persllm_jax.builder.retrieval import Embedder, fill_budget, nearest
 from persllm_jax.llm.client import LLMClient
 from persllm_jax.personas.materials import load_personas
@@ -71,6 +71,8 @@ class Builder:
         self.cfg = cfg
         self.out_dir = Path(cfg.out_dir)
         self.kinds = _check_kinds(cfg.questions.kinds)
+        if cfg.reference.few_shot < 0:
+            raise ValueError(f"reference.few_shot must be >= 0 (0 = no examples), got {cfg.reference.few_shot}")
         personas = load_personas(cfg.personas_dir)
         if cfg.personas:
             unknown = sorted(set(cfg.personas) - {p.id for p in personas})
@@ -92,7 +94,24 @@ class Builder:
             seed=cfg.llm.seed,
         )
         self.drops: Counter = Counter()
-        self.few_shot: FewShot | None = None
+        ref = cfg.reference
+        # the reference dialogues: build items of their own, and (few_shot) the annotator's examples
+        self.references = []
+        if ref.include or ref.few_shot:
+            self.references = reference_items(
+                personas, cfg.personas_dir, cfg.split.test_fraction, cfg.split.seed, Item
+            )
+        self.examples = None
+        if ref.few_shot:
+            self.examples = ReferenceExamples(
+                self.references, self.embedder, ref.few_shot, cfg.dedup.threshold
+            )
+            log.info(
+                "answer requests show up to %d train-split reference answers of their persona and stage "
+                "(%d such answers in all)",
+                ref.few_shot,
+                sum(len(e) for e in self.examples.examples.values()),
+            )
 
     # -- seeds and inputs ------------------------------------------------------------------
 
@@ -230,7 +249,7 @@ class Builder:
             objective=[p.text for p in objective],
             subjective=[p.text for p in subjective],
             question=item.question,
-            examples=self.few_shot(item.persona, stage_id, item.question) if self.few_shot else (),
+            examples=self.examples(item.persona, stage_id, item.question) if self.examples else (),
         )
         record: dict = {}
         for attempt in range(self._attempts()):
@@ -267,30 +286,13 @@ class Builder:
     async def run_async(self) -> dict:
         items = self.seed_items()
         log.info("%d seed paragraphs over %d persona stages", len(items), len(self.stages))
-        references = []
-        if self.cfg.reference.include or self.cfg.reference.few_shot:
-            references = reference_items(
-                self.personas.values(),
-                self.cfg.personas_dir,
-                self.cfg.split.test_fraction,
-                self.cfg.split.seed,
-                Item,
-            )
-        if self.cfg.reference.few_shot:
-            self.few_shot = FewShot(references, self.embedder, self.cfg.reference.few_shot)
-            log.info(
-                "answer requests show up to %d of the persona's %d train-split reference answers",
-                self.cfg.reference.few_shot,
-                sum(len(e) for e in self.few_shot.examples.values()),
-            )
         await self.annotate(items)
         kept = [i for i in items if i.drop_reason is None]
         kept, duplicates = cleaning.drop_near_duplicates(kept, self.embedder, self.cfg.dedup.threshold)
         for item in duplicates:
             item.drop_reason = "near-duplicate question"
         cleaning.assign_splits(kept, self.cfg.split.test_fraction, self.cfg.split.seed)
-        if not self.cfg.reference.include:
-            references = []
+        references = self.references if self.cfg.reference.include else []
         log.info("%d reference dialogues", len(references))
         kept += references
         dialogue_rows = [outputs.dialogue_row(i, self.personas, self.stages) for i in kept]

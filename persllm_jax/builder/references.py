@@ -59,14 +59,15 @@ def reference_items(personas, personas_dir, test_fraction: float, seed: int, mak
     return items
 
 
-class FewShot:
-    """Worked examples for the annotator: for a question to `persona` at `stage`, the `count`
-    train-split reference answers of that persona at that stage whose questions are nearest it (an
-    identical question is skipped). Test-split answers never serve: what the annotator sees may
-    end up in training data, and the held-out answers are evaluation data."""
+class ReferenceExamples:
+    """Worked examples for the annotator: for a question to `persona` at `stage`, up to `count`
+    train-split reference answers of that persona at that stage whose questions are nearest it.
+    Test-split answers never serve (what the annotator sees may end up in training data, and the
+    held-out answers are evaluation data), nor does a question as close to the seed's as the
+    near-duplicate threshold: an annotator shown the same question with its answer copies it."""
 
-    def __init__(self, items, embedder, count: int):
-        self.count, self.embedder = count, embedder
+    def __init__(self, items, embedder, count: int, too_close: float):
+        self.count, self.embedder, self.too_close = count, embedder, too_close
         self.examples: dict[tuple[str, str], list[tuple[str, str, str]]] = defaultdict(list)
         seen = set()
         for item in items:
@@ -86,8 +87,10 @@ class FewShot:
 
     def __call__(self, persona: str, stage: str, question: str) -> list[tuple[str, str, str]]:
         found = self.examples.get((persona, stage), [])
-        if not self.count or not found:
+        if not found:
             return []
-        order = nearest(self.embedder.encode([question])[0], self.vectors[(persona, stage)])
-        picked = [found[i] for i in order if found[i][0].strip() != question.strip()][: self.count]
-        return picked[::-1]  # the nearest last, next to the question
+        query = self.embedder.encode([question])[0]
+        vectors = self.vectors[(persona, stage)]
+        similarity = vectors @ query
+        order = [i for i in nearest(query, vectors) if similarity[i] < self.too_close]
+        return [found[i] for i in order[: self.count]][::-1]  # the nearest last, next to the question
