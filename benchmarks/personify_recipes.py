@@ -240,8 +240,8 @@ def probe_shared(
 
 
 def data_of(run: Path, root: Path, name: str, spec: dict) -> Path:
-    """Variant `name`'s build (made if missing, nothing trained), for `spec`, which must ask with
-    the same persona prompt."""
+    """Variant `name`'s build, or the one its `data_from` names (made if missing, nothing
+    trained), for `spec`, which must ask with the same persona prompt."""
     other = VARIANTS[name]
     if other["stage_prompt"] != spec["stage_prompt"]:
         raise SystemExit(
@@ -257,12 +257,8 @@ def run_variant(run: Path, root: Path, name: str, spec: dict) -> dict:
     out = root / name
     out.mkdir(parents=True, exist_ok=True)
     personas = personas_in(spec["stage_prompt"], root)
-    # another variant's build (the same dialogues and split; its pairs may differ), or its own
-    data = (
-        data_of(run, root, spec["data_from"], spec)
-        if spec.get("data_from")
-        else build(run, out, personas, spec["build"])
-    )
+    # its own build, or the one `data_from` names (the same dialogues and split; its pairs may differ)
+    data = data_of(run, root, name, spec)
     # DPO on other variants' pair files, each `repeats` times an epoch, or on this build's
     pair_sources = [
         (data_of(run, root, v, spec) / "pairs.jsonl", r) for v, r in spec.get("pairs_from", {}).items()
