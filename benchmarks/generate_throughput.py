@@ -2,8 +2,9 @@
 transformers, same model (fp32), prompts and greedy decoding, in one run.
 
 1. `generate`: N persona prompts of mixed lengths at once (batch 1, 8, 16, 64): our `Generator`
-   against transformers' `generate` on the same left-padded batch; each side in its own process,
-   timed after a warm-up run.
+   against transformers' `generate` on the same left-padded batch, and our `Generator` with its
+   layers unrolled over a per-layer copy of the weights (`unroll_layers=True`); each in its own
+   process, timed after a warm-up run.
 2. `serve`: N concurrent streaming requests (16, 64) to `persllm serve` against `transformers serve
    --continuous-batching`, each in turn on this machine: completion tokens/s over the wall time
    of the flood, and the mean and worst time to first token.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import subprocess
 import sys
@@ -62,12 +64,12 @@ def conversations(n: int, run: int = 0) -> list[list[dict]]:
 # -- 1. batch generation ---------------------------------------------------------------------------
 
 
-def run_ours(model_path: str, batch: int, new_tokens: int) -> dict:
+def run_ours(model_path: str, batch: int, new_tokens: int, unroll_layers: bool = False) -> dict:
     from persllm_jax import load_pretrained
     from persllm_jax.inference.generation import Generator, SamplingParams
 
     model, tokenizer = load_pretrained(model_path)
-    gen = Generator(model, tokenizer, max_batch=batch)
+    gen = Generator(model, tokenizer, max_batch=batch, unroll_layers=unroll_layers)
     params = SamplingParams(max_new_tokens=new_tokens)
     # compile: a run with a cold cache, then one that finds the persona prompts cached (its
     # prefill shapes are those of the timed run)
@@ -166,13 +168,14 @@ def batch_table(model_dir: str, batches: list[int], new_tokens: int) -> list[dic
     print(f"\n## generate: a batch of persona prompts, greedy, {new_tokens} new tokens, warm runs")
     print(
         "| batch | ours tokens/s | transformers `generate` tokens/s | ours / transformers "
-        "| decode steps: ms each / with nothing cached | bound: ours with cached keys read free |"
+        "| decode steps: ms each / with nothing cached | bound: ours with cached keys read free "
+        "| ours, layers unrolled: tokens/s, decode ms / with nothing cached |"
     )
-    print("|---|---|---|---|---|---|", flush=True)
+    print("|---|---|---|---|---|---|---|", flush=True)
     rows = []
     for batch in batches:
         results = {}
-        for worker in ("ours", "transformers"):
+        for worker in ("ours", "transformers", "ours_unrolled"):
             cmd = [sys.executable, __file__, "--worker", worker, "--batch", str(batch), "--model", model_dir]
             cmd += ["--new-tokens", str(new_tokens)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
@@ -186,6 +189,9 @@ def batch_table(model_dir: str, batches: list[int], new_tokens: int) -> list[dic
         free = mine["seconds"] - mine["decode_seconds"] + mine["decode_calls"] * mine["weights_only_step"]
         bound = mine["tokens"] / free
         step_ms = 1e3 * mine["decode_seconds"] / max(mine["decode_calls"], 1)
+        unrolled = results["ours_unrolled"]
+        unrolled_tok_s = unrolled["tokens"] / unrolled["seconds"]
+        unrolled_step_ms = 1e3 * unrolled["decode_seconds"] / max(unrolled["decode_calls"], 1)
         rows.append(
             {
                 "batch": batch,
@@ -193,11 +199,14 @@ def batch_table(model_dir: str, batches: list[int], new_tokens: int) -> list[dic
                 "transformers_tok_s": theirs,
                 "ours": mine,
                 "bound_tok_s": bound,
+                "ours_unrolled": results["ours_unrolled"],
             }
         )
         print(
             f"| {batch} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x "
-            f"| {step_ms:.1f} / {1e3 * mine['weights_only_step']:.1f} | {bound:.1f} ({bound / theirs:.2f}x) |",
+            f"| {step_ms:.1f} / {1e3 * mine['weights_only_step']:.1f} | {bound:.1f} ({bound / theirs:.2f}x) "
+            f"| {unrolled_tok_s:.1f} ({unrolled_tok_s / theirs:.2f}x), {unrolled_step_ms:.1f} / "
+            f"{1e3 * unrolled['weights_only_step']:.1f} |",
             flush=True,
         )
     return rows
@@ -315,11 +324,15 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32, help="persllm serve's decode slots")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", help="write the measurements as JSON here")
-    parser.add_argument("--worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["ours", "transformers", "ours_unrolled"], help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        run = run_ours if args.worker == "ours" else run_transformers
+        run = {
+            "ours": run_ours,
+            "ours_unrolled": functools.partial(run_ours, unroll_layers=True),
+            "transformers": run_transformers,
+        }[args.worker]
         print(json.dumps(run(args.model, args.batch, args.new_tokens)))
         return
     with tempfile.TemporaryDirectory() as tmp:

@@ -89,9 +89,9 @@ def test_splash_runs_a_gemma_model_as_xla_does(tmp_path):
 @pytest.mark.parametrize("variant", ["gemma3_sliding", "mistral_sliding"])
 def test_the_generator_past_the_window_equals_transformers_in_a_fixed_ring(variant, tmp_path):
     """The serving engine (continuous batching over pages): two rows, one joining after the other
-    has passed its window, decode greedily past the window as transformers does; the sliding
-    layers' pages are a ring per slot whose size is set by the window, not by the reply length or
-    the cache's budget."""
+    has passed its window, decode greedily past the window as transformers does, with the layers
+    scanned and unrolled; the sliding layers' pages are a ring per slot whose size is set by the
+    window, not by the reply length or the cache's budget."""
     from persllm_jax.inference.generation import Generator, SamplingParams
     from persllm_jax.inference.scheduler import Request
 
@@ -110,8 +110,10 @@ def test_the_generator_past_the_window_equals_transformers_in_a_fixed_ring(varia
     rng = np.random.default_rng(1)
     prompts = [rng.integers(5, 320, n).tolist() for n in PROMPT_LENGTHS]
     rings = []
-    for budget in (None, 0.01):
-        gen = Generator(model, Tok(), max_batch=2, kv_cache_gib=budget, prefill_chunk=16)
+    for budget, unroll in ((None, False), (0.01, False), (None, True)):
+        gen = Generator(
+            model, Tok(), max_batch=2, kv_cache_gib=budget, prefill_chunk=16, unroll_layers=unroll
+        )
         rings.append(gen._pool[2].shape)  # the sliding layers' keys
         done = {}
         params = SamplingParams(max_new_tokens=NEW_TOKENS)
@@ -129,10 +131,10 @@ def test_the_generator_past_the_window_equals_transformers_in_a_fixed_ring(varia
                     min_new_tokens=NEW_TOKENS,
                     do_sample=False,
                 )[0, len(prompt) :].tolist()
-            assert done[row].token_ids == reference, (variant, budget, row)
+            assert done[row].token_ids == reference, (variant, budget, unroll, row)
     window_pages = -(-model.cfg.sliding_window // 16)
     local = sum(model.cfg.sliding_layers)
     # [sliding layers, 2 slots x (window + 1) pages + scratch, K, 16, H] (the window is longer than
     # a 16-token prefill chunk), under either budget
     ring = (local, 2 * (window_pages + 1) + 1, model.cfg.num_kv_heads, 16, model.cfg.head_dim)
-    assert rings[0] == rings[1] == ring
+    assert rings[0] == rings[1] == rings[2] == ring

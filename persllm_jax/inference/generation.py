@@ -25,6 +25,7 @@ from persllm_jax.inference.paged_forward import (
     paged_hidden_states,
     pool_bytes_per_token,
     ring_pages,
+    unstack_layers,
     write_pages,
 )
 from persllm_jax.inference.sampling import GREEDY, SamplingParams, sample
@@ -69,7 +70,11 @@ class Generator:
     `max_batch`: decode slots (rows decoding together); `kv_cache_gib`: the KV cache's memory
     budget, held by every device of the model's mesh (default: 1024 tokens per slot, at least
     4096 tokens);
-    `prefix_cache`: reuse the keys and values of prompt prefixes seen before."""
+    `prefix_cache`: reuse the keys and values of prompt prefixes seen before;
+    `unroll_layers`: run the layers one after another over a per-layer copy of their weights
+    instead of scanning the stacked ones: on CPU a single stream decodes about 1.3x as fast, at
+    the cost of a second copy of the layers' weights and about three times the compile time per
+    call shape; from 4 rows on the scan is as fast or faster (see `unstack_layers`)"""
 
     def __init__(
         self,
@@ -80,6 +85,7 @@ class Generator:
         kv_cache_gib: float | None = None,
         prefix_cache: bool = True,
         prefill_chunk: int = 512,
+        unroll_layers: bool = False,
     ):
         from flax import nnx
 
@@ -89,7 +95,9 @@ class Generator:
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self._graphdef, self._state = nnx.split(model)
+        self._unroll = unroll_layers
         self._mesh = _model_mesh(self._state)
+        self._layer_states = self._unstacked_layers()
         self.eos_ids = self._end_of_turn_ids(tokenizer, eos_token_ids(generation_config(model)))
         per_token = pool_bytes_per_token(model.cfg)
         if kv_cache_gib is None or not per_token:  # (no global layers: the budget has nothing to size)
@@ -145,8 +153,15 @@ class Generator:
         from flax import nnx
 
         self._state = nnx.state(self.model)
+        self._layer_states = self._unstacked_layers()
         if not self.scheduler.busy:
             self.pages.clear_prefixes()
+
+    def _unstacked_layers(self):
+        if not self._unroll:
+            return None
+        with self._mesh_context():
+            return unstack_layers(self.model)
 
     def _mesh_context(self):
         return jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext()
@@ -177,14 +192,14 @@ class Generator:
     # -- device side -----------------------------------------------------------------------------
 
     def _call_fn(
-        self, state, pool, seen, ids, positions, valid, pages, ring, last, slots, drawn, rows, *,
+        self, state, layer_states, pool, seen, ids, positions, valid, pages, ring, last, slots, drawn, rows, *,
         greedy_only: bool, keep_logits: bool,
     ):  # fmt: skip
         """The model over one call's rows and the sampled next tokens; reads the cache only."""
         from flax import nnx
 
         model = nnx.merge(self._graphdef, state)
-        hidden, new_kv = paged_hidden_states(model, ids, positions, valid, pool, pages, ring)
+        hidden, new_kv = paged_hidden_states(model, ids, positions, valid, pool, pages, ring, layer_states)
         at_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
         logits_BV = model.logits_from_hidden(at_last)[:, 0]
         token_B = sample(logits_BV, seen[slots], rows, drawn, greedy_only)
@@ -212,7 +227,7 @@ class Generator:
             try:
                 ring = None if self._rings is None else self._rings[call.slots]
                 token_B, logits, new_kv = self._call(
-                    self._state, self._pool, self._seen, call.ids, call.positions, call.valid, call.cached_pages,
+                    self._state, self._layer_states, self._pool, self._seen, call.ids, call.positions, call.valid, call.cached_pages,
                     ring, call.last, call.slots, call.drawn, rows,
                     greedy_only=greedy_only, keep_logits=keep_logits,
                 )  # fmt: skip

@@ -71,7 +71,9 @@ def pool_bytes_per_token(cfg) -> int:
     return 2 * global_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.compute_dtype).itemsize
 
 
-def paged_hidden_states(model, ids_BT, positions_BT, valid_BT, pool, pages_BN, ring_BR=None):
+def paged_hidden_states(
+    model, ids_BT, positions_BT, valid_BT, pool, pages_BN, ring_BR=None, layer_states=None
+):
     """Final-normed hidden states [B, T, D] of T new tokens per row, and their keys and values
     (k, v), each [layers, B, T, kv_heads, head_dim], for `write_pages` to store.
 
@@ -79,7 +81,9 @@ def paged_hidden_states(model, ids_BT, positions_BT, valid_BT, pool, pages_BN, r
     the row has cached; `valid_BT`: false for padding (its position should repeat the row's last
     real one); `pages_BN`: each row's page table as far as the call reads (the pages of the tokens
     cached before it; none when no row has any), padded with the scratch page; `ring_BR`: each
-    row's ring of pages for the sliding-window layers (models that have them). A query sees the
+    row's ring of pages for the sliding-window layers (models that have them); `layer_states`:
+    the layers' parameters one state per layer (`unstack_layers`), run one after another instead
+    of scanned over the stacked ones (see `unstack_layers` for why). A query sees the
     row's cached keys and this call's real keys up to its own position (and, in a sliding-window
     layer, within the window). The pool is only read here: a call that passed it through to its
     outputs (donated) runs markedly slower on CPU than one that reads it and leaves the writing
@@ -153,11 +157,52 @@ def paged_hidden_states(model, ids_BT, positions_BT, valid_BT, pool, pages_BN, r
 
         return layer(x, cos, sin, None, paged)
 
+    if layer_states is not None:
+        new_k, new_v = [], []
+        for i, layer_state in enumerate(layer_states):
+            local = bool(cfg.sliding_layers[i])
+            cos, sin = rotary[1] if local else rotary[0]
+            window = cfg.sliding_window if local else None
+            k_layer, v_layer = (pool[2], pool[3]) if local else (pool[0], pool[1])
+            view = local_cached if local else global_cached
+            k_layer, v_layer = k_layer[kind_index[i]], v_layer[kind_index[i]]
+
+            # A layer's cached pages depend on the page table alone, so XLA would gather every
+            # layer's pages at the start of the call and read them back long after, out of cache
+            # (a decode step at batch 16: 135 ms against 100 ms). A page table that depends on the
+            # layer's query, and equals the table, makes each layer gather its pages when it runs.
+            def paged(q, k, v, k_layer=k_layer, v_layer=v_layer, view=view, window=window):
+                after_q = jnp.isnan(q[0, 0, 0, 0]).astype(jnp.int32)
+                view = (jnp.minimum(view[0], view[0] + after_q), *view[1:])
+                k, v = k.astype(pool[0].dtype), v.astype(pool[0].dtype)
+                return attend_cached(q, k, v, k_layer, v_layer, view, window), (k, v)
+
+            x_BTD, (k, v) = nnx.merge(graphdef, layer_state)(x_BTD, cos, sin, None, paged)
+            new_k.append(k)
+            new_v.append(v)
+        return model.final_norm(x_BTD), (jnp.stack(new_k), jnp.stack(new_v))
+
     xs = (stacked_state, _local_layers(cfg), jnp.asarray(kind_index))
     if local_cached is None:
         xs = (*xs, pool[0], pool[1])
     x_BTD, new_kv = jax.lax.scan(one_layer, x_BTD, xs)
     return model.final_norm(x_BTD), new_kv
+
+
+def unstack_layers(model):
+    """The layers' parameters as one state per layer, for `paged_hidden_states` to run the layers
+    one after another (a second copy of the layers' weights). A scan over the stacked parameters
+    slices each layer's weights out of them at every step, and XLA on CPU copies the slice before
+    its matmuls: SmolLM2-135M's decode step at batch 1 took 37 ms unrolled against 49 ms scanned.
+    From batch 4 on the matmuls cost more than the copies and the scanned step is as fast or
+    faster (batch 16: 100 against 93 ms), and an unrolled call takes about three times as long to
+    compile (benchmarks/results/cpu_generate_smollm2.md)."""
+    return _unstack(nnx.state(model.layers), model.cfg.num_layers)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack(stacked, num_layers):
+    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(num_layers)]
 
 
 def _cached_view(first_block_B, table_BN, start_B, positions_BT, page_size):
