@@ -204,6 +204,18 @@ VARIANTS = {
         "dpo": [*mirrors_together_dpo(14, lr="1.0e-4"), "dpo.loss_type=ipo", "dpo.beta=0.5"],
         "from_run": ["sft"],
     },
+    # The adopted stage DPO with another beta: the sigmoid loss stops pulling a pair once its
+    # margin, times beta, is large, so a smaller beta moves the model further in the same 14 steps
+    # (as the 40-step run did), a larger one less
+    **{
+        f"demo_run_stage_pairs_dpo1e-4_beta{beta}_mirrors_together_14": {
+            "stage_prompt": "token_and_when",
+            "dpo": [*mirrors_together_dpo(14, lr="1.0e-4"), f"dpo.beta={beta}"],
+            "data_from": "demo_run_stage_pairs_dpo1e-4_mirrors_together_14",
+            "from_run": ["sft"],
+        }
+        for beta in ("0.03", "0.3")
+    },
     # LoRA at a high rate: the adapters (rank 64) and the stage tokens' rows, nothing else, train in
     # SFT; DPO as the then demo's.
     "lora64_when_lr2e-3": {

@@ -1,8 +1,8 @@
 """`stage_prompt` in persona.yaml: `token` (the paper's prompt, the default) or `token_and_when` (the
 stage's `when` line after the token). Every path that writes a persona prompt writes the one the
 persona asks for: build-data's dialogues and pairs (reference dialogues included), the training
-tokens, chat, talk, eval's answers, the probes and the attribution. (`persllm serve` writes no
-persona prompt: its clients send the messages.)"""
+tokens, chat, `persllm serve`'s chat page, talk, eval's answers, the probes and the attribution.
+(The API of `persllm serve` writes no persona prompt: its clients send the messages.)"""
 
 from __future__ import annotations
 
@@ -97,6 +97,7 @@ def test_training_tokens_carry_the_stage_token_then_the_when_line(when_personas,
 def test_chat_talk_eval_and_probes_ask_with_the_persona_prompt(when_personas, smollm2_tokenizer, monkeypatch):
     from persllm_jax.evaluation import answers
     from persllm_jax.inference import talk as talk_module
+    from persllm_jax.inference.serving.app import personas_for_page
     from persllm_jax.personas.probes import read_probes
     from persllm_jax.personas.prompts import persona_system_message
     from persllm_jax.train.probing.scorer import encode_probes
@@ -105,6 +106,10 @@ def test_chat_talk_eval_and_probes_ask_with_the_persona_prompt(when_personas, sm
     # chat
     system, _, _ = persona_system_message(when_personas, "holmes", "early")
     assert system.startswith(expected(True))
+    # the chat page of `persllm serve --personas-dir`: the prompt it shows and sends
+    (holmes,) = [p for p in personas_for_page(when_personas) if p["id"] == "holmes"]
+    assert holmes["stages"][0]["id"] == "early"
+    assert holmes["stages"][0]["system_prompt"].startswith(expected(True))
     # talk: the system prompts its two agents are given
     seen = {}
     monkeypatch.setattr(talk_module.pretrained, "load_pretrained", lambda *a, **k: (None, None))
