@@ -71,7 +71,9 @@ def step_products(rows: int, mats: list[np.ndarray], repeats: int) -> dict[str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 64])
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
