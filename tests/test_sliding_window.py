@@ -115,6 +115,7 @@ def test_the_generator_past_the_window_equals_transformers_in_a_fixed_ring(varia
             model, Tok(), max_batch=2, kv_cache_gib=budget, prefill_chunk=16, unroll_layers=unroll
         )
         rings.append(gen._pool[2].shape)  # the sliding layers' keys
+        assert (gen._layer_states is not None) == unroll
         done = {}
         params = SamplingParams(max_new_tokens=NEW_TOKENS)
         gen.scheduler.add(Request(prompts[0], params, on_done=functools.partial(done.__setitem__, 0)))
@@ -132,6 +133,13 @@ def test_the_generator_past_the_window_equals_transformers_in_a_fixed_ring(varia
                     do_sample=False,
                 )[0, len(prompt) :].tolist()
             assert done[row].token_ids == reference, (variant, budget, unroll, row)
+    # after training in place, sync() gives the unrolled layers the model's new weights
+    nnx.update(model.layers, jax.tree.map(lambda a: a * 2, nnx.state(model.layers)))
+    gen.sync()
+    stacked = jax.tree.leaves(nnx.state(model.layers))
+    for i, layer in enumerate(gen._layer_states):
+        for got, want in zip(jax.tree.leaves(layer), stacked, strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want[i]))
     window_pages = -(-model.cfg.sliding_window // 16)
     local = sum(model.cfg.sliding_layers)
     # [sliding layers, 2 slots x (window + 1) pages + scratch, K, 16, H] (the window is longer than

@@ -136,48 +136,54 @@ def paged_hidden_states(
             jax.lax.dynamic_index_in_dim(v_pool, index, keepdims=False),
         )
 
-    def one_layer(x, layer_inputs):
-        layer_state, local, index, *kv_layer = layer_inputs
-        layer = nnx.merge(graphdef, layer_state)
-        cos, sin, window = _layer_rotary_and_window(cfg, rotary, local)
+    def run_layer(x, layer_state, cos, sin, window, read_cache):
+        """One layer over its new tokens; `read_cache(q, k, v, window)` attends over the cache."""
 
         def paged(q, k, v):
             k, v = k.astype(pool[0].dtype), v.astype(pool[0].dtype)
-            if local_cached is None:  # the layer's pages come with it through the scan
-                out = attend_cached(q, k, v, *kv_layer, global_cached, window)
-            elif not len(global_ids):
-                out = attend_cached(q, k, v, *in_pool(pool[2], pool[3], index), local_cached, window)
-            else:
-                out = jax.lax.cond(
-                    local,
-                    lambda: attend_cached(q, k, v, *in_pool(pool[2], pool[3], index), local_cached, window),
-                    lambda: attend_cached(q, k, v, *in_pool(pool[0], pool[1], index), global_cached, window),
-                )
-            return out, (k, v)
+            return read_cache(q, k, v, window), (k, v)
 
-        return layer(x, cos, sin, None, paged)
+        return nnx.merge(graphdef, layer_state)(x, cos, sin, None, paged)
+
+    def one_layer(x, layer_inputs):
+        layer_state, local, index, *kv_layer = layer_inputs
+
+        def read_cache(q, k, v, window):
+            if local_cached is None:  # the layer's pages come with it through the scan
+                return attend_cached(q, k, v, *kv_layer, global_cached, window)
+            if not len(global_ids):
+                return attend_cached(q, k, v, *in_pool(pool[2], pool[3], index), local_cached, window)
+            return jax.lax.cond(
+                local,
+                lambda: attend_cached(q, k, v, *in_pool(pool[2], pool[3], index), local_cached, window),
+                lambda: attend_cached(q, k, v, *in_pool(pool[0], pool[1], index), global_cached, window),
+            )
+
+        return run_layer(x, layer_state, *_layer_rotary_and_window(cfg, rotary, local), read_cache)
 
     if layer_states is not None:
         new_k, new_v = [], []
         for i, layer_state in enumerate(layer_states):
             local = bool(cfg.sliding_layers[i])
+            k_pool, v_pool, cached = (
+                (pool[2], pool[3], local_cached) if local else (pool[0], pool[1], global_cached)
+            )
+
+            def read_cache(
+                q, k, v, window, k_layer=k_pool[kind_index[i]], v_layer=v_pool[kind_index[i]], cached=cached
+            ):
+                # A layer's cached pages depend on the page table alone, so XLA would gather every
+                # layer's pages at the start of the call and read them back long after, out of
+                # cache (a decode step at 16 rows: 126-136 ms against 99-100 ms; in a stand-in, an
+                # optimization barrier did not keep the order). A page table that depends on each
+                # row's query, and equals the table, makes each layer gather its pages when it runs.
+                after_q_B = jnp.isnan(q[:, 0, 0, 0]).astype(jnp.int32)
+                table = jnp.minimum(cached[0], cached[0] + after_q_B[:, None])
+                return attend_cached(q, k, v, k_layer, v_layer, (table, *cached[1:]), window)
+
             cos, sin = rotary[1] if local else rotary[0]
             window = cfg.sliding_window if local else None
-            k_layer, v_layer = (pool[2], pool[3]) if local else (pool[0], pool[1])
-            view = local_cached if local else global_cached
-            k_layer, v_layer = k_layer[kind_index[i]], v_layer[kind_index[i]]
-
-            # A layer's cached pages depend on the page table alone, so XLA would gather every
-            # layer's pages at the start of the call and read them back long after, out of cache
-            # (a decode step at batch 16: 135 ms against 100 ms). A page table that depends on the
-            # layer's query, and equals the table, makes each layer gather its pages when it runs.
-            def paged(q, k, v, k_layer=k_layer, v_layer=v_layer, view=view, window=window):
-                after_q = jnp.isnan(q[0, 0, 0, 0]).astype(jnp.int32)
-                view = (jnp.minimum(view[0], view[0] + after_q), *view[1:])
-                k, v = k.astype(pool[0].dtype), v.astype(pool[0].dtype)
-                return attend_cached(q, k, v, k_layer, v_layer, view, window), (k, v)
-
-            x_BTD, (k, v) = nnx.merge(graphdef, layer_state)(x_BTD, cos, sin, None, paged)
+            x_BTD, (k, v) = run_layer(x_BTD, layer_state, cos, sin, window, read_cache)
             new_k.append(k)
             new_v.append(v)
         return model.final_norm(x_BTD), (jnp.stack(new_k), jnp.stack(new_v))
@@ -193,10 +199,12 @@ def unstack_layers(model):
     """The layers' parameters as one state per layer, for `paged_hidden_states` to run the layers
     one after another (a second copy of the layers' weights). A scan over the stacked parameters
     slices each layer's weights out of them at every step, and XLA on CPU copies the slice before
-    its matmuls: SmolLM2-135M's decode step at batch 1 took 37 ms unrolled against 49 ms scanned.
-    From batch 4 on the matmuls cost more than the copies and the scanned step is as fast or
-    faster (batch 16: 100 against 93 ms), and an unrolled call takes about three times as long to
-    compile (benchmarks/results/cpu_generate_smollm2.md)."""
+    its matmuls: SmolLM2-135M's decode call with nothing cached took 35-36 ms unrolled against
+    50-54 ms scanned at 1 row, 58-61 against 63-65 at 8 and 71-74 against 77-79 at 16. Reading the
+    cached keys costs the unrolled layers more, though: with the cache, a single stream's decode
+    step took 37 ms against 49 ms, but the scanned one was as fast or faster at 4 to 16 rows
+    (16 rows: 99-100 against 90-96 ms, both in one process), and an unrolled call takes about three
+    times as long to compile (benchmarks/results/cpu_generate_smollm2.md)."""
     return _unstack(nnx.state(model.layers), model.cfg.num_layers)
 
 
