@@ -70,6 +70,17 @@ def step_products(rows: int, mats: list[np.ndarray], repeats: int) -> dict[str, 
     }
 
 
+def large_product_rate(repeats: int) -> float:
+    """GFLOP/s of one 1024 x 1024 x 1024 fp32 product in XLA: what this CPU computes at when a
+    product is large enough to keep it busy."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((1024, 1024), jnp.float32)
+    product = jax.jit(lambda a: a @ a)
+    return 2 * 1024**3 / median_seconds(lambda: jax.block_until_ready(product(a)), repeats) / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -82,6 +93,7 @@ def main() -> None:
     print(f"one decode step's products: {len(mats)} matrices, {weight_mb:.0f} MB of fp32 weights")
     print("| rows | library | ms per step | GFLOP/s | GB/s of weights |")
     print("|---|---|---|---|---|")
+    print(f"a 1024-cube product in XLA: {large_product_rate(args.repeats):.0f} GFLOP/s")
     for rows in args.rows:
         flops = 2 * rows * sum(m.size for m in mats)
         for name, seconds in step_products(rows, mats, args.repeats).items():
