@@ -164,6 +164,12 @@ def run_transformers(model_path: str, batch: int, new_tokens: int) -> dict:
     return {"tokens": tokens, "seconds": time.perf_counter() - t0}
 
 
+def rate_and_step(measured: dict) -> tuple[float, float]:
+    """Tokens/s of one of our timed runs, and its mean decode step in ms."""
+    step_ms = 1e3 * measured["decode_seconds"] / max(measured["decode_calls"], 1)
+    return measured["tokens"] / measured["seconds"], step_ms
+
+
 def batch_table(model_dir: str, batches: list[int], new_tokens: int) -> list[dict]:
     print(f"\n## generate: a batch of persona prompts, greedy, {new_tokens} new tokens, warm runs")
     print(
@@ -182,16 +188,14 @@ def batch_table(model_dir: str, batches: list[int], new_tokens: int) -> list[dic
             r = json.loads(out.splitlines()[-1])
             results[worker] = r
         mine, theirs = results["ours"], results["transformers"]["tokens"] / results["transformers"]["seconds"]
-        ours = mine["tokens"] / mine["seconds"]
+        ours, step_ms = rate_and_step(mine)
         # the same run with every decode step at the cost of a full-batch step with nothing cached
         # (the weights read once a step): what the run would take if reading the cached keys
         # cost nothing
         free = mine["seconds"] - mine["decode_seconds"] + mine["decode_calls"] * mine["weights_only_step"]
         bound = mine["tokens"] / free
-        step_ms = 1e3 * mine["decode_seconds"] / max(mine["decode_calls"], 1)
         unrolled = results["ours_unrolled"]
-        unrolled_tok_s = unrolled["tokens"] / unrolled["seconds"]
-        unrolled_step_ms = 1e3 * unrolled["decode_seconds"] / max(unrolled["decode_calls"], 1)
+        unrolled_tok_s, unrolled_step_ms = rate_and_step(unrolled)
         rows.append(
             {
                 "batch": batch,
@@ -199,7 +203,7 @@ def batch_table(model_dir: str, batches: list[int], new_tokens: int) -> list[dic
                 "transformers_tok_s": theirs,
                 "ours": mine,
                 "bound_tok_s": bound,
-                "ours_unrolled": results["ours_unrolled"],
+                "ours_unrolled": unrolled,
             }
         )
         print(

@@ -181,9 +181,8 @@ def paged_hidden_states(
                 table = jnp.minimum(cached[0], cached[0] + after_q_B[:, None])
                 return attend_cached(q, k, v, k_layer, v_layer, (table, *cached[1:]), window)
 
-            cos, sin = rotary[1] if local else rotary[0]
-            window = cfg.sliding_window if local else None
-            x_BTD, (k, v) = run_layer(x_BTD, layer_state, cos, sin, window, read_cache)
+            rotary_and_window = _layer_rotary_and_window(cfg, rotary, local)
+            x_BTD, (k, v) = run_layer(x_BTD, layer_state, *rotary_and_window, read_cache)
             new_k.append(k)
             new_v.append(v)
         return model.final_norm(x_BTD), (jnp.stack(new_k), jnp.stack(new_v))

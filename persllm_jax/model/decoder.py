@@ -233,9 +233,12 @@ def _rotary_tables(cfg: ModelConfig, positions_BT):
 
 def _layer_rotary_and_window(cfg: ModelConfig, rotary, local):
     """One layer's (cos, sin, window): the local tables and the sliding window where `local` (a
-    traced bool), else the global tables and no window (None when the model has no local layers)."""
-    if local is None:
+    traced bool, or a Python bool for a layer run on its own), else the global tables and no window
+    (None when the model has no local layers or the layer is known to be global)."""
+    if local is None or local is False:
         return (*rotary[0], None)
+    if local is True:
+        return (*rotary[1], cfg.sliding_window)
     (cos_g, sin_g), (cos_l, sin_l) = rotary
     window = jnp.where(local, jnp.int32(cfg.sliding_window), jnp.int32(NO_WINDOW))
     return jnp.where(local, cos_l, cos_g), jnp.where(local, sin_l, sin_g), window
