@@ -9,6 +9,8 @@ the persona prompt style and the pair options change), SFT then DPO run as the d
 - the shipped probe files (never trained on): accuracy, false-premise accuracy, knowledge and
   identity accuracy, twin accuracy, stage effect; and persona attribution of the build's held-out
   dialogues;
+- the independent probe files (`probes_independent.jsonl`, written from the materials alone, apart
+  from the first set and the reference dialogues): the same metrics, but attribution;
 - the variant's own training twins: each question of the reference dialogues asked at both stages
   whose group is in the train split, as a two-choice twin probe (its two stages' answers). The
   cheapest signal: a recipe that cannot separate the twins it trained on will not separate new ones.
@@ -41,6 +43,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from personify_variants import VARIANTS  # noqa: E402
+
+from persllm_jax.personas.probes import INDEPENDENT_PROBES_FILE  # noqa: E402
 
 
 def persllm(*args: str, log: Path) -> float:
@@ -299,6 +303,15 @@ def run_variant(run: Path, root: Path, name: str, spec: dict) -> dict:
     twins = probe_shared(
         models, personas, out, root, "training_twins", ["--probes", str(training_twins(data, out))]
     )
+    independent_files = sorted((ROOT / "examples" / "personas").glob(f"*/{INDEPENDENT_PROBES_FILE}"))
+    independent = probe_shared(
+        models,
+        personas,
+        out,
+        root,
+        "independent",
+        [a for f in independent_files for a in ("--probes", str(f))],
+    )
     result = {
         "spec": spec,
         "seconds": {"sft": sft_seconds, "dpo": dpo_seconds},
@@ -309,13 +322,26 @@ def run_variant(run: Path, root: Path, name: str, spec: dict) -> dict:
         "held_out": {m: summary(held_out["models"][m]) for m in models},
         "training_twins": {m: summary(twins["models"][m])["twin_accuracy"] for m in models},
         "training_stage_effect": {m: summary(twins["models"][m])["stage_effect"] for m in models},
+        "independent": {m: summary(independent["models"][m]) for m in models},
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
 
-def table(results: dict) -> str:
-    columns = [
+INDEPENDENT_COLUMNS = [
+    (name, lambda r, m, key=key: r["independent"][m][key])
+    for name, key in [
+        ("twin acc.", "twin_accuracy"),
+        ("stage effect", "stage_effect"),
+        ("false premise", "false_premise"),
+        ("knowledge+identity", "knowledge_identity"),
+        ("accuracy", "accuracy"),
+    ]
+]
+
+
+def table(results: dict, columns: list | None = None) -> str:
+    columns = columns or [
         ("training twins", lambda r, m: r["training_twins"][m]),
         ("twin acc.", lambda r, m: r["held_out"][m]["twin_accuracy"]),
         ("stage effect", lambda r, m: r["held_out"][m]["stage_effect"]),
@@ -330,6 +356,8 @@ def table(results: dict) -> str:
         "|---|---|---:|" + "---|" * len(columns),
     ]
     for name, r in results.items():
+        if columns is INDEPENDENT_COLUMNS and "independent" not in r:
+            continue  # measured before the independent sets existed
         steps = [str(r.get("steps", {}).get(step, "-")) for step in ("sft", "dpo")]
         if r.get("first_dpo"):
             steps[1] = f"{results.get(r['first_dpo'], {}).get('steps', {}).get('dpo', '?')} + {steps[1]}"
@@ -359,8 +387,10 @@ def main() -> None:
         print(f"[recipes] {name}", flush=True)
         results[name] = run_variant(args.run.resolve(), args.out.resolve(), name, VARIANTS[name])
         results_path.write_text(json.dumps(results, indent=2))
-        (args.out / "results.md").write_text(table(results))
-        print(table({name: results[name]}), flush=True)
+        (args.out / "results.md").write_text(
+            table(results) + "\nOn the independent probe sets:\n\n" + table(results, INDEPENDENT_COLUMNS)
+        )
+        print(table({name: results[name]}) + table({name: results[name]}, INDEPENDENT_COLUMNS), flush=True)
 
 
 if __name__ == "__main__":

@@ -166,6 +166,7 @@ def _probe(args) -> None:
         models,
         args.probes or (),
         personas_dir=args.personas_dir,
+        probe_set=args.probe_set,
         dialogues=args.dialogues,
         split=args.split,
         dtype=args.dtype,
@@ -369,7 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--probes",
         action="append",
-        help="probe file (JSONL, repeatable; default: the probes.jsonl of every persona in --personas-dir)",
+        help="probe file (JSONL, repeatable; default: the --probe-set file of every persona in --personas-dir)",
+    )
+    p.add_argument(
+        "--probe-set",
+        default="probes.jsonl",
+        choices=["probes.jsonl", "probes_independent.jsonl"],
+        help="without --probes: which set the persona folders ship (probes_independent.jsonl: written "
+        "from the materials alone, apart from the first set and the reference dialogues)",
     )
     p.add_argument("--personas-dir", default="examples/personas", help="persona folders the probes name")
     p.add_argument(

@@ -1,5 +1,5 @@
-"""Probes are evaluation data: no question of the shipped probe sets may be a user turn of data a
-model trains on."""
+"""Probes are evaluation data: no question of the shipped probe sets (both of each persona's) may be
+a user turn of data a model trains on."""
 
 import json
 import re
@@ -14,7 +14,7 @@ def normalise(text: str) -> str:
 
 def probe_questions() -> set[str]:
     questions = set()
-    for path in sorted((ROOT / "examples" / "personas").glob("*/probes.jsonl")):
+    for path in sorted((ROOT / "examples" / "personas").glob("*/probes*.jsonl")):
         questions |= {
             normalise(json.loads(line)["question"]) for line in path.read_text().splitlines() if line
         }
@@ -36,7 +36,7 @@ def user_turns(records) -> list[str]:
 
 def assert_no_probe_question_in(records) -> None:
     questions = probe_questions()
-    assert len(questions) >= 120
+    assert len(questions) >= 250  # both sets of the three personas
     turns = user_turns(records)
     assert turns, "no user turn to check"
     leaked = sorted({q for t in turns for q in questions if q in normalise(t)})

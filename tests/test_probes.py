@@ -3,6 +3,7 @@ PyTorch model, the stage-token guarantees, order invariance, attribution, and `p
 
 import json
 import re
+import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -10,15 +11,18 @@ import numpy as np
 import pytest
 
 from persllm_jax.personas.materials import load_personas, split_paragraphs
-from persllm_jax.personas.probes import ProbeFileError, read_probes
+from persllm_jax.personas.probes import INDEPENDENT_PROBES_FILE, PROBES_FILE, ProbeFileError, read_probes
 from persllm_jax.personas.prompts import persona_system_message
 from persllm_jax.train.probing.scorer import ProbeScorer
 from tests.cli_helpers import run_cli
+from tests.probe_questions import normalise
 
 ROOT = Path(__file__).resolve().parents[1]
 PERSONAS_DIR = ROOT / "examples" / "personas"
 PERSONAS = {p.id: p for p in load_personas(PERSONAS_DIR)}
 SHIPPED = sorted(PERSONAS_DIR.glob("*/probes.jsonl"))
+# written from the materials alone, apart from the first set and the reference dialogues
+INDEPENDENT = sorted(PERSONAS_DIR.glob("*/probes_independent.jsonl"))
 
 GOOD = {
     "id": "h-1",
@@ -83,11 +87,20 @@ def test_malformed_files_are_refused_with_file_line_and_reason(tmp_path, records
 # -- the shipped probe sets ------------------------------------------------------------------------
 
 
-def test_every_example_persona_ships_a_probe_set():
-    assert sorted(p.parent.name for p in SHIPPED) == sorted(PERSONAS) and len(SHIPPED) == 3
+def test_every_example_persona_ships_two_probe_sets():
+    for files in (SHIPPED, INDEPENDENT):
+        assert sorted(p.parent.name for p in files) == sorted(PERSONAS) and len(files) == 3
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.parent.name)
+def test_the_independent_sets_ask_other_questions_than_the_first():
+    """A second set is only a second measurement if it asks its own questions."""
+    for first, second in zip(SHIPPED, INDEPENDENT, strict=True):
+        asked = {normalise(p.question) for p in read_probes([first], PERSONAS.values())}
+        again = [p.id for p in read_probes([second], PERSONAS.values()) if normalise(p.question) in asked]
+        assert not again, f"{second}: questions of {first}: {again}"
+
+
+@pytest.mark.parametrize("path", SHIPPED + INDEPENDENT, ids=lambda p: f"{p.parent.name}-{p.stem}")
 def test_shipped_probe_sets_have_what_a_set_needs(path):
     probes = read_probes([path], PERSONAS.values())  # the format's checks, twin groups included
     persona = path.parent.name
@@ -118,7 +131,7 @@ def test_shipped_probe_sets_have_what_a_set_needs(path):
 
 def test_no_probe_copies_a_sentence_of_the_materials():
     """Probes are written from the materials, not cut out of them: no run of 8 words is shared."""
-    for path in SHIPPED:
+    for path in SHIPPED + INDEPENDENT:
         words = re.findall(r"[a-z']+", " ".join(p.read_text().lower() for p in path.parent.glob("*/*.txt")))
         grams = {tuple(words[i : i + 8]) for i in range(len(words) - 7)}
         assert len(grams) > 1000
@@ -390,6 +403,23 @@ def test_persllm_probe_writes_every_metric_and_each_probes_scores(sft_reference_
         tiny["accuracy"]["overall"]["value"] * 63
     )
     assert "| tiny |" in (tmp_path / "probes.md").read_text()
+
+
+def test_the_probe_set_option_reads_each_personas_independent_file(sft_reference_run, tmp_path):
+    from persllm_jax.evaluation.probes.run import probe_models
+
+    # a personas folder whose only probe set is the independent one: the default would find none
+    personas = tmp_path / "personas"
+    shutil.copytree(PERSONAS_DIR / "holmes", personas / "holmes")
+    (personas / "holmes" / PROBES_FILE).unlink()
+    with pytest.raises(ValueError, match="no persona .* has a probes.jsonl"):
+        probe_models([("tiny", str(sft_reference_run))], personas_dir=personas)
+    result = probe_models(
+        [("tiny", str(sft_reference_run))], personas_dir=personas, probe_set=INDEPENDENT_PROBES_FILE
+    )
+    expected = read_probes([PERSONAS_DIR / "holmes" / INDEPENDENT_PROBES_FILE], PERSONAS.values())
+    assert result["meta"]["probes"] == len(expected) >= 48
+    assert [r["id"] for r in result["models"]["tiny"]["probes"]] == [p.id for p in expected]
 
 
 def test_the_leak_check_finds_a_probe_question_among_user_turns():

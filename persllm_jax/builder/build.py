@@ -72,7 +72,9 @@ class Builder:
         self.out_dir = Path(cfg.out_dir)
         self.kinds = _check_kinds(cfg.questions.kinds)
         if cfg.reference.few_shot < 0:
-            raise ValueError(f"reference.few_shot must be >= 0 (0 = no examples), got {cfg.reference.few_shot}")
+            raise ValueError(
+                f"reference.few_shot must be >= 0 (0 = no examples), got {cfg.reference.few_shot}"
+            )
         personas = load_personas(cfg.personas_dir)
         if cfg.personas:
             unknown = sorted(set(cfg.personas) - {p.id for p in personas})

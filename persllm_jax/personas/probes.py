@@ -31,6 +31,9 @@ PROBE_KEYS = ("id", "persona", "stage", "category", "question", "choices", "answ
 REQUIRED_KEYS = ("id", "persona", "stage", "category", "question", "choices", "answer")
 MIN_CHOICES, MAX_CHOICES = 2, 4
 PROBES_FILE = "probes.jsonl"  # a persona folder's own probe set
+# A second set, written from the materials alone by someone who saw neither the first set nor the
+# reference dialogues: a check that the first set's scores are not an artefact of how it was written.
+INDEPENDENT_PROBES_FILE = "probes_independent.jsonl"
 
 
 class ProbeFileError(ValueError):
@@ -176,7 +179,10 @@ def read_probes(paths: Iterable[str | Path], personas: Iterable[Persona]) -> lis
     return probes
 
 
-def persona_probe_files(personas_dir: str | Path, persona_ids: Iterable[str]) -> list[Path]:
-    """The probe set each of these personas ships in its folder (`<id>/probes.jsonl`), where it has one."""
+def persona_probe_files(
+    personas_dir: str | Path, persona_ids: Iterable[str], file_name: str = PROBES_FILE
+) -> list[Path]:
+    """The probe set each of these personas ships in its folder (`<id>/probes.jsonl`, or another
+    `file_name`), where it has one."""
     root = Path(personas_dir)
-    return [root / pid / PROBES_FILE for pid in persona_ids if (root / pid / PROBES_FILE).is_file()]
+    return [root / pid / file_name for pid in persona_ids if (root / pid / file_name).is_file()]

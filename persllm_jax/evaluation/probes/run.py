@@ -12,7 +12,7 @@ from pathlib import Path
 from persllm_jax.evaluation.answers import TestItem, test_items
 from persllm_jax.evaluation.probes.attribution import attribution
 from persllm_jax.personas.materials import Persona, load_personas
-from persllm_jax.personas.probes import Probe, persona_probe_files, read_probes
+from persllm_jax.personas.probes import PROBES_FILE, Probe, persona_probe_files, read_probes
 from persllm_jax.train.probing.metrics import twin_groups
 from persllm_jax.train.probing.scorer import ProbeScorer
 
@@ -63,17 +63,19 @@ def probe_models(
     split: str = "test",
     dtype: str = "float32",
     seed: int = 0,
+    probe_set: str = PROBES_FILE,
 ) -> dict:
-    """`persllm probe`: every model on the probes (default: the probe sets of the personas' folders)."""
+    """`persllm probe`: every model on the probes (default: the `probe_set` file of each persona's
+    folder)."""
     import jax.numpy as jnp
 
     from persllm_jax.io import pretrained
 
     started = time.time()
     personas = {p.id: p for p in load_personas(personas_dir)}
-    files = list(probe_files) or persona_probe_files(personas_dir, personas)
+    files = list(probe_files) or persona_probe_files(personas_dir, personas, probe_set)
     if not files:
-        raise ValueError(f"no probe files given, and no persona in {personas_dir} has a probes.jsonl")
+        raise ValueError(f"no probe files given, and no persona in {personas_dir} has a {probe_set}")
     probes = read_probes(files, personas.values())
     items = held_out_items(dialogues, split, personas)
     results = {}
