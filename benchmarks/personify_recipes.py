@@ -21,7 +21,7 @@ the persona prompt style and the pair options change), SFT then DPO run as the d
 `--run` is a finished demo run (its base_model, data with the LLM cache, configs, and for the
 `demo_run` variants its sft and dpo runs). Results:
 `<out>/results.json` (every metric of every model of every variant, and wall times) and
-`<out>/results.md` (the table).
+`<out>/results.md` (the tables: the first probe sets and training twins, then the independent sets).
 """
 
 from __future__ import annotations
@@ -390,7 +390,12 @@ def main() -> None:
         (args.out / "results.md").write_text(
             table(results) + "\nOn the independent probe sets:\n\n" + table(results, INDEPENDENT_COLUMNS)
         )
-        print(table({name: results[name]}) + table({name: results[name]}, INDEPENDENT_COLUMNS), flush=True)
+        print(
+            table({name: results[name]})
+            + "\nOn the independent probe sets:\n\n"
+            + table({name: results[name]}, INDEPENDENT_COLUMNS),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

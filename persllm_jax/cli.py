@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from persllm_jax.inference.sampling import PERSONA_SAMPLING
+from persllm_jax.personas.probes import INDEPENDENT_PROBES_FILE, PROBES_FILE
 
 
 def _import_hf(args) -> None:
@@ -162,11 +163,13 @@ def _probe(args) -> None:
     names = [n for n, _ in models]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique, got {names}: name them as NAME=PATH")
+    if args.probes and args.probe_set:
+        raise ValueError("give --probes (files) or --probe-set (the set each persona folder ships), not both")
     result = probe_models(
         models,
         args.probes or (),
         personas_dir=args.personas_dir,
-        probe_set=args.probe_set,
+        probe_set=args.probe_set or PROBES_FILE,
         dialogues=args.dialogues,
         split=args.split,
         dtype=args.dtype,
@@ -369,15 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="+", help=f"NAME=PATH or PATH; PATH: {model_help}")
     p.add_argument(
         "--probes",
-        action="append",
-        help="probe file (JSONL, repeatable; default: the --probe-set file of every persona in --personas-dir)",
+        action="extend",
+        nargs="+",
+        help="probe files (JSONL; default: the --probe-set file of every persona in --personas-dir)",
     )
     p.add_argument(
         "--probe-set",
-        default="probes.jsonl",
-        choices=["probes.jsonl", "probes_independent.jsonl"],
-        help="without --probes: which set the persona folders ship (probes_independent.jsonl: written "
-        "from the materials alone, apart from the first set and the reference dialogues)",
+        choices=[PROBES_FILE, INDEPENDENT_PROBES_FILE],
+        help=f"which set each persona folder ships (default {PROBES_FILE}; {INDEPENDENT_PROBES_FILE}: "
+        "written from the materials alone, apart from the first set and the reference dialogues)",
     )
     p.add_argument("--personas-dir", default="examples/personas", help="persona folders the probes name")
     p.add_argument(

@@ -119,6 +119,13 @@ def test_shipped_probe_sets_have_what_a_set_needs(path):
         for p in probes
     ]
     assert 0.8 <= float(np.mean(ratios)) <= 1.25
+    # nor does picking the longest (or the shortest) reply score much above chance
+    chance = float(np.mean([1 / len(p.choices) for p in probes]))
+    for pick in (np.argmax, np.argmin):
+        by_length = np.mean([int(pick([len(c) for c in p.choices])) == p.answer for p in probes])
+        assert by_length <= chance + 0.1, (
+            f"{pick.__name__} of the lengths: {by_length:.2f} (chance {chance:.2f})"
+        )
     # Each probe names the materials paragraph its answer rests on.
     for p in probes:
         match = re.fullmatch(r"(\w+)/(\w+\.txt)#(\d+)", p.source or "")
@@ -414,12 +421,21 @@ def test_the_probe_set_option_reads_each_personas_independent_file(sft_reference
     (personas / "holmes" / PROBES_FILE).unlink()
     with pytest.raises(ValueError, match="no persona .* has a probes.jsonl"):
         probe_models([("tiny", str(sft_reference_run))], personas_dir=personas)
-    result = probe_models(
-        [("tiny", str(sft_reference_run))], personas_dir=personas, probe_set=INDEPENDENT_PROBES_FILE
-    )
+    out = tmp_path / "probes.json"
+    run_cli(
+        "probe", f"tiny={sft_reference_run}", "--personas-dir", personas,
+        "--probe-set", INDEPENDENT_PROBES_FILE, "--json", out, cwd=ROOT,
+    )  # fmt: skip
+    both = run_cli(
+        "probe", f"tiny={sft_reference_run}", "--probes", PERSONAS_DIR / "holmes" / PROBES_FILE,
+        "--probe-set", INDEPENDENT_PROBES_FILE, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert both.returncode != 0 and "not both" in both.stderr
     expected = read_probes([PERSONAS_DIR / "holmes" / INDEPENDENT_PROBES_FILE], PERSONAS.values())
-    assert result["meta"]["probes"] == len(expected) >= 48
-    assert [r["id"] for r in result["models"]["tiny"]["probes"]] == [p.id for p in expected]
+    assert len(expected) >= 48
+    assert [r["id"] for r in json.loads(out.read_text())["models"]["tiny"]["probes"]] == [
+        p.id for p in expected
+    ]
 
 
 def test_the_leak_check_finds_a_probe_question_among_user_turns():
