@@ -356,8 +356,6 @@ def table(results: dict, columns: list | None = None) -> str:
         "|---|---|---:|" + "---|" * len(columns),
     ]
     for name, r in results.items():
-        if columns is INDEPENDENT_COLUMNS and "independent" not in r:
-            continue  # measured before the independent sets existed
         steps = [str(r.get("steps", {}).get(step, "-")) for step in ("sft", "dpo")]
         if r.get("first_dpo"):
             steps[1] = f"{results.get(r['first_dpo'], {}).get('steps', {}).get('dpo', '?')} + {steps[1]}"
@@ -374,6 +372,13 @@ def table(results: dict, columns: list | None = None) -> str:
     )
 
 
+def tables(results: dict) -> str:
+    """The first probe sets' and training twins' table, then the independent sets' (for the
+    variants measured since those sets exist)."""
+    scored = {name: r for name, r in results.items() if "independent" in r}
+    return table(results) + "\nOn the independent probe sets:\n\n" + table(scored, INDEPENDENT_COLUMNS)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a finished demo run directory")
@@ -387,15 +392,8 @@ def main() -> None:
         print(f"[recipes] {name}", flush=True)
         results[name] = run_variant(args.run.resolve(), args.out.resolve(), name, VARIANTS[name])
         results_path.write_text(json.dumps(results, indent=2))
-        (args.out / "results.md").write_text(
-            table(results) + "\nOn the independent probe sets:\n\n" + table(results, INDEPENDENT_COLUMNS)
-        )
-        print(
-            table({name: results[name]})
-            + "\nOn the independent probe sets:\n\n"
-            + table({name: results[name]}, INDEPENDENT_COLUMNS),
-            flush=True,
-        )
+        (args.out / "results.md").write_text(tables(results))
+        print(tables({name: results[name]}), flush=True)
 
 
 if __name__ == "__main__":

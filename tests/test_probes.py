@@ -20,9 +20,9 @@ from tests.probe_questions import normalise
 ROOT = Path(__file__).resolve().parents[1]
 PERSONAS_DIR = ROOT / "examples" / "personas"
 PERSONAS = {p.id: p for p in load_personas(PERSONAS_DIR)}
-SHIPPED = sorted(PERSONAS_DIR.glob("*/probes.jsonl"))
+SHIPPED = sorted(PERSONAS_DIR.glob(f"*/{PROBES_FILE}"))
 # written from the materials alone, apart from the first set and the reference dialogues
-INDEPENDENT = sorted(PERSONAS_DIR.glob("*/probes_independent.jsonl"))
+INDEPENDENT = sorted(PERSONAS_DIR.glob(f"*/{INDEPENDENT_PROBES_FILE}"))
 
 GOOD = {
     "id": "h-1",
