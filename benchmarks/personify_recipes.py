@@ -139,44 +139,6 @@ def materials_source(personas: Path, out: Path) -> Path:
     return path
 
 
-def on_policy_pairs(data: Path, model: Path, kinds: list[str], out: Path) -> Path:
-    """A pair for every train-split persona dialogue of `kinds`: its written answer chosen, `model`'s
-    own sampled answer to the same prompt rejected (temperature 0.7, top-p 0.95, row i seed i): the
-    answer the model would give is pushed down, the one it should give up."""
-    path = out / "on_policy_pairs.jsonl"
-    if path.is_file():
-        return path
-    from persllm_jax.platforms import cpu_alone_without_accelerators
-
-    cpu_alone_without_accelerators()
-    import persllm_jax
-
-    started = time.time()
-    dialogues = [json.loads(line) for line in (data / "dialogues.jsonl").read_text().splitlines()]
-    rows = [d for d in dialogues if d["split"] == "train" and d["kind"] in kinds]
-    model_, tokenizer = persllm_jax.load_pretrained(str(model))
-    sampled = persllm_jax.generate(
-        model_, tokenizer, [d["messages"][:2] for d in rows], max_new_tokens=160, temperature=0.7, top_p=0.95
-    )
-    pairs = [
-        {
-            "id": f"{d['id']}/on_policy",
-            "persona": d["persona"],
-            "stage": d["stage"],
-            "source": "on_policy",
-            "prompt": d["messages"][:2],
-            "chosen": [d["messages"][2]],
-            "rejected": [{"role": "assistant", "content": text}],
-            "split": "train",
-        }
-        for d, text in zip(rows, sampled)
-        if text.strip() and text.strip() != d["messages"][2]["content"].strip()
-    ]
-    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    (out / "on_policy.json").write_text(json.dumps({"seconds": round(time.time() - started, 1)}))
-    return path
-
-
 def _max_steps(run: Path, out: Path, step: str) -> int:
     """`train.max_steps` of the variant's own run of `step`, or the demo run's."""
     config = (
@@ -333,11 +295,16 @@ def run_variant(run: Path, root: Path, name: str, spec: dict) -> dict:
         dpo_seconds = first["seconds"]["dpo"] + second
     else:
         dpo_dir = out / "dpo"
+        overrides = spec["dpo"]
         if spec.get("on_policy"):
-            # the SFT model's own answers as rejected ones, beside the build's pairs
-            found = on_policy_pairs(data, sft_dir, spec["on_policy"]["kinds"], out)
-            pair_sources.append((found, spec["on_policy"].get("repeats")))
-        dpo_seconds = train(run, "dpo", out, sft_dir, pair_sources, spec["dpo"])
+            # the SFT model's own answers as rejected ones, beside the build's pairs (sampled by
+            # `persllm dpo` before its first step; its seconds count in DPO's)
+            overrides = [
+                *overrides,
+                f"dpo.on_policy.dialogues={data / 'dialogues.jsonl'}",
+                *(f"dpo.on_policy.{k}={v}" for k, v in spec["on_policy"].items()),
+            ]
+        dpo_seconds = train(run, "dpo", out, sft_dir, pair_sources, overrides)
     models = {"base": run / "base_model", "sft": sft_dir, "dpo": dpo_dir}
     held_out = probe_shared(
         models, personas, out, root, "held_out", ["--dialogues", str(data / "dialogues.jsonl")]
@@ -356,13 +323,7 @@ def run_variant(run: Path, root: Path, name: str, spec: dict) -> dict:
     )
     result = {
         "spec": spec,
-        "seconds": {
-            "sft": sft_seconds,
-            "dpo": dpo_seconds,
-            # sampling the SFT model's answers for on-policy pairs
-            **({"on_policy": json.loads((out / "on_policy.json").read_text())["seconds"]}
-               if spec.get("on_policy") and "dpo" not in from_run else {}),
-        },
+        "seconds": {"sft": sft_seconds, "dpo": dpo_seconds},
         "steps": {step: _max_steps(run, out, step) for step in ("sft", "dpo")},
         **({"first_dpo": spec["dpo_from"]} if spec.get("dpo_from") else {}),
         # the pipeline's step time includes its probes during training (`eval.every_steps`)

@@ -6,8 +6,8 @@ from __future__ import annotations
 # `data_from` (another variant's build instead of its own), `pairs_from` ({variant: repeats}: DPO on
 # those builds' pair files), `materials_repeats` (the materials paragraphs in SFT), `sft_from`,
 # `dpo_from` (another variant's model to start from), `from_run` (the demo run's models), `on_policy`
-# ({"kinds": [...], "repeats": r}: pairs of the SFT model's own sampled answers, rejected, against
-# the written ones of those kinds, in DPO beside the build's pairs). The step
+# (`dpo.on_policy` settings, its dialogues the build's: pairs of the SFT model's own sampled answers,
+# rejected, against the written ones of those kinds, beside the build's pairs). The step
 # configs come from the `--run` demo run; the variants measured before the demo's DPO became
 # mirrored cross-stage pairs pin what they were measured with (all pairs; DPO rows of 8 x 256, one
 # pair per slot), so that a later demo run reproduces them.
@@ -212,7 +212,7 @@ VARIANTS = {
     "demo_run_stage_pairs_ipo0.5_false_premise_on_policy_14": {
         "stage_prompt": "token_and_when",
         "data_from": "demo_run_stage_pairs_ipo0.5_mirrors_together_14",
-        "on_policy": {"kinds": ["induced"]},
+        "on_policy": {"kinds": "[induced]"},
         "dpo": [*mirrors_together_dpo(14, lr="1.0e-4"), "dpo.loss_type=ipo", "dpo.beta=0.5"],
         "from_run": ["sft"],
     },
@@ -221,7 +221,7 @@ VARIANTS = {
     "demo_run_stage_pairs_ipo0.5_false_premise_on_policy0.3_14": {
         "stage_prompt": "token_and_when",
         "data_from": "demo_run_stage_pairs_ipo0.5_mirrors_together_14",
-        "on_policy": {"kinds": ["induced"], "repeats": 0.3},
+        "on_policy": {"kinds": "[induced]", "repeats": 0.3},
         "dpo": [*mirrors_together_dpo(14, lr="1.0e-4"), "dpo.loss_type=ipo", "dpo.beta=0.5"],
         "from_run": ["sft"],
     },

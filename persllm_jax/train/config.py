@@ -106,6 +106,20 @@ class CheckpointSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class OnPolicySection:
+    """Pairs of the starting model's own answers (rejected) against written ones (chosen), sampled
+    before the first step (train/tasks/on_policy.py)."""
+
+    dialogues: str = ""  # an SFT dialogues file whose train-split questions it answers; "": none
+    kinds: tuple[str, ...] = ("induced",)  # which dialogues (their `kind`): false premises by default
+    repeats: float = 1.0  # times an epoch, as a data source's
+    max_new_tokens: int = 160
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 0  # row i samples with seed + i
+
+
+@dataclasses.dataclass(frozen=True)
 class DPOSection:
     beta: float = 0.1
     loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust
@@ -123,6 +137,7 @@ class DPOSection:
     # `rpo_alpha`). DPO alone tends to lower the chosen answers' likelihood with the rejected ones';
     # this keeps them likely under their own prompt.
     sft_weight: float = 0.0
+    on_policy: OnPolicySection = OnPolicySection()
 
 
 @dataclasses.dataclass(frozen=True)

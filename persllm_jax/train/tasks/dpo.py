@@ -37,6 +37,7 @@ from persllm_jax.train.tasks.dpo_packing import (
     packed_pair_logps,
     packed_unit,
 )
+from persllm_jax.train.tasks.on_policy import with_on_policy_pairs
 from persllm_jax.train.tasks.reference_cache import SIDES, ReferenceCache, tokenizer_fingerprint
 from persllm_jax.train.tasks.sft import pad_id
 from persllm_jax.train.tasks.token_cache import TokenCache
@@ -193,6 +194,7 @@ class DPOTask:
         **_,
     ):
         check_settings(cfg)
+        cfg = with_on_policy_pairs(cfg, run_dir, tokenizer, graphdef, initial_params)
         self.cfg, self.tokenizer, self.graphdef, self.mesh = cfg, tokenizer, graphdef, mesh
         self.model_cfg = model_cfg
         self.packed, self.max_pairs = cfg.train.packing, cfg.train.max_segments

@@ -1,0 +1,128 @@
+"""On-policy preference pairs for DPO: the starting model answers the training questions of chosen
+kinds (the false-premise, `induced` ones by default) and each of its answers becomes the rejected
+side of a pair whose chosen side is the dialogue's own answer.
+
+A small SFT model plays along with a false claim about its persona more often than it corrects it;
+pairs mined from the data alone (cross-stage, cross-persona) never show it its own playing along.
+These do: they push down the answer the model would give and push up the one it should.
+
+The pairs are sampled once, with the weights DPO starts from, before the first step, and written
+to `<run_dir>/on_policy_pairs.jsonl` (source `on_policy`, the preference-pair format); a resumed run
+reads that file, so it trains on the same pairs. Every process samples (the model may be sharded
+over all of them); the first writes the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from flax import nnx
+
+from persllm_jax.data.readers import DataError, location, read_records
+from persllm_jax.train.config import DataSource, RunConfig
+
+log = logging.getLogger(__name__)
+
+FILE_NAME = "on_policy_pairs.jsonl"
+
+
+def _prompt_and_answer(record: dict) -> tuple[list[dict], dict] | None:
+    """The messages before the last assistant turn, and that turn; None without one."""
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        raise DataError(f"{location(record)}: an SFT dialogue needs a list of `messages`")
+    if messages[-1].get("role") != "assistant" or len(messages) < 2:
+        return None
+    return messages[:-1], messages[-1]
+
+
+def questions(path: str, kinds: tuple[str, ...]) -> list[dict]:
+    """The train-split persona dialogues of `kinds` in the SFT dialogues file `path`."""
+    found = [r for r in read_records(path, split="train") if r.get("kind") in kinds]
+    return [r for r in found if _prompt_and_answer(r) is not None]
+
+
+def sample_pairs(model, tokenizer, dialogues: list[dict], section) -> list[dict]:
+    """One pair per dialogue whose sampled answer differs from its own: the model's answer to the
+    dialogue's prompt (row i sampled with seed `section.seed + i`) rejected, the dialogue's answer
+    chosen."""
+    from persllm_jax.inference.generation import Generator, SamplingParams
+
+    prompts = [_prompt_and_answer(d) for d in dialogues]
+    settings = [
+        SamplingParams(
+            max_new_tokens=section.max_new_tokens,
+            temperature=section.temperature,
+            top_p=section.top_p,
+            seed=section.seed + i,
+        )
+        for i in range(len(dialogues))
+    ]
+    generator = Generator(model, tokenizer, max_batch=min(16, max(1, len(dialogues))))
+    replies = [c.text for c in generator.chat([prompt for prompt, _ in prompts], settings)]
+    pairs = []
+    for record, (prompt, answer), reply in zip(dialogues, prompts, replies):
+        if not reply.strip() or " ".join(reply.split()) == " ".join(str(answer["content"]).split()):
+            continue
+        pairs.append(
+            {
+                "id": f"{record.get('id', location(record))}/on_policy",
+                "persona": record.get("persona"),
+                "stage": record.get("stage"),
+                "source": "on_policy",
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": answer["content"]}],
+                "rejected": [{"role": "assistant", "content": reply}],
+                "split": "train",
+            }
+        )
+    return pairs
+
+
+def with_on_policy_pairs(cfg: RunConfig, run_dir: Path, tokenizer, graphdef, initial_params) -> RunConfig:
+    """`cfg` with the on-policy pairs as one more training source (sampled now unless the run
+    directory has them); `cfg` itself when `dpo.on_policy.dialogues` is empty."""
+    section = cfg.dpo.on_policy
+    if not section.dialogues:
+        return cfg
+    path = run_dir / FILE_NAME
+    if not path.is_file():
+        import jax
+
+        dialogues = questions(section.dialogues, tuple(section.kinds))
+        if not dialogues:
+            raise DataError(
+                f"{section.dialogues}: no train-split dialogue of kind {', '.join(section.kinds)} "
+                "for dpo.on_policy to answer"
+            )
+        started = time.time()
+        params = initial_params() if callable(initial_params) else initial_params
+        pairs = sample_pairs(nnx.merge(graphdef, params), tokenizer, dialogues, section)
+        log.info(
+            "on-policy pairs: %d of %d answers sampled in %.0f s differ from the written ones (%s)",
+            len(pairs),
+            len(dialogues),
+            time.time() - started,
+            path,
+        )
+        if not pairs:
+            raise DataError(
+                f"dpo.on_policy: every answer the model sampled to the {len(dialogues)} questions of "
+                f"{section.dialogues} is empty or the written one: no pair to train on"
+            )
+        if jax.process_index() == 0:
+            partial = path.with_suffix(".partial")
+            partial.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+            os.replace(partial, path)  # a run killed while writing samples again
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("on-policy pairs written")
+    source = DataSource(path=str(path), repeats=section.repeats, split="train")
+    data = dataclasses.replace(cfg.data, sources=(*cfg.data.sources, source))
+    return dataclasses.replace(cfg, data=data)
