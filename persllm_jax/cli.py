@@ -60,7 +60,12 @@ def _train(task: str):
         if task == "sft":
             from persllm_jax.train.tasks.sft import SFTTask as make_task
         else:
-            from persllm_jax.train.tasks.dpo import DPOTask as make_task
+            import functools
+
+            from persllm_jax.builder.on_policy import sample_pairs
+            from persllm_jax.train.tasks.dpo import DPOTask
+
+            make_task = functools.partial(DPOTask, sample_pairs=sample_pairs)
         loop.train(cfg, make_task)
         print(
             f"{task} finished: {cfg.run_dir} (metrics.jsonl, loss.png, checkpoints/)"

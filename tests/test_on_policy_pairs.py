@@ -62,14 +62,14 @@ def test_pairs_in_the_run_directory_are_read_not_sampled_again(tmp_path):
 
     cfg = configlib.load(RunConfig, DPO, ON_POLICY[:2] + ["dpo.on_policy.repeats=0.5"])
     (tmp_path / FILE_NAME).write_text("")
-    found = with_on_policy_pairs(cfg, tmp_path, None, None, no_sampling)
+    found = with_on_policy_pairs(cfg, tmp_path, None, None, no_sampling, None)
     assert found.data.sources[:-1] == cfg.data.sources
     assert (found.data.sources[-1].path, found.data.sources[-1].repeats) == (str(tmp_path / FILE_NAME), 0.5)
     assert (
-        with_on_policy_pairs(configlib.load(RunConfig, DPO, []), tmp_path, None, None, no_sampling).data
+        with_on_policy_pairs(configlib.load(RunConfig, DPO, []), tmp_path, None, None, no_sampling, None).data
         == cfg.data
     )
 
     none = configlib.load(RunConfig, DPO, [f"dpo.on_policy.dialogues={DIALOGUES}"])  # kinds: induced
     with pytest.raises(DataError, match=rf"{DIALOGUES}: no train-split dialogue of kind induced"):
-        with_on_policy_pairs(none, Path(tmp_path / "other"), None, None, no_sampling)
+        with_on_policy_pairs(none, Path(tmp_path / "other"), None, None, no_sampling, no_sampling)

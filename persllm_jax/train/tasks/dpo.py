@@ -191,10 +191,11 @@ class DPOTask:
         run_dir: Path,
         initial_params,
         params_shardings,
+        sample_pairs=None,  # builder/on_policy.py's, for `dpo.on_policy`
         **_,
     ):
         check_settings(cfg)
-        cfg = with_on_policy_pairs(cfg, run_dir, tokenizer, graphdef, initial_params)
+        cfg = with_on_policy_pairs(cfg, run_dir, tokenizer, graphdef, initial_params, sample_pairs)
         self.cfg, self.tokenizer, self.graphdef, self.mesh = cfg, tokenizer, graphdef, mesh
         self.model_cfg = model_cfg
         self.packed, self.max_pairs = cfg.train.packing, cfg.train.max_segments

@@ -9,7 +9,7 @@ These do: they push down the answer the model would give and push up the one it 
 The pairs are sampled once, with the weights DPO starts from, before the first step, and written
 to `<run_dir>/on_policy_pairs.jsonl` (source `on_policy`, the preference-pair format); a resumed run
 reads that file, so it trains on the same pairs. Every process samples (the model may be sharded
-over all of them); the first writes the file.
+over all of them); the first writes the file. The sampling itself is `builder/on_policy.py`'s.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 FILE_NAME = "on_policy_pairs.jsonl"
 
 
-def _prompt_and_answer(record: dict) -> tuple[list[dict], dict] | None:
+def prompt_and_answer(record: dict) -> tuple[list[dict], dict] | None:
     """The messages before the last assistant turn, and that turn; None without one."""
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
@@ -44,49 +44,16 @@ def _prompt_and_answer(record: dict) -> tuple[list[dict], dict] | None:
 def questions(path: str, kinds: tuple[str, ...]) -> list[dict]:
     """The train-split persona dialogues of `kinds` in the SFT dialogues file `path`."""
     found = [r for r in read_records(path, split="train") if r.get("kind") in kinds]
-    return [r for r in found if _prompt_and_answer(r) is not None]
+    return [r for r in found if prompt_and_answer(r) is not None]
 
 
-def sample_pairs(model, tokenizer, dialogues: list[dict], section) -> list[dict]:
-    """One pair per dialogue whose sampled answer differs from its own: the model's answer to the
-    dialogue's prompt (row i sampled with seed `section.seed + i`) rejected, the dialogue's answer
-    chosen."""
-    from persllm_jax.inference.generation import Generator, SamplingParams
-
-    prompts = [_prompt_and_answer(d) for d in dialogues]
-    settings = [
-        SamplingParams(
-            max_new_tokens=section.max_new_tokens,
-            temperature=section.temperature,
-            top_p=section.top_p,
-            seed=section.seed + i,
-        )
-        for i in range(len(dialogues))
-    ]
-    generator = Generator(model, tokenizer, max_batch=min(16, max(1, len(dialogues))))
-    replies = [c.text for c in generator.chat([prompt for prompt, _ in prompts], settings)]
-    pairs = []
-    for record, (prompt, answer), reply in zip(dialogues, prompts, replies):
-        if not reply.strip() or " ".join(reply.split()) == " ".join(str(answer["content"]).split()):
-            continue
-        pairs.append(
-            {
-                "id": f"{record.get('id', location(record))}/on_policy",
-                "persona": record.get("persona"),
-                "stage": record.get("stage"),
-                "source": "on_policy",
-                "prompt": prompt,
-                "chosen": [{"role": "assistant", "content": answer["content"]}],
-                "rejected": [{"role": "assistant", "content": reply}],
-                "split": "train",
-            }
-        )
-    return pairs
-
-
-def with_on_policy_pairs(cfg: RunConfig, run_dir: Path, tokenizer, graphdef, initial_params) -> RunConfig:
+def with_on_policy_pairs(
+    cfg: RunConfig, run_dir: Path, tokenizer, graphdef, initial_params, sample_pairs
+) -> RunConfig:
     """`cfg` with the on-policy pairs as one more training source (sampled now unless the run
-    directory has them); `cfg` itself when `dpo.on_policy.dialogues` is empty."""
+    directory has them); `cfg` itself when `dpo.on_policy.dialogues` is empty.
+    `sample_pairs(model, tokenizer, dialogues, section) -> pairs` samples them (builder/on_policy.py:
+    generation is a layer beside training, not below it)."""
     section = cfg.dpo.on_policy
     if not section.dialogues:
         return cfg
@@ -94,6 +61,8 @@ def with_on_policy_pairs(cfg: RunConfig, run_dir: Path, tokenizer, graphdef, ini
     if not path.is_file():
         import jax
 
+        if sample_pairs is None:
+            raise ValueError("dpo.on_policy needs a sampler: run DPO through `persllm dpo`")
         dialogues = questions(section.dialogues, tuple(section.kinds))
         if not dialogues:
             raise DataError(
