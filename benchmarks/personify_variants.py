@@ -225,6 +225,15 @@ VARIANTS = {
         "dpo": [*mirrors_together_dpo(14, lr="1.0e-4"), "dpo.loss_type=ipo", "dpo.beta=0.5"],
         "from_run": ["sft"],
     },
+    # All 70 for 40 steps (the longer config's budget): does a longer run keep the stage while the
+    # false premises are learned?
+    "demo_run_stage_pairs_ipo0.5_false_premise_on_policy_40": {
+        "stage_prompt": "token_and_when",
+        "data_from": "demo_run_stage_pairs_ipo0.5_mirrors_together_14",
+        "on_policy": {"kinds": "[induced]"},
+        "dpo": [*mirrors_together_dpo(40, lr="1.0e-4"), "dpo.loss_type=ipo", "dpo.beta=0.5"],
+        "from_run": ["sft"],
+    },
     # The adopted stage DPO with another beta: the sigmoid loss stops pulling a pair once its
     # margin, times beta, is large, so a smaller beta moves the model further in the same 14 steps
     # (as the 40-step run did), a larger one less
