@@ -208,31 +208,19 @@ VARIANTS = {
     },
     # The demo's IPO stage DPO with the SFT model's own answers to the false-premise (induced)
     # training questions as rejected answers beside the written corrections (70 pairs, one-way):
-    # the second probe sets' false-premise probes find the models playing along with the claim
-    "demo_run_stage_pairs_ipo0.5_false_premise_on_policy_14": {
-        "stage_prompt": "token_and_when",
-        "data_from": "demo_run_stage_pairs_ipo0.5_mirrors_together_14",
-        "on_policy": {"kinds": "[induced]"},
-        "dpo": [*mirrors_together_dpo(14, lr="1.0e-4"), "dpo.loss_type=ipo", "dpo.beta=0.5"],
-        "from_run": ["sft"],
-    },
-    # The same with three in ten of those pairs an epoch, drawn anew each epoch (21 beside the 106
-    # cross-stage pairs): the 70 took the stage effect from +0.20 to +0.02 in the 14 steps
-    "demo_run_stage_pairs_ipo0.5_false_premise_on_policy0.3_14": {
-        "stage_prompt": "token_and_when",
-        "data_from": "demo_run_stage_pairs_ipo0.5_mirrors_together_14",
-        "on_policy": {"kinds": "[induced]", "repeats": 0.3},
-        "dpo": [*mirrors_together_dpo(14, lr="1.0e-4"), "dpo.loss_type=ipo", "dpo.beta=0.5"],
-        "from_run": ["sft"],
-    },
-    # All 70 for 40 steps (the longer config's budget): does a longer run keep the stage while the
-    # false premises are learned?
-    "demo_run_stage_pairs_ipo0.5_false_premise_on_policy_40": {
-        "stage_prompt": "token_and_when",
-        "data_from": "demo_run_stage_pairs_ipo0.5_mirrors_together_14",
-        "on_policy": {"kinds": "[induced]"},
-        "dpo": [*mirrors_together_dpo(40, lr="1.0e-4"), "dpo.loss_type=ipo", "dpo.beta=0.5"],
-        "from_run": ["sft"],
+    # the second probe sets' false-premise probes find the models playing along with the claim.
+    # All 70 an epoch for 14 steps; three in ten (21 beside the 106 cross-stage pairs, drawn anew
+    # each epoch), after the 70 took the stage effect from +0.20 to +0.02; all 70 for 40 steps
+    # (the longer config's budget): does a longer run keep the stage while the premises are learned?
+    **{
+        f"demo_run_stage_pairs_ipo0.5_false_premise_on_policy{label}_{steps}": {
+            "stage_prompt": "token_and_when",
+            "data_from": "demo_run_stage_pairs_ipo0.5_mirrors_together_14",
+            "on_policy": {"kinds": "[induced]", **({"repeats": repeats} if repeats != 1 else {})},
+            "dpo": [*mirrors_together_dpo(steps, lr="1.0e-4"), "dpo.loss_type=ipo", "dpo.beta=0.5"],
+            "from_run": ["sft"],
+        }
+        for label, repeats, steps in (("", 1, 14), ("0.3", 0.3, 14), ("", 1, 40))
     },
     # The adopted stage DPO with another beta: the sigmoid loss stops pulling a pair once its
     # margin, times beta, is large, so a smaller beta moves the model further in the same 14 steps
