@@ -2,7 +2,6 @@
 sampled once before DPO's first step, trained beside the mined pairs and read again on resume."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -33,6 +32,7 @@ def test_the_starting_models_answers_are_the_rejected_side(tmp_path):
     pairs = [json.loads(line) for line in (run_dir / "on_policy_pairs.jsonl").read_text().splitlines()]
     dialogues = [d for d in read_records(DIALOGUES, split="train") if d["kind"] == "ordinary"]
     assert len(dialogues) == 42 and len(pairs) == len(dialogues)
+    assert (run_dir / "on_policy_pairs.origin.json").is_file()
     assert [p["id"] for p in pairs] == [f"{d['id']}/on_policy" for d in dialogues]
     cfg = configlib.load(RunConfig, DPO, [])
     model, tokenizer = load_initial_model(cfg, make_mesh(1, 8, 1))
@@ -55,13 +55,14 @@ def test_pairs_in_the_run_directory_are_read_not_sampled_again(tmp_path):
     from persllm_jax import configlib
     from persllm_jax.data.readers import DataError
     from persllm_jax.train.config import RunConfig
-    from persllm_jax.train.tasks.on_policy import FILE_NAME, with_on_policy_pairs
+    from persllm_jax.train.tasks.on_policy import FILE_NAME, sampled_from, with_on_policy_pairs
 
     def no_sampling():
         raise AssertionError("sampled again")
 
     cfg = configlib.load(RunConfig, DPO, ON_POLICY[:2] + ["dpo.on_policy.repeats=0.5"])
     (tmp_path / FILE_NAME).write_text("")
+    (tmp_path / "on_policy_pairs.origin.json").write_text(sampled_from(cfg))
     found = with_on_policy_pairs(cfg, tmp_path, None, None, no_sampling, None)
     assert found.data.sources[:-1] == cfg.data.sources
     assert (found.data.sources[-1].path, found.data.sources[-1].repeats) == (str(tmp_path / FILE_NAME), 0.5)
@@ -70,6 +71,11 @@ def test_pairs_in_the_run_directory_are_read_not_sampled_again(tmp_path):
         == cfg.data
     )
 
+    # pairs of another starting model in the directory are sampled again
+    other = configlib.load(RunConfig, DPO, [*ON_POLICY[:2], "dpo.on_policy.repeats=0.5", "model.seed=1"])
+    with pytest.raises(AssertionError, match="sampled again"):
+        with_on_policy_pairs(other, tmp_path, None, None, no_sampling, no_sampling)
+
     none = configlib.load(RunConfig, DPO, [f"dpo.on_policy.dialogues={DIALOGUES}"])  # kinds: induced
     with pytest.raises(DataError, match=rf"{DIALOGUES}: no train-split dialogue of kind induced"):
-        with_on_policy_pairs(none, Path(tmp_path / "other"), None, None, no_sampling, no_sampling)
+        with_on_policy_pairs(none, tmp_path / "fresh", None, None, no_sampling, no_sampling)

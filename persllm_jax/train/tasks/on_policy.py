@@ -7,8 +7,9 @@ pairs mined from the data alone (cross-stage, cross-persona) never show it its o
 These do: they push down the answer the model would give and push up the one it should.
 
 The pairs are sampled once, with the weights DPO starts from, before the first step, and written
-to `<run_dir>/on_policy_pairs.jsonl` (source `on_policy`, the preference-pair format); a resumed run
-reads that file, so it trains on the same pairs. Every process samples (the model may be sharded
+to `<run_dir>/on_policy_pairs.jsonl` (source `on_policy`, the preference-pair format), with what they
+were sampled from beside it (`on_policy_pairs.origin.json`); a resumed run reads that file, so it
+trains on the same pairs. Every process samples (the model may be sharded
 over all of them); the first writes the file. The sampling itself is `builder/on_policy.py`'s.
 """
 
@@ -21,6 +22,7 @@ import os
 import time
 from pathlib import Path
 
+import jax
 from flax import nnx
 
 from persllm_jax.data.readers import DataError, location, read_records
@@ -47,6 +49,13 @@ def questions(path: str, kinds: tuple[str, ...]) -> list[dict]:
     return [r for r in found if prompt_and_answer(r) is not None]
 
 
+def sampled_from(cfg: RunConfig) -> str:
+    """What decides the sampled answers: the starting model and the sampling settings."""
+    m = cfg.model
+    model = [m.path, m.preset, m.seed, list(m.add_tokens), m.dtype, m.compute_dtype]
+    return json.dumps({"model": model, **dataclasses.asdict(cfg.dpo.on_policy)}, sort_keys=True)
+
+
 def with_on_policy_pairs(
     cfg: RunConfig, run_dir: Path, tokenizer, graphdef, initial_params, sample_pairs
 ) -> RunConfig:
@@ -58,9 +67,11 @@ def with_on_policy_pairs(
     if not section.dialogues:
         return cfg
     path = run_dir / FILE_NAME
-    if not path.is_file():
-        import jax
-
+    # a fresh start in a run directory that holds pairs of another model or other settings samples
+    # again (a resume cannot differ: its config is checked)
+    origin = sampled_from(cfg)
+    origin_path = path.with_suffix(".origin.json")
+    if not (path.is_file() and origin_path.is_file() and origin_path.read_text() == origin):
         if sample_pairs is None:
             raise ValueError("dpo.on_policy needs a sampler: run DPO through `persllm dpo`")
         dialogues = questions(section.dialogues, tuple(section.kinds))
@@ -87,6 +98,7 @@ def with_on_policy_pairs(
         if jax.process_index() == 0:
             partial = path.with_suffix(".partial")
             partial.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+            origin_path.write_text(origin)
             os.replace(partial, path)  # a run killed while writing samples again
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
