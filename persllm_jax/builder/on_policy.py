@@ -9,11 +9,16 @@ from persllm_jax.inference.generation import Generator, SamplingParams
 from persllm_jax.train.tasks.on_policy import prompt_and_answer
 
 
-def sample_pairs(model, tokenizer, dialogues: list[dict], section) -> list[dict]:
-    """One pair per dialogue whose sampled answer differs from its own: the model's answer to the
-    dialogue's prompt (row i sampled with seed `section.seed + i`) rejected, the dialogue's answer
-    chosen."""
-    prompts = [prompt_and_answer(d) for d in dialogues]
+def _same(a: str, b: str) -> bool:
+    return " ".join(a.split()) == " ".join(b.split())
+
+
+def sample_pairs(model, tokenizer, dialogues: list[dict], section) -> tuple[list[dict], int]:
+    """One pair per dialogue whose sampled answer is neither blank nor its own: the model's answer
+    to the dialogue's prompt (row i sampled with seed `section.seed + i`) rejected, the dialogue's
+    answer chosen; and how many answers stopped at `section.max_new_tokens` (kept: a small model's
+    answer that runs to the limit is what it would say)."""
+    turns = [prompt_and_answer(d) for d in dialogues]
     settings = [
         SamplingParams(
             max_new_tokens=section.max_new_tokens,
@@ -24,10 +29,13 @@ def sample_pairs(model, tokenizer, dialogues: list[dict], section) -> list[dict]
         for i in range(len(dialogues))
     ]
     generator = Generator(model, tokenizer, max_batch=min(16, max(1, len(dialogues))))
-    replies = [c.text for c in generator.chat([prompt for prompt, _ in prompts], settings)]
+    try:
+        replies = generator.chat([prompt for prompt, _ in turns], settings)
+    finally:
+        generator.release_cache()  # its KV pages are not held into training
     pairs = []
-    for record, (prompt, answer), reply in zip(dialogues, prompts, replies):
-        if not reply.strip() or " ".join(reply.split()) == " ".join(str(answer["content"]).split()):
+    for record, (prompt, answer), reply in zip(dialogues, turns, replies):
+        if not reply.text.strip() or _same(reply.text, str(answer["content"])):
             continue
         pairs.append(
             {
@@ -37,8 +45,8 @@ def sample_pairs(model, tokenizer, dialogues: list[dict], section) -> list[dict]
                 "source": "on_policy",
                 "prompt": prompt,
                 "chosen": [{"role": "assistant", "content": answer["content"]}],
-                "rejected": [{"role": "assistant", "content": reply}],
+                "rejected": [{"role": "assistant", "content": reply.text}],
                 "split": "train",
             }
         )
-    return pairs
+    return pairs, sum(reply.finish_reason == "length" for reply in replies)

@@ -272,6 +272,11 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
+def read_generation_config(path: Path) -> dict:
+    """The generation config a model directory (or a run directory) keeps for its model."""
+    return _read_meta(path).get("generation_config") or {}
+
+
 def read_model_meta(path: Path) -> tuple[ModelConfig, dict]:
     meta = _read_meta(path)
     return ModelConfig.from_dict(meta["model_config"]), meta.get("hf_config") or {}

@@ -66,9 +66,7 @@ def load_shards(
                     rows[b[1]] = rows[a[1]]
                 else:
                     unpaired += len(members)
-            if unpaired and unpaired == len(pairs):  # a file of one-way pairs (on-policy ones)
-                log.info("%s: no record has a mirror; each of the %d trains alone", source.path, unpaired)
-            elif unpaired:
+            if unpaired:
                 log.warning(
                     "%s: %d records have no partner to train with (no mirror, or more than one record "
                     "with the same prompt and answers); each trains alone",
