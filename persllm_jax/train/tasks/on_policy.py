@@ -49,8 +49,8 @@ def prompt_and_answer(record: dict) -> tuple[list[dict], dict] | None:
 
 
 def questions(path: str, kinds: tuple[str, ...]) -> list[dict]:
-    """The dialogues of `kinds` in the SFT dialogues file `path` that end with an answer, but those
-    marked for another split than `train`."""
+    """The dialogues of `kinds` in the SFT dialogues file `path` that end with an answer (those
+    marked for a split other than `train` left out)."""
     found = [r for r in read_records(path, split="train") if r.get("kind") in kinds]
     return [r for r in found if prompt_and_answer(r) is not None]
 
@@ -104,7 +104,7 @@ def _sample(cfg: RunConfig, run_dir: Path, tokenizer, make_model, sample_pairs) 
     if jax.process_count() > 1:
         raise ValueError(
             f"dpo.on_policy samples its pairs in one process (this job has {jax.process_count()}): "
-            f"start the run once in one process to write {run_dir / FILE_NAME}, then resume it on all"
+            f"start it once in one process to write {run_dir / FILE_NAME}, then start or resume it on all"
         )
     if sample_pairs is None:
         raise ValueError("dpo.on_policy needs a sampler: run DPO through `persllm dpo`")
