@@ -28,7 +28,9 @@ def sample_pairs(model, tokenizer, dialogues: list[dict], section) -> tuple[list
         )
         for i in range(len(dialogues))
     ]
-    generator = Generator(model, tokenizer, max_batch=min(16, max(1, len(dialogues))))
+    generator = Generator(
+        model, tokenizer, max_batch=min(16, len(dialogues))
+    )  # never empty: the caller checks
     try:
         replies = generator.chat([prompt for prompt, _ in turns], settings)
     finally:

@@ -27,7 +27,8 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from persllm_jax.data.readers import DataError, location, read_records
+from persllm_jax.data import formats
+from persllm_jax.data.readers import DataError, read_records
 from persllm_jax.io.pretrained import read_generation_config, set_generation_config
 from persllm_jax.train.config import DataSource, RunConfig
 from persllm_jax.train.tasks.reference_cache import weights_fingerprint
@@ -39,13 +40,12 @@ ORIGIN_FILE_NAME = "on_policy_pairs.origin.json"  # what they were sampled from
 
 
 def prompt_and_answer(record: dict) -> tuple[list[dict], dict] | None:
-    """The messages before the last assistant turn, and that turn; None without one."""
-    messages = record.get("messages")
-    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
-        raise DataError(f"{location(record)}: an SFT dialogue needs a list of `messages`")
-    if messages[-1].get("role") != "assistant" or len(messages) < 2:
+    """The messages before the last assistant turn, and that turn (the record read as the SFT
+    trainer reads it); None for a plain-text record or one that does not end with an answer."""
+    messages = formats.sft_example(record).messages
+    if not messages or len(messages) < 2 or messages[-1].get("role") != "assistant":
         return None
-    return messages[:-1], messages[-1]
+    return list(messages[:-1]), messages[-1]
 
 
 def questions(path: str, kinds: tuple[str, ...]) -> list[dict]:
