@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import random
 import shutil
 import subprocess
 import sys
@@ -184,24 +183,6 @@ def training_twins(data: Path, out: Path) -> Path:
     return path
 
 
-def with_twin_share(pairs: Path, out: Path, share: float) -> Path:
-    """`pairs` with the cross-stage pairs of only a seeded `share` of the train split's reference
-    twin questions (every other pair kept): how held-out figures grow with the number of twins."""
-    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
-
-    def twin(row: dict) -> tuple | None:
-        if row["source"] == "cross_stage" and row["split"] == "train" and "/ref/" in row["id"]:
-            return row["persona"], row["prompt"][-1]["content"]
-        return None
-
-    questions = sorted({twin(r) for r in rows if twin(r)})
-    random.Random(0).shuffle(questions)
-    kept = set(questions[: round(share * len(questions))])
-    path = out / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows if twin(r) is None or twin(r) in kept))
-    return path
-
-
 def summary(metrics: dict) -> dict:
     def value(*keys):
         node = metrics
@@ -287,8 +268,6 @@ def run_variant(run: Path, root: Path, name: str, spec: dict) -> dict:
         (data_of(run, root, v, spec) / "pairs.jsonl", r) for v, r in spec.get("pairs_from", {}).items()
     ]
     pair_sources = pair_sources or [(data / "pairs.jsonl", None)]
-    if spec.get("twin_share"):
-        pair_sources = [(with_twin_share(p, out, spec["twin_share"]), r) for p, r in pair_sources]
     from_run = spec.get("from_run", [])
     if from_run and not spec.get("build", True):
         # the run's models are scored on the split they were trained with

@@ -7,8 +7,7 @@ from __future__ import annotations
 # those builds' pair files), `materials_repeats` (the materials paragraphs in SFT), `sft_from`,
 # `dpo_from` (another variant's model to start from), `from_run` (the demo run's models), `on_policy`
 # (`dpo.on_policy` settings, its dialogues the build's: pairs of the SFT model's own sampled answers,
-# rejected, against the written ones of those kinds, beside the build's pairs), `twin_share` (DPO on
-# the cross-stage pairs of only that share of the training twin questions). The step
+# rejected, against the written ones of those kinds, beside the build's pairs). The step
 # configs come from the `--run` demo run; the variants measured before the demo's DPO became
 # mirrored cross-stage pairs pin what they were measured with (all pairs; DPO rows of 8 x 256, one
 # pair per slot), so that a later demo run reproduces them.
@@ -204,16 +203,6 @@ VARIANTS = {
     "demo_run_stage_pairs_ipo0.5_mirrors_together_14": {
         "stage_prompt": "token_and_when",
         "build": ["pairs.cross_persona.enabled=false"],
-        "dpo": [*mirrors_together_dpo(14, lr="1.0e-4"), "dpo.loss_type=ipo", "dpo.beta=0.5"],
-        "from_run": ["sft"],
-    },
-    # The demo's IPO stage DPO with the cross-stage pairs of half the training twin questions (21
-    # of 42; the annotated items' pairs all kept): do the held-out figures fall with fewer twins,
-    # i.e. would more hand-written twins lift them?
-    "demo_run_stage_pairs_ipo0.5_half_twins_14": {
-        "stage_prompt": "token_and_when",
-        "data_from": "demo_run_stage_pairs_ipo0.5_mirrors_together_14",
-        "twin_share": 0.5,
         "dpo": [*mirrors_together_dpo(14, lr="1.0e-4"), "dpo.loss_type=ipo", "dpo.beta=0.5"],
         "from_run": ["sft"],
     },
