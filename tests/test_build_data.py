@@ -90,7 +90,7 @@ def test_outputs_written_and_valid(built):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["dialogues"] == len(persona_rows)
     # every shipped reference dialogue joins (reference.include defaults to true)
-    assert stats["reference_dialogues"] == len(persona_rows) - len(annotated) == 486
+    assert stats["reference_dialogues"] == len(persona_rows) - len(annotated) == 414
     assert stats["general_dialogues"] == len(dialogues) - len(persona_rows)
     assert stats["pairs"] == len(pairs)
     assert stats["llm"]["requests_sent"] > 0 and stats["seeds"] == 6
@@ -136,7 +136,7 @@ def test_splits_and_pairs_are_clean(built):
     # both kinds are mined from the reference dialogues: every question asked at both stages
     # gives two cross-stage pairs, every reference dialogue one cross-persona pair
     assert mined[("reference", "cross_stage")] == 2 * 54
-    assert mined[("reference", "cross_persona")] == 486
+    assert mined[("reference", "cross_persona")] == 414
 
 
 @pytest.mark.slow

@@ -179,7 +179,7 @@ def test_reference_dialogues_split_by_question_group():
     records = {
         r["id"]: r for p in personas for r in read_reference_dialogues(reference_file(EXAMPLES, p.id), p)
     }
-    assert len(items) == len(records) == 486
+    assert len(items) == len(records) == 414
     groups = {}
     for item in items:
         groups.setdefault(records[item.id]["group"] or item.id, set()).add(item.split)
@@ -200,10 +200,10 @@ def test_reference_dialogues_give_both_pair_kinds():
     stages = {(p.id, s.id): s for p in personas for s in p.stages}
     answer = {(i.id, i.stage): i.answers[i.stage]["response"] for i in items}
     asked_twice = [i for i in items if len(i.answers) == 2]
-    # 90 questions asked at both stages; the first dialogue of each carries both answers
-    assert len(asked_twice) == 90
+    # 54 questions asked at both stages; the first dialogue of each carries both answers
+    assert len(asked_twice) == 54
     cross_stage = pairs.cross_stage_pairs(items, by_id, stages)
-    assert len(cross_stage) == 2 * 90
+    assert len(cross_stage) == 2 * 54
     own_answers = set(answer.values())
     for row in cross_stage:
         chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
