@@ -47,6 +47,11 @@ def mirrors_together_dpo(steps: int, lr: str = "5.0e-5") -> list[str]:
     ]
 
 
+def ipo_stage_dpo(steps: int) -> list[str]:
+    """The demo's DPO: each pair with its mirror in one step, lr 1e-4, the IPO loss at beta 0.5."""
+    return [*mirrors_together_dpo(steps, lr="1.0e-4"), "dpo.loss_type=ipo", "dpo.beta=0.5"]
+
+
 def mirrored_persona_after(stage_variant: str) -> dict:
     """A second DPO, 8 steps at lr 5e-5, on mirrored cross-persona pairs (each with its mirror in
     one step), from `stage_variant`'s DPO model."""
@@ -203,7 +208,7 @@ VARIANTS = {
     "demo_run_stage_pairs_ipo0.5_mirrors_together_14": {
         "stage_prompt": "token_and_when",
         "build": ["pairs.cross_persona.enabled=false"],
-        "dpo": [*mirrors_together_dpo(14, lr="1.0e-4"), "dpo.loss_type=ipo", "dpo.beta=0.5"],
+        "dpo": ipo_stage_dpo(14),
         "from_run": ["sft"],
     },
     # The same IPO stage DPO for 40 steps (the longer config's budget, about four passes over the
@@ -211,7 +216,7 @@ VARIANTS = {
     "demo_run_stage_pairs_ipo0.5_mirrors_together_40": {
         "stage_prompt": "token_and_when",
         "data_from": "demo_run_stage_pairs_ipo0.5_mirrors_together_14",
-        "dpo": [*mirrors_together_dpo(40, lr="1.0e-4"), "dpo.loss_type=ipo", "dpo.beta=0.5"],
+        "dpo": ipo_stage_dpo(40),
         "from_run": ["sft"],
     },
     # The demo's IPO stage DPO with the SFT model's own answers to the false-premise (induced)
@@ -225,7 +230,7 @@ VARIANTS = {
             "stage_prompt": "token_and_when",
             "data_from": "demo_run_stage_pairs_ipo0.5_mirrors_together_14",
             "on_policy": {"kinds": "[induced]", **({"repeats": repeats} if repeats != 1 else {})},
-            "dpo": [*mirrors_together_dpo(steps, lr="1.0e-4"), "dpo.loss_type=ipo", "dpo.beta=0.5"],
+            "dpo": ipo_stage_dpo(steps),
             "from_run": ["sft"],
         }
         for label, repeats, steps in (("", 1, 14), ("0.3", 0.3, 14), ("", 1, 40))

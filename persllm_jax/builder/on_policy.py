@@ -28,9 +28,8 @@ def sample_pairs(model, tokenizer, dialogues: list[dict], section) -> tuple[list
         )
         for i in range(len(dialogues))
     ]
-    generator = Generator(
-        model, tokenizer, max_batch=min(16, len(dialogues))
-    )  # never empty: the caller checks
+    # `dialogues` is never empty: the caller names a kind with no dialogue
+    generator = Generator(model, tokenizer, max_batch=min(16, len(dialogues)))
     try:
         replies = generator.chat([prompt for prompt, _ in turns], settings)
     finally:

@@ -43,7 +43,7 @@ def prompt_and_answer(record: dict) -> tuple[list[dict], dict] | None:
     """The messages before the last assistant turn, and that turn (the record read as the SFT
     trainer reads it); None for a plain-text record or one that does not end with an answer."""
     messages = formats.sft_example(record).messages
-    if not messages or len(messages) < 2 or messages[-1].get("role") != "assistant":
+    if len(messages or ()) < 2 or messages[-1].get("role") != "assistant":
         return None
     return list(messages[:-1]), messages[-1]
 
